@@ -1,0 +1,168 @@
+"""Every error a minicw user can see.
+
+One module, so that a user can read what may go wrong in one place and catch
+it by type.  The hierarchy::
+
+    MinicwError
+     +-- MasterConnectionError (also ConnectionError)
+     |    +-- MasterHostUnknownError      the master's host name does not resolve
+     |    +-- MasterNotListeningError     nothing listens at host:port
+     |    +-- AuthkeyMismatchError        the peer rejected our key, or we its
+     |    +-- HandshakeTimeoutError       the peer accepted but never answered
+     |    +-- MasterLostError             an established connection went away
+     +-- ClusterShutdownError             the master was shut down on purpose
+     +-- ProtocolVersionError             peers speak different minicw protocols
+     +-- JobError                         one job did not produce a result
+     |    +-- RemoteError                 the job raised; carries type, message, traceback
+     |    +-- WorkerCrashedError          the job took its process down, retries used up
+     |    +-- JobTimeoutError (also TimeoutError)   over its per-job time limit
+     +-- SerializationError               a payload could not be written or read
+     |    +-- IncompatiblePythonError     payload written by another Python version
+     +-- EnvirError                       the environment source failed or lacks a name
+     +-- ArgsError (also ValueError)      load_args() input that cannot be keyed
+
+Errors that cross the wire (raised in the master and re-raised in a client by
+the manager's '#ERROR' reply) must stay picklable: every class here keeps its
+constructor arguments in ``self.args``.
+"""
+from __future__ import annotations
+
+import multiprocessing
+
+
+class MinicwError(Exception):
+    """Base class of every error minicw raises on purpose."""
+
+
+# --- connections ------------------------------------------------------------
+
+class MasterConnectionError(MinicwError, ConnectionError):
+    """No usable connection to the master at ``address``."""
+
+    def __init__(self, message: str, address=None):
+        super().__init__(message, address)
+        self.message = message
+        self.address = address
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class MasterHostUnknownError(MasterConnectionError):
+    """The host name of the master does not resolve."""
+
+
+class MasterNotListeningError(MasterConnectionError):
+    """The host answered, but nothing accepts connections on the port."""
+
+
+class AuthkeyMismatchError(MasterConnectionError, multiprocessing.AuthenticationError):
+    """The two ends hold different authkeys."""
+
+
+class HandshakeTimeoutError(MasterConnectionError):
+    """The peer accepted the TCP connection but did not complete the handshake."""
+
+
+class MasterLostError(MasterConnectionError):
+    """An established connection to the master broke."""
+
+
+class ClusterShutdownError(MinicwError):
+    """The master is shutting down and accepts no more work."""
+
+
+class ProtocolVersionError(MinicwError):
+    """The peer speaks another version of the minicw wire protocol."""
+
+
+# --- jobs -------------------------------------------------------------------
+
+class JobError(MinicwError):
+    """A job finished without a result."""
+
+
+class RemoteError(JobError):
+    """A job raised an exception on a worker.
+
+    Attributes: ``type_name`` (qualified name of the remote exception's type),
+    ``message`` (its ``str()``), ``arg`` (the argument of the job that failed,
+    when known), ``remote_traceback`` (the formatted traceback from the worker)
+    and ``exception`` (the original exception object when it could be
+    unpickled here, else None).
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = "",
+                 arg=None, exception: BaseException | None = None, has_arg: bool = False):
+        super().__init__(type_name, message, remote_traceback, arg, exception, has_arg)
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+        self.arg = arg
+        self.has_arg = has_arg
+        self.exception = exception
+
+    def __str__(self) -> str:
+        where = " (arg %r)" % (self.arg,) if self.has_arg else ""
+        text = "%s: %s%s" % (self.type_name, self.message, where)
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
+class WorkerCrashedError(JobError):
+    """A job ended its worker process on every allowed attempt.
+
+    ``exit_description`` names the exit code or the signal, ``attempts`` counts
+    the runs that ended this way.
+    """
+
+    def __init__(self, job: str, exit_description: str, attempts: int = 1):
+        super().__init__(job, exit_description, attempts)
+        self.job = job
+        self.exit_description = exit_description
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return "job %s crashed its worker process (%s) on %d attempt(s)" % (
+            self.job, self.exit_description, self.attempts)
+
+
+class JobTimeoutError(JobError, TimeoutError):
+    """A job ran longer than its ``timeout``; its process was killed and replaced."""
+
+    def __init__(self, job: str, timeout_s: float):
+        super().__init__(job, timeout_s)
+        self.job = job
+        self.timeout_s = timeout_s
+
+    def __str__(self) -> str:
+        return "job %s exceeded its time limit of %gs" % (self.job, self.timeout_s)
+
+
+# --- data -------------------------------------------------------------------
+
+class SerializationError(MinicwError):
+    """A payload could not be serialized or deserialized."""
+
+
+class IncompatiblePythonError(SerializationError):
+    """A payload holds bytecode of another Python implementation or version."""
+
+    def __init__(self, payload_python: str, this_python: str):
+        super().__init__(payload_python, this_python)
+        self.payload_python = payload_python
+        self.this_python = this_python
+
+    def __str__(self) -> str:
+        return ("payload was serialized by %s but is being loaded by %s; bytecode "
+                "is specific to one Python version, so run the same Python on "
+                "both ends" % (self.payload_python, self.this_python))
+
+
+class EnvirError(MinicwError):
+    """The environment source cannot be run, or does not define a requested name."""
+
+
+class ArgsError(MinicwError, ValueError):
+    """Arguments given to ``load_args`` cannot be used as result keys."""
