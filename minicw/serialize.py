@@ -1,0 +1,797 @@
+"""Ship functions, closures and classes to other processes by value.
+
+Plain :mod:`pickle` sends a function or a class *by reference*: it writes
+``module.qualname`` and the receiver imports it.  That fails for everything a
+notebook or REPL user writes: lambdas, nested functions, anything defined in
+``__main__`` (a worker started with ``spawn`` has another ``__main__``).  This
+module sends those *by value*, with the standard library only::
+
+    dumps(obj)
+      |
+      v
+    _Pickler (C pickle.Pickler + reducer_override)
+      |  builtin data (int, str, list, dict, ...) ----> C fast path, never
+      |                                                 reaches reducer_override
+      |  importable function / class -----------------> NotImplemented: plain
+      |                                                 pickle writes a reference
+      |  code object ---------------------------------> marshal.dumps + crc32
+      |  dynamic function ---> skeleton: code, globals dict, empty cells
+      |                        state:    referenced globals, cell contents,
+      |                                  defaults, __dict__, names, annotations
+      |  dynamic class ------> skeleton: metaclass, name, bases, __slots__
+      |                        state:    the rest of the class __dict__
+      |  module -------------------------------------> import by name
+      v
+    [header: _check_python(tag)] + ordinary pickle stream
+                                   |
+    loads(data) = pickle.loads ----+--> minicw.serialize._make_* functions
+
+What goes through marshal, what through pickle.  Only code objects go through
+:mod:`marshal` (bytecode cannot be pickled).  Everything around them - the
+globals a function references, closure cell contents, defaults, class
+attributes, instances - is pickled, so it benefits from pickle's memo, its
+protocol 5 framing and every ``__reduce__`` a library defines.
+
+How a dynamic function is rebuilt.  The reduce value has two steps.  The
+*skeleton* (``_make_function_skeleton``) builds a function from its code, a
+fresh globals dict and a tuple of empty cells.  Pickle memoizes it at once;
+only then does it pickle the *state* (``_set_function_state``), which fills
+the globals, the cells and the attributes.  A recursive function, two
+functions calling each other, a closure whose cell holds the function itself:
+each of these back-references meets the memo and becomes a reference to the
+skeleton instead of an endless descent.  Functions that came from the same
+globals dict share one new globals dict on the receiver (one per payload), so
+two functions that share a global share one object there.  Only the globals a
+function references are sent: the names of its code object and of every code
+object nested in its constants (comprehensions, inner functions, lambdas).
+Modules are sent by name and imported by the receiver, with the submodules the
+code reaches through attributes (``os.path``).
+
+How a dynamic class is rebuilt.  The same two steps: ``_make_class_skeleton``
+creates the class with its metaclass, bases and ``__slots__`` (which must exist
+at creation time), pickle memoizes it, then ``_set_class_state`` sets methods,
+properties and class attributes, which may refer to the class (``super()``'s
+``__class__`` cell, a method returning ``cls(...)``).  Slot descriptors,
+``__dict__``/``__weakref__`` and ABC caches are recreated by ``type`` and not
+sent.  Enum classes are created by their metaclass with their members in the
+class body, so members keep their identity (``Color(1) is Color.RED``).  Each
+dynamic class carries a token that is stable for the lifetime of the class in
+this process; a receiver that already rebuilt the class from an earlier
+payload (or defined it) reuses it, so instances sent later are instances of
+the same class.
+
+The payload header.  Bytecode only runs on the Python that compiled it, so a
+payload that holds anything sent by value starts with a tiny pickle fragment::
+
+    PROTO 5, GLOBAL minicw.serialize._check_python, "CPython 3.11", TUPLE1,
+    REDUCE, POP
+
+followed by the ordinary pickle stream (which has its own PROTO opcode).  The
+fragment is part of the one pickle, so ``pickle.loads`` of a payload works
+anywhere ``minicw`` is importable, runs the check *before* any code object is
+unmarshalled, and costs one function call and one string comparison.  On a
+mismatch it raises :class:`minicw.errors.IncompatiblePythonError` naming both
+versions.  A payload of plain data (only builtin types, importable classes)
+gets no header: it is byte for byte what ``pickle.dumps`` writes, and plain
+data is version independent.  Each marshalled code object also carries its
+CRC-32, so a corrupted payload is reported instead of running bad bytecode.
+
+Errors.  A failure to pickle (TypeError/PicklingError raised by pickle or the
+standard library) is re-raised as :class:`SerializationError` naming the
+culprit and the path to it ("global 'lock' referenced by function 'work'").
+The path is found after the fact by re-walking the object graph, so the
+successful path pays nothing for it.  Exceptions raised by the user's own code
+(a ``__reduce__`` that raises) propagate unchanged.  ``loads`` turns truncated
+or corrupted input into :class:`SerializationError`.
+
+Output is deterministic within a process: referenced globals are sent sorted
+by name, so dumping the same function twice gives the same bytes (the client
+caches functions by a hash of their payload).
+"""
+from __future__ import annotations
+
+import binascii
+import builtins
+import copyreg
+import enum
+import functools
+import io
+import itertools
+import logging
+import marshal
+import os
+import pickle
+import platform
+import struct
+import sys
+import sysconfig
+import threading
+import types
+import uuid
+import weakref
+from typing import Any, BinaryIO, Iterator
+
+from minicw.errors import IncompatiblePythonError, SerializationError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["dumps", "loads", "dump", "load", "DEFAULT_PROTOCOL", "PYTHON_TAG"]
+
+#: Pickle protocol used when ``dumps`` is called without one.  Protocol 5 is
+#: understood by every supported Python (3.8+).
+DEFAULT_PROTOCOL = min(5, pickle.HIGHEST_PROTOCOL)
+
+#: Implementation and major.minor version of this interpreter, as written in
+#: the header of payloads that carry bytecode.
+PYTHON_TAG = "%s %d.%d" % (platform.python_implementation(), *sys.version_info[:2])
+
+# Module names whose objects are never importable by reference on a worker.
+_MAIN_MODULE_NAMES = frozenset(("__main__", "__mp_main__"))
+
+_HEAPTYPE_FLAG = 1 << 9  # Py_TPFLAGS_HEAPTYPE: the class was created at runtime
+
+_SINGLETON_BY_BUILTIN_TYPE = {type(None): None, type(Ellipsis): Ellipsis,
+                              type(NotImplemented): NotImplemented}
+
+# Class __dict__ entries that type() recreates by itself or that are sent in
+# the class skeleton rather than in its state.
+_CLASS_KEYS_NOT_IN_STATE = frozenset((
+    "__dict__", "__weakref__", "__module__", "__qualname__", "__doc__",
+    "__slots__", "__orig_bases__", "_abc_impl",
+))
+
+# Exceptions that pickle.loads raises on malformed input.
+_MALFORMED_PAYLOAD_ERRORS = (pickle.UnpicklingError, EOFError, ValueError,
+                             IndexError, KeyError, OverflowError, TypeError,
+                             struct.error)
+
+_STDLIB_DIR = os.path.normcase(sysconfig.get_paths()["stdlib"])
+
+
+# --- payload header ---------------------------------------------------------
+
+def _header_for(protocol: int) -> bytes:
+    """The pickle fragment that calls ``_check_python(PYTHON_TAG)`` and drops
+    its result; see the module docstring."""
+    tag = PYTHON_TAG.encode("utf-8")
+    return b"".join((
+        pickle.PROTO, bytes((protocol,)),
+        pickle.GLOBAL, __name__.encode("ascii"), b"\n_check_python\n",
+        pickle.BINUNICODE, struct.pack("<I", len(tag)), tag,
+        pickle.TUPLE1, pickle.REDUCE, pickle.POP,
+    ))
+
+
+_HEADER_BY_PROTOCOL = {protocol: _header_for(protocol)
+                       for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1)}
+
+
+def _check_python(payload_python: str) -> None:
+    """Run first when a payload carrying bytecode is loaded."""
+    if payload_python != PYTHON_TAG:
+        raise IncompatiblePythonError(payload_python, PYTHON_TAG)
+
+
+# --- reconstruction functions (called by pickle on the receiving side) ------
+
+class _EmptyCell:
+    """Marks a closure cell that held no value (a variable not yet bound)."""
+
+
+def _load_code(marshalled: bytes, crc: int) -> types.CodeType:
+    if binascii.crc32(marshalled) != crc:
+        raise SerializationError("payload is corrupted: a code object fails its checksum")
+    try:
+        code = marshal.loads(marshalled)
+    except (ValueError, EOFError, TypeError) as exc:
+        raise SerializationError("payload is corrupted: bad code object (%s)" % exc) from exc
+    if type(code) is not types.CodeType:
+        raise SerializationError("payload is corrupted: expected a code object, got %s"
+                                 % type(code).__name__)
+    return code
+
+
+def _make_empty_cell() -> types.CellType:
+    return types.CellType()
+
+
+def _import_module(name: str) -> types.ModuleType:
+    __import__(name)
+    return sys.modules[name]
+
+
+def _make_dynamic_module(name: str, namespace: dict) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.__dict__.update(namespace)
+    return module
+
+
+def _make_function_skeleton(code: types.CodeType, base_globals: dict, name: str,
+                            closure: tuple | None) -> types.FunctionType:
+    # base_globals is one dict per source globals dict in the payload; the
+    # function state fills it.  Without __builtins__ Python 3.8/3.9 would give
+    # the function an almost empty builtins namespace.
+    base_globals.setdefault("__builtins__", builtins)
+    return types.FunctionType(code, base_globals, name, None, closure)
+
+
+def _set_function_state(func: types.FunctionType, state: tuple) -> None:
+    (referenced_globals, _submodules, cell_values, defaults, kwdefaults,
+     annotations, attributes, doc, qualname, module, extras) = state
+    # _submodules were imported while this state was unpickled; nothing more
+    # to do with them.
+    func.__globals__.update(referenced_globals)
+    if cell_values:
+        for cell, value in zip(func.__closure__, cell_values):
+            if value is not _EmptyCell:
+                cell.cell_contents = value
+    func.__defaults__ = defaults
+    func.__kwdefaults__ = kwdefaults
+    if annotations:
+        func.__annotations__ = annotations
+    if attributes:
+        func.__dict__.update(attributes)
+    func.__doc__ = doc
+    func.__qualname__ = qualname
+    func.__module__ = module
+    if extras:
+        for attribute, value in extras.items():
+            setattr(func, attribute, value)
+
+
+# Dynamic classes by token, on both sides: a class defined here, or rebuilt
+# from an earlier payload, is reused instead of being created a second time.
+_class_by_token: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_token_by_class: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Classes created by a skeleton whose state is still to be set; a reused
+# class is not in here and keeps the attributes it has.
+_classes_awaiting_state: weakref.WeakSet = weakref.WeakSet()
+_class_registry_lock = threading.Lock()
+
+
+def _class_token(cls: type) -> str:
+    with _class_registry_lock:
+        token = _token_by_class.get(cls)
+        if token is None:
+            token = uuid.uuid4().hex
+            _token_by_class[cls] = token
+            _class_by_token[token] = cls
+        return token
+
+
+def _register_new_class(cls: type, token: str) -> type:
+    """Return the class already known under ``token``, else register ``cls``."""
+    with _class_registry_lock:
+        known = _class_by_token.get(token)
+        if known is not None:
+            return known
+        _class_by_token[token] = cls
+        _token_by_class[cls] = token
+        _classes_awaiting_state.add(cls)
+        return cls
+
+
+def _make_class_skeleton(metaclass: type, name: str, bases: tuple,
+                         skeleton_namespace: dict, token: str) -> type:
+    known = _class_by_token.get(token)
+    if known is not None:
+        return known
+    cls = types.new_class(name, bases, {"metaclass": metaclass},
+                          lambda namespace: namespace.update(skeleton_namespace))
+    return _register_new_class(cls, token)
+
+
+def _make_enum_skeleton(metaclass: type, name: str, bases: tuple,
+                        skeleton_namespace: dict, members: tuple, token: str) -> type:
+    known = _class_by_token.get(token)
+    if known is not None:
+        return known
+    # Members must be in the class body: the metaclass creates them, and
+    # their identity (Color(1) is Color.RED) depends on its lookup tables.
+    classdict = metaclass.__prepare__(name, bases)
+    for key, value in skeleton_namespace.items():
+        classdict[key] = value
+    for member_name, value in members:
+        classdict[member_name] = value
+    cls = metaclass(name, bases, classdict)
+    return _register_new_class(cls, token)
+
+
+def _set_class_state(cls: type, state: tuple) -> None:
+    if cls not in _classes_awaiting_state:
+        return
+    _classes_awaiting_state.discard(cls)
+    attributes, member_attributes = state
+    for attribute, value in attributes:
+        setattr(cls, attribute, value)
+    for member_name, member_dict in member_attributes:
+        getattr(cls, member_name).__dict__.update(member_dict)
+
+
+def _make_mappingproxy(mapping: dict) -> types.MappingProxyType:
+    return types.MappingProxyType(mapping)
+
+
+def _dataclasses_attribute(name: str) -> Any:
+    import dataclasses
+    return getattr(dataclasses, name)
+
+
+# --- deciding between by reference and by value -----------------------------
+
+def _is_importable(obj: Any) -> bool:
+    """True if the receiver can find ``obj`` as ``module.qualname``.
+
+    The module must be loaded here under that name, must not be a main module,
+    and walking the qualname must give back this very object.
+    """
+    module_name = getattr(obj, "__module__", None)
+    if module_name is None or module_name in _MAIN_MODULE_NAMES:
+        return False
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False
+    qualname = getattr(obj, "__qualname__", None)
+    if not isinstance(qualname, str) or "<" in qualname:  # <locals>, <lambda>
+        return False
+    target = module
+    try:
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except Exception:  # a module __getattr__ may raise anything
+        return False
+    return target is obj
+
+
+def _global_names(code: types.CodeType) -> set:
+    """Names looked up by ``code`` and the code objects nested in it."""
+    names = set(code.co_names)
+    pending = [const for const in code.co_consts if type(const) is types.CodeType]
+    while pending:
+        nested = pending.pop()
+        names.update(nested.co_names)
+        pending.extend(const for const in nested.co_consts
+                       if type(const) is types.CodeType)
+    return names
+
+
+def _referenced_submodules(module: types.ModuleType, names: set) -> list:
+    """Loaded submodules of ``module`` reachable through attribute names the
+    code uses (``os.path`` for code reading ``os.path.join``)."""
+    found = []
+    prefixes = [module.__name__]
+    while prefixes:
+        prefix = prefixes.pop()
+        for name in names:
+            submodule = sys.modules.get(prefix + "." + name)
+            if submodule is not None:
+                found.append(submodule)
+                prefixes.append(submodule.__name__)
+    return found
+
+
+# --- the pickler ------------------------------------------------------------
+
+class _Pickler(pickle.Pickler):
+    """C pickler that sends dynamic functions, classes and code by value.
+
+    One instance per ``dumps`` call; attributes set lazily so that plain data
+    pays nothing for them.
+    """
+
+    wrote_by_value = False
+    _base_globals_by_id = None
+
+    def reducer_override(self, obj: Any) -> Any:
+        reducer = _REDUCER_BY_TYPE.get(type(obj))
+        if reducer is not None:
+            return reducer(self, obj)
+        if isinstance(obj, type):  # classes with a custom metaclass
+            return _reduce_class(self, obj)
+        if type(obj).__module__ == "dataclasses":
+            return _reduce_dataclasses_sentinel(obj)
+        return NotImplemented
+
+    def base_globals_for(self, source_globals: dict) -> dict:
+        """The one new globals dict standing for ``source_globals`` in this payload."""
+        if self._base_globals_by_id is None:
+            self._base_globals_by_id = {}
+        entry = self._base_globals_by_id.get(id(source_globals))
+        if entry is None:
+            # Keep source_globals alive with its entry so its id is not reused.
+            entry = (source_globals, {"__name__": source_globals.get("__name__")})
+            self._base_globals_by_id[id(source_globals)] = entry
+        return entry[1]
+
+
+def _reduce_code(pickler: _Pickler, code: types.CodeType) -> tuple:
+    pickler.wrote_by_value = True
+    marshalled = marshal.dumps(code)
+    return _load_code, (marshalled, binascii.crc32(marshalled))
+
+
+def _reduce_cell(pickler: _Pickler, cell: types.CellType) -> tuple:
+    # Always empty: the function owning the cell fills it in its state step,
+    # after the function is memoized, so a cell may refer to its function.
+    return _make_empty_cell, ()
+
+
+def _reduce_function(pickler: _Pickler, func: types.FunctionType) -> Any:
+    if _is_importable(func):
+        return NotImplemented
+    pickler.wrote_by_value = True
+    code = func.__code__
+    source_globals = func.__globals__
+    names = _global_names(code)
+    referenced_globals = {name: source_globals[name]
+                          for name in sorted(names) if name in source_globals}
+    submodules = []
+    for value in referenced_globals.values():
+        if type(value) is types.ModuleType:
+            submodules.extend(_referenced_submodules(value, names))
+    submodules.sort(key=lambda module: module.__name__)
+    closure = func.__closure__
+    cell_values = None
+    if closure:
+        cell_values = tuple(_cell_value(cell) for cell in closure)
+    state = (
+        referenced_globals, tuple(submodules), cell_values,
+        func.__defaults__, func.__kwdefaults__, func.__annotations__ or None,
+        func.__dict__ or None, func.__doc__, func.__qualname__, func.__module__,
+        _function_extras(func),
+    )
+    skeleton_args = (code, pickler.base_globals_for(source_globals), func.__name__, closure)
+    return _make_function_skeleton, skeleton_args, state, None, None, _set_function_state
+
+
+def _cell_value(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # the variable was never assigned
+        return _EmptyCell
+
+
+def _function_extras(func: types.FunctionType) -> dict | None:
+    type_params = getattr(func, "__type_params__", None)  # 3.12+ generics
+    if type_params:
+        return {"__type_params__": type_params}
+    return None
+
+
+def _reduce_class(pickler: _Pickler, cls: type) -> Any:
+    if _is_importable(cls):
+        return NotImplemented
+    if not cls.__flags__ & _HEAPTYPE_FLAG:
+        if cls in _SINGLETON_BY_BUILTIN_TYPE:
+            return type, (_SINGLETON_BY_BUILTIN_TYPE[cls],)
+        return NotImplemented  # a C type pickle cannot find: let it explain
+    pickler.wrote_by_value = True
+    class_dict = cls.__dict__
+    skeleton_namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    if class_dict.get("__doc__") is not None:
+        skeleton_namespace["__doc__"] = class_dict["__doc__"]
+    for key in ("__slots__", "__orig_bases__"):
+        if key in class_dict:
+            skeleton_namespace[key] = class_dict[key]
+    token = _class_token(cls)
+    if isinstance(cls, enum.EnumMeta):
+        return _reduce_enum_class(cls, skeleton_namespace, token)
+    attributes = tuple((key, value) for key, value in class_dict.items()
+                       if key not in _CLASS_KEYS_NOT_IN_STATE
+                       and not _is_own_slot_descriptor(cls, value))
+    skeleton_args = (type(cls), cls.__name__, cls.__bases__, skeleton_namespace, token)
+    return _make_class_skeleton, skeleton_args, (attributes, ()), None, None, _set_class_state
+
+
+def _is_own_slot_descriptor(cls: type, value: Any) -> bool:
+    return (type(value) in (types.MemberDescriptorType, types.GetSetDescriptorType)
+            and value.__objclass__ is cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _enum_machinery_names() -> frozenset:
+    """Class __dict__ keys the enum metaclass creates by itself."""
+    names = set()
+    for base in (enum.Enum, enum.IntEnum, enum.Flag, enum.IntFlag):
+        names.update(vars(base("_Probe", "A")))
+    return frozenset(names - {"A"})
+
+
+def _reduce_enum_class(cls: type, skeleton_namespace: dict, token: str) -> tuple:
+    member_map = cls._member_map_
+    machinery = _enum_machinery_names()
+    attributes = []
+    for key, value in cls.__dict__.items():
+        if key in member_map or key in _CLASS_KEYS_NOT_IN_STATE:
+            continue
+        # Keep a user's own override of a machinery name (a __str__ defined
+        # in the enum body), drop what the metaclass would recreate.
+        if key in machinery and not (type(value) is types.FunctionType
+                                     and not _is_importable(value)):
+            continue
+        if _is_own_slot_descriptor(cls, value):
+            continue
+        attributes.append((key, value))
+    members = tuple((name, member._value_) for name, member in member_map.items())
+    skipped_member_keys = ("_value_", "_name_", "__objclass__", "_sort_order_")
+    member_attributes = []
+    for name in cls._member_names_:
+        extra = {key: value for key, value in vars(member_map[name]).items()
+                 if key not in skipped_member_keys}
+        if extra:
+            member_attributes.append((name, extra))
+    skeleton_args = (type(cls), cls.__name__, cls.__bases__, skeleton_namespace,
+                     members, token)
+    state = (tuple(attributes), tuple(member_attributes))
+    return _make_enum_skeleton, skeleton_args, state, None, None, _set_class_state
+
+
+def _reduce_module(pickler: _Pickler, module: types.ModuleType) -> tuple:
+    name = module.__name__
+    if sys.modules.get(name) is module and name not in _MAIN_MODULE_NAMES:
+        return _import_module, (name,)
+    pickler.wrote_by_value = True
+    namespace = {key: value for key, value in vars(module).items()
+                 if key not in ("__builtins__", "__loader__", "__spec__")}
+    return _make_dynamic_module, (name, namespace)
+
+
+def _reduce_mappingproxy(pickler: _Pickler, proxy: types.MappingProxyType) -> tuple:
+    return _make_mappingproxy, (dict(proxy),)
+
+
+def _reduce_method(pickler: _Pickler, method: types.MethodType) -> tuple:
+    return types.MethodType, (method.__func__, method.__self__)
+
+
+def _reduce_classmethod(pickler: _Pickler, wrapper: Any) -> tuple:
+    return type(wrapper), (wrapper.__func__,)
+
+
+def _reduce_property(pickler: _Pickler, prop: property) -> tuple:
+    return property, (prop.fget, prop.fset, prop.fdel, prop.__doc__)
+
+
+def _reduce_dataclasses_sentinel(obj: Any) -> Any:
+    """dataclasses compares some values by identity (MISSING, the field kind
+    markers): send them as references to the worker's own objects."""
+    import dataclasses
+    if obj is dataclasses.MISSING:
+        return _dataclasses_attribute, ("MISSING",)
+    if obj is getattr(dataclasses, "_HAS_DEFAULT_FACTORY", None):
+        return _dataclasses_attribute, ("_HAS_DEFAULT_FACTORY",)
+    if obj is getattr(dataclasses, "KW_ONLY", None):
+        return _dataclasses_attribute, ("KW_ONLY",)
+    field_kind_name = getattr(obj, "name", None)
+    if (isinstance(field_kind_name, str)
+            and getattr(dataclasses, field_kind_name, None) is obj):
+        return _dataclasses_attribute, (field_kind_name,)
+    return NotImplemented
+
+
+_REDUCER_BY_TYPE = {
+    types.FunctionType: _reduce_function,
+    type: _reduce_class,
+    enum.EnumMeta: _reduce_class,
+    types.CodeType: _reduce_code,
+    types.CellType: _reduce_cell,
+    types.ModuleType: _reduce_module,
+    types.MethodType: _reduce_method,
+    classmethod: _reduce_classmethod,
+    staticmethod: _reduce_classmethod,
+    property: _reduce_property,
+    types.MappingProxyType: _reduce_mappingproxy,
+}
+
+
+# --- public API -------------------------------------------------------------
+
+def _resolve_protocol(protocol: int | None) -> int:
+    if protocol is None:
+        return DEFAULT_PROTOCOL
+    if protocol < 0:
+        return pickle.HIGHEST_PROTOCOL
+    if protocol < 2 or protocol > pickle.HIGHEST_PROTOCOL:
+        raise ValueError("minicw payloads need a pickle protocol between 2 and %d, got %d"
+                         % (pickle.HIGHEST_PROTOCOL, protocol))
+    return protocol
+
+
+def dumps(obj: Any, protocol: int | None = None) -> bytes:
+    """Serialize ``obj``, sending dynamic functions and classes by value.
+
+    Returns an ordinary pickle (``pickle.loads`` reads it wherever minicw is
+    importable).  Raises :class:`SerializationError` naming the object and its
+    path when something in ``obj`` cannot be serialized; exceptions raised by
+    the user's own ``__reduce__``/``__getstate__`` propagate unchanged.
+    """
+    protocol = _resolve_protocol(protocol)
+    buffer = io.BytesIO()
+    pickler = _Pickler(buffer, protocol)
+    try:
+        pickler.dump(obj)
+    except (TypeError, pickle.PicklingError) as exc:
+        if _raised_by_user_code(exc):
+            raise
+        raise _explain_failure(obj, protocol, exc) from exc
+    if pickler.wrote_by_value:
+        return _HEADER_BY_PROTOCOL[protocol] + buffer.getvalue()
+    return buffer.getvalue()
+
+
+def loads(data: bytes | bytearray | memoryview) -> Any:
+    """Rebuild an object from a :func:`dumps` payload.
+
+    Raises :class:`IncompatiblePythonError` when the payload carries bytecode
+    of another Python version, :class:`SerializationError` when it is
+    truncated, corrupted or refers to something not importable here.
+    """
+    try:
+        return pickle.loads(data)
+    except SerializationError:
+        raise
+    except _MALFORMED_PAYLOAD_ERRORS as exc:
+        raise SerializationError("cannot load payload: it is truncated or corrupted "
+                                 "(%s: %s)" % (type(exc).__name__, exc)) from exc
+    except (ImportError, AttributeError) as exc:
+        raise SerializationError("cannot load payload: it refers to something not "
+                                 "importable here (%s: %s)" % (type(exc).__name__, exc)) from exc
+
+
+def dump(obj: Any, file: BinaryIO, protocol: int | None = None) -> None:
+    """Write ``dumps(obj, protocol)`` to the binary file ``file``."""
+    file.write(dumps(obj, protocol))
+
+
+def load(file: BinaryIO) -> Any:
+    """Read one :func:`dump` payload from the binary file ``file``."""
+    try:
+        return pickle.load(file)
+    except SerializationError:
+        raise
+    except _MALFORMED_PAYLOAD_ERRORS as exc:
+        raise SerializationError("cannot load payload: it is truncated or corrupted "
+                                 "(%s: %s)" % (type(exc).__name__, exc)) from exc
+    except (ImportError, AttributeError) as exc:
+        raise SerializationError("cannot load payload: it refers to something not "
+                                 "importable here (%s: %s)" % (type(exc).__name__, exc)) from exc
+
+
+# --- explaining failures ----------------------------------------------------
+
+_THIS_FILE = os.path.normcase(os.path.abspath(__file__))
+
+
+def _raised_by_user_code(exc: BaseException) -> bool:
+    """True if the innermost frame of ``exc`` is neither ours, nor the standard
+    library's, nor C code called straight from ``dumps``."""
+    traceback = exc.__traceback__
+    if traceback is None:
+        return False
+    while traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    filename = os.path.normcase(os.path.abspath(traceback.tb_frame.f_code.co_filename))
+    return filename != _THIS_FILE and not filename.startswith(_STDLIB_DIR)
+
+
+def _describe(obj: Any) -> str:
+    if isinstance(obj, (types.FunctionType, type)):
+        return "%s %r" % ("function" if isinstance(obj, types.FunctionType) else "class",
+                          obj.__qualname__)
+    obj_type = type(obj)
+    module = obj_type.__module__
+    prefix = "" if module == "builtins" else module + "."
+    return "<%s%s object>" % (prefix, obj_type.__qualname__)
+
+
+def _fails_to_pickle(obj: Any, protocol: int) -> bool:
+    try:
+        _Pickler(io.BytesIO(), protocol).dump(obj)
+    except Exception:
+        return True
+    return False
+
+
+def _explain_failure(root: Any, protocol: int, exc: BaseException) -> SerializationError:
+    try:
+        culprit, path = _find_culprit(root, protocol)
+    except Exception:  # the search runs user code; never mask the real error
+        logger.debug("could not locate the unpicklable object", exc_info=True)
+        culprit, path = root, []
+    where = ", in ".join(path) if path else "the object passed to dumps"
+    return SerializationError("cannot serialize %s: %s (%s: %s)"
+                              % (_describe(culprit), where, type(exc).__name__, exc))
+
+
+def _find_culprit(root: Any, protocol: int) -> tuple:
+    """Descend from ``root`` into the first child that fails to pickle, down to
+    the deepest one; return it with the labels of the path, innermost first."""
+    culprit, path = root, []
+    seen = {id(root)}
+    for _depth in range(64):
+        for label, child in _children(culprit, protocol):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            if _fails_to_pickle(child, protocol):
+                culprit = child
+                path.insert(0, label)
+                break
+        else:
+            break
+    return culprit, path
+
+
+def _children(obj: Any, protocol: int) -> Iterator:
+    """(label, child) pairs for the parts of ``obj`` pickling descends into."""
+    if isinstance(obj, types.FunctionType):
+        yield from _function_children(obj)
+    elif isinstance(obj, type):
+        for key, value in vars(obj).items():
+            if key not in _CLASS_KEYS_NOT_IN_STATE and not _is_own_slot_descriptor(obj, value):
+                yield "attribute %r of class %r" % (key, obj.__qualname__), value
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield "key %r of a dict" % (key,), key
+            yield "value for key %r of a dict" % (key,), value
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        for index, item in enumerate(obj):
+            yield "item %d of a %s" % (index, type(obj).__name__), item
+    elif isinstance(obj, types.MethodType):
+        yield "instance of bound method %r" % obj.__func__.__qualname__, obj.__self__
+        yield "function of bound method %r" % obj.__func__.__qualname__, obj.__func__
+    elif isinstance(obj, functools.partial):
+        yield "function of a partial", obj.func
+        for index, arg in enumerate(obj.args):
+            yield "argument %d of a partial" % index, arg
+        for key, value in obj.keywords.items():
+            yield "keyword argument %r of a partial" % key, value
+    elif isinstance(obj, (classmethod, staticmethod)):
+        yield "function of a %s" % type(obj).__name__, obj.__func__
+    elif isinstance(obj, property):
+        for role in ("fget", "fset", "fdel"):
+            yield "%s of a property" % role, getattr(obj, role)
+    else:
+        yield from _instance_children(obj, protocol)
+
+
+def _function_children(func: types.FunctionType) -> Iterator:
+    qualname = func.__qualname__
+    source_globals = func.__globals__
+    for name in sorted(_global_names(func.__code__)):
+        if name in source_globals:
+            yield ("global %r referenced by function %r" % (name, qualname),
+                   source_globals[name])
+    for name, cell in zip(func.__code__.co_freevars, func.__closure__ or ()):
+        value = _cell_value(cell)
+        if value is not _EmptyCell:
+            yield "closure variable %r of function %r" % (name, qualname), value
+    for index, value in enumerate(func.__defaults__ or ()):
+        yield "default value %d of function %r" % (index, qualname), value
+    for name, value in (func.__kwdefaults__ or {}).items():
+        yield "default of keyword-only argument %r of function %r" % (name, qualname), value
+    for name, value in func.__dict__.items():
+        yield "attribute %r of function %r" % (name, qualname), value
+
+
+def _instance_children(obj: Any, protocol: int) -> Iterator:
+    try:
+        reduced = obj.__reduce_ex__(protocol)
+    except Exception:  # obj itself is the culprit
+        return
+    if not isinstance(reduced, tuple):
+        return
+    owner = _describe(obj)
+    args = reduced[1] if len(reduced) > 1 else ()
+    for index, arg in enumerate(args or ()):
+        if index == 0 and reduced[0] is copyreg.__newobj__:
+            continue  # the class itself
+        yield "constructor argument %d of %s" % (index, owner), arg
+    state = reduced[2] if len(reduced) > 2 else None
+    if isinstance(state, tuple) and len(state) == 2:  # (__dict__, slots)
+        state = dict(itertools.chain((state[0] or {}).items(), (state[1] or {}).items()))
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield "attribute %r of %s" % (key, owner), value
+    elif state is not None:
+        yield "state of %s" % owner, state
