@@ -1,10 +1,35 @@
-"""minicw: run Python functions across a cluster of ordinary machines."""
+"""minicw: run Python functions across a cluster of ordinary machines.
+
+Importing minicw starts nothing and prints nothing.  The names below are
+loaded on first use, so ``import minicw`` stays cheap in worker processes.
+"""
 from minicw.errors import (  # noqa: F401
     ArgsError, AuthkeyMismatchError, ClusterShutdownError, EnvirError,
     HandshakeTimeoutError, IncompatiblePythonError, JobError, JobTimeoutError,
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
     MasterNotListeningError, MinicwError, ProtocolVersionError, RemoteError,
-    SerializationError, WorkerCrashedError,
+    SerializationError, SessionExpiredError, WorkerCrashedError,
 )
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "MasterNode": "minicw.repl",
+    "WorkerNode": "minicw.worker",
+    "LocalCluster": "minicw.local",
+    "Master": "minicw.master",
+}
+
+
+def __getattr__(name):
+    module_name = _LAZY.get(name)
+    if module_name is None:
+        raise AttributeError("module 'minicw' has no attribute %r" % name)
+    import importlib
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -11,6 +11,7 @@ it by type.  The hierarchy::
      |    +-- HandshakeTimeoutError       the peer accepted but never answered
      |    +-- MasterLostError             an established connection went away
      +-- ClusterShutdownError             the master was shut down on purpose
+     +-- SessionExpiredError              the master forgot this client (silent too long)
      +-- ProtocolVersionError             peers speak different minicw protocols
      +-- JobError                         one job did not produce a result
      |    +-- RemoteError                 the job raised; carries type, message, traceback
@@ -70,6 +71,10 @@ class MasterLostError(MasterConnectionError):
 
 class ClusterShutdownError(MinicwError):
     """The master is shutting down and accepts no more work."""
+
+
+class SessionExpiredError(MinicwError):
+    """The master dropped this client session (closed, or silent too long)."""
 
 
 class ProtocolVersionError(MinicwError):

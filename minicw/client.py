@@ -1,0 +1,203 @@
+"""A client's session with the master, and the stream that runs many jobs.
+
+    Session                                   master (ClientAPI -> Scheduler)
+    -------                                   ------------------------------
+    hello(info)            ------------------> client_id
+    put_blobs([(key, b)])  ------------------> blob store (functions, environments)
+    submit([ChunkSpec])    ------------------> the client's queue
+    fetch(timeout)         <------------------ [Delivery], waiting for the first
+    touch()                ------------------> (keepalive thread, while the session is open)
+    cancel(chunk_id)       ------------------> still-queued jobs removed
+
+``stream_results`` keeps a bounded window of chunks in flight: it submits
+chunks as earlier ones complete, so memory on the client and the master stays
+proportional to the window, not to the number of jobs.  It yields decoded
+results per chunk as they arrive; on an error or an interrupt it cancels the
+chunks still queued before passing the exception on.
+
+A session is used by one consumer at a time; deliveries for chunks that the
+current stream does not own (left over from a cancelled run) are dropped.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import socket
+import sys
+import threading
+from concurrent.futures import CancelledError
+
+from minicw import config, protocol, transport
+from minicw.errors import (
+    JobTimeoutError, MasterLostError, MinicwError, RemoteError, WorkerCrashedError,
+)
+
+log = logging.getLogger(__name__)
+
+FETCH_WAIT_S = 1.0   # a fetch returns at least this often, to notice interrupts
+
+
+def client_info() -> dict:
+    return {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
+            "pid": os.getpid(), "python": "%d.%d.%d" % sys.version_info[:3],
+            "cwd": os.getcwd(), "sys_path": list(sys.path)}
+
+
+class Session:
+    """One client session with the master at ``address``."""
+
+    def __init__(self, address, authkey):
+        from minicw.master import connect
+        self.address = tuple(address)
+        self._manager = connect(self.address, authkey)
+        self._api = self._manager.client()
+        self.client_id, master_info = self._call("hello", client_info())
+        self.heartbeat_timeout_s = master_info["heartbeat_timeout_s"]
+        self._stored_blobs = set()
+        self._chunk_ids = itertools.count(1)
+        self._closed = threading.Event()
+        threading.Thread(target=self._keep_alive, name="minicw-keepalive", daemon=True).start()
+
+    def _call(self, method: str, *args):
+        try:
+            return getattr(self._api, method)(*args)
+        except (EOFError, ConnectionError, BrokenPipeError) as exc:
+            raise MasterLostError("lost the connection to the master at %s (%s)" % (
+                transport.format_address(self.address), type(exc).__name__),
+                self.address) from None
+
+    def _keep_alive(self) -> None:
+        period_s = self.heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT
+        while not self._closed.wait(period_s):
+            try:
+                self._call("touch", self.client_id)
+            except Exception as exc:
+                log.debug("keepalive failed: %s", exc)
+                return
+
+    # --- requests ------------------------------------------------------------------
+
+    def put_blob(self, key: str, data: bytes) -> None:
+        """Store a blob in the master once per session."""
+        if key not in self._stored_blobs:
+            self._call("put_blobs", self.client_id, [(key, data)])
+            self._stored_blobs.add(key)
+
+    def new_chunk_id(self) -> int:
+        return next(self._chunk_ids)
+
+    def submit(self, specs: list) -> None:
+        for start in range(0, len(specs), config.MAX_CHUNKS_PER_CALL * 4):
+            self._call("submit", self.client_id, specs[start:start + config.MAX_CHUNKS_PER_CALL * 4])
+
+    def fetch(self, timeout_s: float) -> list:
+        return self._call("fetch", self.client_id, timeout_s)
+
+    def cancel(self, chunk_id: int, indices=None) -> list:
+        return self._call("cancel", self.client_id, chunk_id, indices)
+
+    def list_nodes(self) -> list:
+        return self._call("list_nodes")
+
+    def status(self) -> dict:
+        return self._call("status")
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            self._call("goodbye", self.client_id)
+        except (MinicwError, OSError) as exc:
+            log.debug("goodbye failed: %s", exc)
+
+
+# --- decoding deliveries -------------------------------------------------------------
+
+def failure_error(failure, job: str) -> BaseException:
+    """The exception a synthesized failure stands for."""
+    kind, detail = failure
+    if kind == protocol.FAIL_CRASHED:
+        exit_description, attempts = detail
+        return WorkerCrashedError(job, exit_description, attempts)
+    if kind == protocol.FAIL_TIMEOUT:
+        return JobTimeoutError(job, detail)
+    if kind == protocol.FAIL_CANCELLED:
+        return CancelledError("job %s was cancelled: %s" % (job, detail))
+    return MinicwError("job %s was lost: %s" % (job, detail))
+
+
+def remote_error(description: tuple, arg=None, has_arg: bool = False) -> RemoteError:
+    type_name, message, remote_traceback = description[:3]
+    return RemoteError(type_name, message, remote_traceback, arg,
+                       protocol.load_exception(description), has_arg)
+
+
+def decode_delivery(delivery):
+    """[(index, ok, value_or_error)] for one Delivery; errors are exception objects."""
+    chunk_id, indices, results, failure = delivery
+    if failure is not None:
+        return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
+                for index in indices]
+    values, errors = pickle.loads(results)
+    if not errors:
+        return [(index, True, value) for index, value in zip(indices, values)]
+    decoded = []
+    for position, (index, value) in enumerate(zip(indices, values)):
+        description = errors.get(position)
+        if description is None:
+            decoded.append((index, True, value))
+        else:
+            decoded.append((index, False, remote_error(description)))
+    return decoded
+
+
+# --- streaming many chunks ------------------------------------------------------------------
+
+def stream_results(session: Session, chunks, window: int):
+    """Run chunks with at most ``window`` in flight; yield ``(chunk_id, decoded)``.
+
+    ``chunks`` yields ChunkSpec tuples (their ids from ``session.new_chunk_id``).
+    ``decoded`` is what ``decode_delivery`` returns, possibly for part of a
+    chunk.  Closing the generator early (or an exception in the consumer)
+    cancels every chunk still queued.
+    """
+    remaining_by_chunk = {}   # chunk_id -> jobs not yet delivered
+    chunk_iter = iter(chunks)
+    exhausted = False
+    try:
+        while True:
+            batch = []
+            while not exhausted and len(remaining_by_chunk) + len(batch) < window:
+                spec = next(chunk_iter, None)
+                if spec is None:
+                    exhausted = True
+                    break
+                batch.append(spec)
+                remaining_by_chunk[spec[0]] = spec[2]
+            if batch:
+                session.submit(batch)
+            if not remaining_by_chunk:
+                return
+            for delivery in session.fetch(FETCH_WAIT_S):
+                chunk_id, indices = delivery[0], delivery[1]
+                if chunk_id not in remaining_by_chunk:
+                    continue  # left over from an earlier, cancelled stream
+                remaining_by_chunk[chunk_id] -= len(indices)
+                if remaining_by_chunk[chunk_id] <= 0:
+                    del remaining_by_chunk[chunk_id]
+                yield chunk_id, decode_delivery(delivery)
+    finally:
+        if remaining_by_chunk:
+            _cancel_quietly(session, list(remaining_by_chunk))
+
+
+def _cancel_quietly(session: Session, chunk_ids) -> None:
+    for chunk_id in chunk_ids:
+        try:
+            session.cancel(chunk_id)
+        except (MinicwError, OSError) as exc:
+            log.debug("cancelling chunk %s failed: %s", chunk_id, exc)
+            return

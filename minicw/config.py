@@ -1,0 +1,47 @@
+"""Defaults and environment variables, documented once.
+
+Every tunable of minicw has its default here; modules import the constant
+instead of repeating a literal.  Environment variables override some defaults
+so that one program runs unchanged on a laptop and on a cluster, and so that
+tests can shorten timeouts.
+"""
+from __future__ import annotations
+
+import os
+
+# --- where the master is --------------------------------------------------------
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8888            # the minimalcluster ancestor's habit; 0 picks a free port
+ENV_MASTER = "MINICW_MASTER"   # "host:port" of the master, read by clients
+ENV_AUTHKEY = "MINICW_AUTHKEY"  # the cluster's shared secret
+GENERATED_AUTHKEY_BYTES = 24   # secrets.token_urlsafe(24) gives 32 characters
+
+# --- connections --------------------------------------------------------------
+CONNECT_TIMEOUT_S = 10.0       # TCP connect to the master
+HANDSHAKE_TIMEOUT_S = 5.0      # authkey challenge, both directions; a silent peer is dropped after this
+
+# --- liveness -------------------------------------------------------------------
+ENV_HEARTBEAT_TIMEOUT_S = "MINICW_HEARTBEAT_TIMEOUT_S"
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # a node or client silent this long is declared dead
+HEARTBEATS_PER_TIMEOUT = 4          # peers speak this many times per timeout period
+
+
+def heartbeat_timeout_s(explicit: float | None = None) -> float:
+    """The heartbeat timeout: ``explicit`` if given, else the environment, else the default."""
+    if explicit is not None:
+        return float(explicit)
+    text = os.environ.get(ENV_HEARTBEAT_TIMEOUT_S)
+    return float(text) if text else DEFAULT_HEARTBEAT_TIMEOUT_S
+
+
+# --- work movement ---------------------------------------------------------------
+DEFAULT_CHUNKSIZE = 50          # jobs per chunk in MasterNode.execute (the ancestor's value)
+MAX_CHUNKS_PER_CALL = 16        # chunks moved by one proxy call, either direction
+PREFETCH_WORK_S = 0.02          # a worker process leases about this much work ahead
+RESULT_FLUSH_S = 0.02           # a worker process holds finished results at most this long
+IN_FLIGHT_CHUNKS_PER_PROCESS = 8  # client window: chunks submitted but not yet answered, per worker process
+DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it
+
+# --- worker nodes ------------------------------------------------------------------
+DEFAULT_START_METHOD = "spawn"  # the Windows and macOS default; safe with threads
+NODE_RECONNECT_MAX_S = 5.0      # longest pause between reconnect attempts to a lost master

@@ -1,0 +1,43 @@
+"""Everything on this machine: ``LocalCluster``.
+
+    with LocalCluster(n_workers=2) as cluster:   master + one worker node, both
+        cluster.load_envir(...)                  child processes on 127.0.0.1,
+        cluster.execute()                        a random key and a free port
+    # leaving the block stops both, also when the body raised
+
+Other processes can join or use the cluster through ``cluster.address`` and
+``cluster.authkey``.
+"""
+from __future__ import annotations
+
+import secrets
+
+from minicw import config
+from minicw.repl import MasterNode
+
+
+class LocalCluster(MasterNode):
+    """A master and one worker node with ``n_workers`` processes on 127.0.0.1.
+
+    A context manager; also ``start()`` / ``shutdown()``.  ``n_workers``
+    defaults to the CPU count.  Offers the MasterNode calls (``load_envir``,
+    ``register_target_function``, ``load_args``, ``execute``, ``list_workers``).
+    """
+
+    def __init__(self, n_workers: int | None = None, chunksize: int = config.DEFAULT_CHUNKSIZE,
+                 heartbeat_timeout_s: float | None = None):
+        super().__init__(HOST="127.0.0.1", PORT=0,
+                         AUTHKEY=secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES),
+                         chunksize=chunksize)
+        self.n_workers = n_workers
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+
+    def start(self) -> "LocalCluster":
+        self.start_master_server(if_join_as_worker=True, nprocs=self.n_workers)
+        return self
+
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.shutdown()

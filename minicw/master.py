@@ -1,0 +1,210 @@
+"""The master: a manager server that owns the Scheduler.
+
+    clients ----\\                               /---- worker nodes (poll, register,
+                 >-- TCP, authkey -- Master ---<       get_blob, process_ended)
+    processes --/   (transport.py)    |         \\---- worker processes (exchange)
+                                      |
+                     typeids:  "client"  -> ClientAPI  --\\
+                               "node"    -> NodeAPI    ---> one Scheduler (scheduler.py)
+                               "process" -> ProcessAPI --/
+                     threads:  accepter, one per connection (the manager's),
+                               the reaper (expires silent nodes and clients)
+
+Each role reaches the master only through its own typeid, so a client cannot
+call a node's methods by mistake.  The API classes are thin: each method is
+one Scheduler transition; all blocking waits (a process waiting for work, a
+client waiting for results, a node's heartbeat long-poll) happen inside the
+Scheduler on conditions, never in sleep loops.
+
+``python -m minicw.master`` runs one (see cli.py); ``Master`` can also run
+inside any process (``start()`` / ``shutdown()``), as the tests do.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from minicw import config, protocol, transport
+from minicw.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE_S = 1.0  # how long shutdown waits for every node to hear about it
+
+
+class ClientAPI:
+    """What a client may call; see Scheduler for each method's contract."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+
+    def hello(self, info: dict):
+        if info.get("protocol") != protocol.PROTOCOL_VERSION:
+            from minicw.errors import ProtocolVersionError
+            raise ProtocolVersionError(
+                "client speaks minicw protocol %s, this master speaks %s"
+                % (info.get("protocol"), protocol.PROTOCOL_VERSION))
+        client_id = self._scheduler.open_client(info)
+        return client_id, {"protocol": protocol.PROTOCOL_VERSION,
+                           "heartbeat_timeout_s": self._scheduler.heartbeat_timeout_s}
+
+    def goodbye(self, client_id):
+        self._scheduler.close_client(client_id)
+
+    def touch(self, client_id):
+        self._scheduler.touch(client_id)
+
+    def put_blobs(self, client_id, blobs):
+        self._scheduler.put_blobs(client_id, blobs)
+
+    def missing_blobs(self, keys):
+        return self._scheduler.missing_blobs(keys)
+
+    def submit(self, client_id, specs):
+        self._scheduler.submit(client_id, specs)
+
+    def fetch(self, client_id, timeout_s):
+        return self._scheduler.fetch(client_id, timeout_s)
+
+    def cancel(self, client_id, chunk_id, indices=None):
+        return self._scheduler.cancel(client_id, chunk_id, indices)
+
+    def list_nodes(self):
+        return self._scheduler.list_nodes()
+
+    def status(self):
+        return self._scheduler.status()
+
+
+class NodeAPI:
+    """What a worker node may call."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+
+    def register(self, info: dict):
+        if info.get("protocol") != protocol.PROTOCOL_VERSION:
+            from minicw.errors import ProtocolVersionError
+            raise ProtocolVersionError(
+                "worker node speaks minicw protocol %s, this master speaks %s"
+                % (info.get("protocol"), protocol.PROTOCOL_VERSION))
+        node_id = self._scheduler.register_node(info)
+        return node_id, self._scheduler.heartbeat_timeout_s
+
+    def unregister(self, node_id):
+        self._scheduler.unregister_node(node_id)
+
+    def poll(self, node_id, timeout_s):
+        return self._scheduler.poll(node_id, timeout_s)
+
+    def get_blob(self, key):
+        return self._scheduler.get_blob(key)
+
+    def process_ended(self, node_id, slot, token, position, reason, exit_description):
+        self._scheduler.process_ended(node_id, slot, token, position, reason, exit_description)
+
+
+class ProcessAPI:
+    """What a worker process may call: one combined report-and-lease call."""
+
+    def __init__(self, scheduler: Scheduler):
+        self._scheduler = scheduler
+
+    def exchange(self, node_id, slot, reports, want, timeout_s):
+        return self._scheduler.exchange(node_id, slot, reports, want, timeout_s)
+
+
+CLIENT_METHODS = tuple(name for name in vars(ClientAPI) if not name.startswith("_"))
+NODE_METHODS = tuple(name for name in vars(NodeAPI) if not name.startswith("_"))
+PROCESS_METHODS = tuple(name for name in vars(ProcessAPI) if not name.startswith("_"))
+
+
+class MasterManager(transport.Manager):
+    """The manager class peers use to reach a master (typeids without callables)."""
+
+
+MasterManager.register("client", exposed=CLIENT_METHODS)
+MasterManager.register("node", exposed=NODE_METHODS)
+MasterManager.register("process", exposed=PROCESS_METHODS)
+
+
+class Master:
+    """A minicw master serving on ``(host, port)`` (port 0: any free port)."""
+
+    def __init__(self, host: str = config.DEFAULT_HOST, port: int = config.DEFAULT_PORT,
+                 authkey=None, heartbeat_timeout_s: float | None = None):
+        if authkey is None:
+            raise ValueError("the master needs an authkey")
+        self.scheduler = Scheduler(config.heartbeat_timeout_s(heartbeat_timeout_s))
+        self._authkey = transport.as_authkey(authkey)
+        self._requested_address = (host, port)
+        self._server = None
+        self._stopped = threading.Event()
+        self._threads = []
+
+    @property
+    def address(self) -> tuple:
+        """(host, port) the master listens on; the real port once started."""
+        if self._server is None:
+            return self._requested_address
+        return tuple(self._server.address)
+
+    def start(self) -> tuple:
+        """Bind and serve in background threads; returns the address."""
+        apis = {"client": ClientAPI(self.scheduler), "node": NodeAPI(self.scheduler),
+                "process": ProcessAPI(self.scheduler)}
+
+        class ServingManager(transport.Manager):
+            pass
+        for typeid, exposed in (("client", CLIENT_METHODS), ("node", NODE_METHODS),
+                                ("process", PROCESS_METHODS)):
+            api = apis[typeid]
+            ServingManager.register(typeid, callable=lambda api=api: api, exposed=exposed)
+        try:
+            self._server = ServingManager(self._requested_address, self._authkey).make_server()
+        except OSError as exc:
+            raise OSError(exc.errno, "cannot listen on %s: %s" % (
+                transport.format_address(self._requested_address), exc.strerror)) from None
+        self._server.stop_event = self._stopped  # the manager's own shutdown() sets it
+        self._spawn(self._server.accepter, "minicw-accept")
+        self._spawn(self._reap, "minicw-reaper")
+        log.info("master listening on %s", transport.format_address(self.address))
+        return self.address
+
+    def _spawn(self, target, name):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _reap(self):
+        period_s = self.scheduler.heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT
+        while not self._stopped.wait(period_s):
+            self.scheduler.expire()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until the master has shut down; True if it has."""
+        return self._stopped.wait(timeout_s)
+
+    def shutdown(self) -> None:
+        """Tell every node and waiting client, then stop listening."""
+        if self._server is None or self._server.closing.is_set():
+            self._stopped.set()
+            return
+        self.scheduler.close()
+        self.scheduler.wait_nodes_told(SHUTDOWN_GRACE_S)
+        self._server.close()
+        self._stopped.set()
+        log.info("master on %s shut down", transport.format_address(self.address))
+
+
+def connect(address, authkey) -> MasterManager:
+    """A connected MasterManager; raises the errors of transport.connect."""
+    manager = MasterManager(tuple(address), authkey)
+    manager.connect()
+    return manager
+
+
+if __name__ == "__main__":
+    import sys
+    from minicw.cli import master_main
+    sys.exit(master_main())

@@ -1,0 +1,261 @@
+"""The REPL and notebook API of the minimalcluster ancestor: ``MasterNode``.
+
+    MasterNode.start_master_server()
+        starts ``python -m minicw.master`` (launch.py) and, by default, a local
+        ``python -m minicw.worker``; opens a client Session to the master
+    load_envir(src) / register_target_function(name) / load_args(args)
+        are checked here, at once, and kept
+    execute()
+        stores the environment and the function name as blobs (once per
+        session), cuts the args into chunks of ``chunksize``, streams them
+        through the cluster (client.stream_results) and returns {arg: result}
+
+The master runs in its own process, not in a thread of the REPL: the REPL
+stays responsive, and the master's work does not compete for the REPL's GIL.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+
+from minicw import client, config, envir, protocol, transport
+from minicw.errors import ArgsError, EnvirError, MinicwError
+
+log = logging.getLogger(__name__)
+
+
+class MasterNode:
+    """A master you drive from a Python prompt.
+
+    ``MasterNode(HOST, PORT, AUTHKEY, chunksize)``; AUTHKEY None makes a
+    random key (``self.AUTHKEY``).  HOST '' listens on every interface.
+    """
+
+    def __init__(self, HOST: str = "127.0.0.1", PORT: int = config.DEFAULT_PORT,
+                 AUTHKEY=None, chunksize: int = config.DEFAULT_CHUNKSIZE):
+        if AUTHKEY is None:
+            AUTHKEY = secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES)
+        if int(chunksize) < 1:
+            raise ValueError("chunksize must be at least 1, not %r" % (chunksize,))
+        self.HOST = HOST
+        self.PORT = int(PORT)
+        self.AUTHKEY = transport.as_authkey(AUTHKEY)
+        self.chunksize = int(chunksize)
+        self.max_retries = config.DEFAULT_MAX_RETRIES
+        self.heartbeat_timeout_s = None
+        self.server_status = "Not started"
+        self._master_process = None
+        self._worker_process = None
+        self._session = None
+        self._address = None
+        self._envir = None           # (key, source, label)
+        self._target_name = None
+        self._args = None
+
+    # --- cluster ---------------------------------------------------------------------
+
+    @property
+    def address(self) -> tuple:
+        """(host, port) where workers and clients reach this master."""
+        if self._address is None:
+            raise MinicwError("the master server is not started; call start_master_server()")
+        return self._address
+
+    @property
+    def authkey(self) -> bytes:
+        return self.AUTHKEY
+
+    def start_master_server(self, if_join_as_worker: bool = True, nprocs: int | None = None):
+        """Start the master in the background; by default also a local worker node."""
+        if self._master_process is not None:
+            raise MinicwError("the master server is already running at %s"
+                              % transport.format_address(self._address))
+        bind_host = self.HOST if self.HOST else "0.0.0.0"
+        self._master_process, (host, port) = launch_master(
+            bind_host, self.PORT, self.AUTHKEY, self.heartbeat_timeout_s)
+        self._address = (host, port)
+        self.PORT = port
+        try:
+            self._session = client.Session(self._address, self.AUTHKEY)
+            if if_join_as_worker:
+                self.join_as_worker(nprocs)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.server_status = "Started"
+        log.info("master started at %s", transport.format_address(self._address))
+
+    def join_as_worker(self, nprocs: int | None = None) -> None:
+        """Run a worker node on this machine (in its own process)."""
+        if self._worker_process is not None and self._worker_process.alive():
+            return
+        from minicw import launch
+        self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs)
+
+    def stop_as_worker(self) -> None:
+        """Stop the local worker node started by join_as_worker()."""
+        if self._worker_process is not None:
+            self._worker_process.stop()
+            self._worker_process = None
+
+    def list_workers(self) -> list:
+        """One record per connected worker node: hostname, nprocs, pid, busy, ..."""
+        return self._require_session().list_nodes()
+
+    def status(self) -> dict:
+        """Nodes, and queued/running/done/failed jobs per client."""
+        return self._require_session().status()
+
+    def shutdown(self) -> None:
+        """Stop the local worker node and the master server."""
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+        self.stop_as_worker()
+        if self._master_process is not None:
+            self._master_process.stop()
+            self._master_process = None
+        self.server_status = "Shut down"
+
+    def _require_session(self) -> client.Session:
+        if self._session is None:
+            raise MinicwError("the master server is not started; call start_master_server()")
+        return self._session
+
+    # --- work ----------------------------------------------------------------------
+
+    def load_envir(self, source: str, from_file: bool = True) -> None:
+        """The environment: a path to a .py file, or with from_file=False its source."""
+        if from_file:
+            path = os.fspath(source)
+            try:
+                with open(path, "r", encoding="utf-8") as handle:
+                    text = handle.read()
+            except OSError as exc:
+                raise EnvirError("cannot read environment file %s: %s"
+                                 % (path, exc.strerror or exc)) from None
+            label = os.path.abspath(path)
+        else:
+            text = str(source)
+            label = "<envir %s>" % protocol.content_key(text.encode("utf-8"))[:8]
+        envir.check_syntax(text, label)
+        key, blob = envir.make_source_blob(text, label)
+        self._envir = (key, blob, label)
+        if self._target_name is not None:
+            log.info("environment changed; target function %r will be looked up in it",
+                     self._target_name)
+
+    def register_target_function(self, fun_name: str) -> None:
+        """Name the function in the environment that execute() runs on each arg."""
+        if self._envir is None:
+            raise EnvirError("load an environment with load_envir() before registering "
+                             "the target function %r" % (fun_name,))
+        key, blob, label = self._envir
+        envir.register(key, pickle_loads_source(blob), label)
+        envir.lookup(key, fun_name)  # raises EnvirError naming the function
+        self._target_name = fun_name
+
+    def load_args(self, args) -> None:
+        """The list of arguments; each must be hashable and appear once (results are keyed by arg)."""
+        self._args = check_args(args)
+
+    def execute(self) -> dict:
+        """Run the target function on every arg across the cluster; returns {arg: result}.
+
+        Raises RemoteError (type, message, arg and remote traceback) at the
+        first job that raised; the jobs still queued are cancelled and the
+        cluster stays usable.
+        """
+        session = self._require_session()
+        if self._envir is None or self._target_name is None:
+            raise EnvirError("nothing to execute: call load_envir() and "
+                             "register_target_function() first")
+        if self._args is None:
+            raise ArgsError("nothing to execute: call load_args() first")
+        func_key = self._store_function(session)
+        args = self._args
+        nodes = session.list_nodes()
+        if not nodes:
+            raise MinicwError("no worker node is connected to the master at %s; start one "
+                              "with join_as_worker() or python -m minicw.worker"
+                              % transport.format_address(session.address))
+        processes = sum(node["nprocs"] for node in nodes)
+        window = max(16, config.IN_FLIGHT_CHUNKS_PER_PROCESS * processes)
+        return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries)
+
+    def _store_function(self, session: client.Session) -> str:
+        envir_key, source_blob, label = self._envir
+        session.put_blob(envir_key, source_blob)
+        func_key, func_blob = protocol.pack_blob(protocol.BLOB_ENVIR_NAME, envir_key,
+                                                 self._target_name)
+        session.put_blob(func_key, func_blob)
+        return func_key
+
+
+def pickle_loads_source(blob: bytes) -> str:
+    import pickle
+    return pickle.loads(blob)[1]
+
+
+def launch_master(host, port, authkey, heartbeat_timeout_s=None):
+    from minicw import launch
+    return launch.start_master(host, port, authkey, heartbeat_timeout_s)
+
+
+def check_args(args) -> list:
+    """The args as a list; ArgsError naming the first unhashable or repeated one."""
+    if isinstance(args, (str, bytes)) or not hasattr(args, "__iter__"):
+        raise ArgsError("load_args() takes a list of arguments, not %s" % type(args).__name__)
+    args = list(args)
+    seen = set()
+    for position, arg in enumerate(args):
+        try:
+            repeated = arg in seen
+        except TypeError:
+            raise ArgsError("arg %d (%r) is unhashable (%s); results are keyed by arg, so "
+                            "use tuples instead of lists or dicts"
+                            % (position, arg, type(arg).__name__)) from None
+        if repeated:
+            raise ArgsError("arg %d (%r) appears more than once; results are keyed by arg, "
+                            "so every arg must be unique" % (position, arg))
+        seen.add(arg)
+    return args
+
+
+def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int,
+              window: int, max_retries: int) -> dict:
+    """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error."""
+    args_by_chunk = {}
+
+    def chunks():
+        for start in range(0, len(args), chunksize):
+            items = args[start:start + chunksize]
+            chunk_id = session.new_chunk_id()
+            args_by_chunk[chunk_id] = items
+            yield (chunk_id, (func_key,), len(items),
+                   protocol.pack_payload(protocol.CALL_ONE, items), None, max_retries)
+
+    results = {}
+    stream = client.stream_results(session, chunks(), window)
+    try:
+        for chunk_id, decoded in stream:
+            items = args_by_chunk[chunk_id]
+            for index, ok, value in decoded:
+                if not ok:
+                    raise _with_arg(value, items[index])
+                results[items[index]] = value
+    finally:
+        stream.close()
+    return results
+
+
+def _with_arg(error: BaseException, arg) -> BaseException:
+    """Attach the failing arg to a RemoteError (other failures name their job)."""
+    from minicw.errors import RemoteError
+    if isinstance(error, RemoteError):
+        error.arg = arg
+        error.has_arg = True
+        error.args = (error.type_name, error.message, error.remote_traceback, arg,
+                      error.exception, True)
+    return error

@@ -1,0 +1,268 @@
+"""A worker process: lease chunks from the master, run them, report results.
+
+One of these runs per slot of a worker node.  It talks to the master
+directly (leasing through the node would add a hop and two wake-ups per
+job), and to its node only for blobs and lifecycle:
+
+    master <--exchange(reports, want, wait)-- run_process() --> slot_state (shared memory,
+           --(leases, revoked)------------->     |                 read by the node:
+                                                  |                 token, position, deadline)
+    node   <--("blob", key)------ control pipe ---+
+           --("blob", key, data) / ("drain",) -->
+
+The loop holds a small local queue of leases.  It asks for more only when
+the queue is empty, and then for about PREFETCH_WORK_S of work judged from
+how long recent chunks took: one call per many fast chunks, one call per
+chunk when chunks are slow (so slow work never sits in a busy process's
+queue while another process idles).  Results of a chunk are reported with
+the next exchange; a long chunk flushes partial results every RESULT_FLUSH_S
+so callers see results as they are produced.
+
+Before each job the process writes its position into ``slot_state``; when
+the process dies, the node reads which job was running, so the master can
+charge exactly that job with the crash.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from multiprocessing import connection, parent_process
+
+from minicw import config, envir, protocol
+from minicw.errors import EnvirError
+
+log = logging.getLogger(__name__)
+
+# slot_state fields (a shared array of signed 64-bit integers)
+STATE_TOKEN = 0        # lease being run, 0 when none
+STATE_POSITION = 1     # position in the lease's selection, -1 when none
+STATE_DEADLINE_NS = 2  # time.monotonic_ns() limit of the running job, 0 when none
+STATE_FIELDS = 3
+
+IDLE_WAIT_S = 1.0      # a process waiting for work re-checks its node this often
+
+EXIT_STOPPED = 0       # drained or told to stop
+EXIT_NODE_UNKNOWN = 3  # the master no longer knows this node, or is closing
+EXIT_MASTER_LOST = 4   # the connection to the master broke
+
+
+def run_process(spec: dict) -> None:
+    """Entry point of a worker process (the target of the node's Process)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's business
+    _exit_with_parent()
+    runner = Runner(spec)
+    code = runner.run()
+    sys.exit(code)
+
+
+def _exit_with_parent() -> None:
+    """End this process at once when its node dies, whatever it is doing."""
+    parent = parent_process()
+    if parent is None:
+        return
+
+    def watch():
+        connection.wait([parent.sentinel])
+        os._exit(EXIT_MASTER_LOST)
+    threading.Thread(target=watch, name="minicw-lifeline", daemon=True).start()
+
+
+class Runner:
+    """The lease-run-report loop of one worker process."""
+
+    def __init__(self, spec: dict):
+        self.node_id = spec["node_id"]
+        self.slot = spec["slot"]
+        self.control = spec["control"]
+        self.state = memoryview(spec["slot_state"]).cast("B").cast("q")
+        self.address = spec["address"]
+        self.authkey = spec["authkey"]
+        self.functions = {}          # blob key -> callable (or the EnvirError it raises)
+        self.leases = deque()
+        self.reports = []
+        self.revoked = set()
+        self.chunk_seconds = 0.0     # moving average of the time one chunk takes
+        self.draining = False
+
+    def run(self) -> int:
+        from minicw.master import connect
+        try:
+            self.api = connect(self.address, self.authkey).process()
+        except Exception as exc:
+            log.error("worker process %s/%d cannot reach the master: %s",
+                      self.node_id, self.slot, exc)
+            return EXIT_MASTER_LOST
+        try:
+            return self._loop()
+        except (EOFError, ConnectionError, OSError) as exc:
+            log.warning("worker process %s/%d lost the master: %s", self.node_id, self.slot, exc)
+            return EXIT_MASTER_LOST
+
+    def _loop(self) -> int:
+        while True:
+            self._check_control()
+            if not self.leases:
+                if self.draining:
+                    self._exchange(want=0, wait_s=0)
+                    return EXIT_STOPPED
+                if not self._exchange(want=self._want(), wait_s=IDLE_WAIT_S):
+                    return EXIT_NODE_UNKNOWN
+                continue
+            lease = self.leases.popleft()
+            if lease[0] in self.revoked:
+                self.revoked.discard(lease[0])
+                continue
+            started = time.perf_counter()
+            self._run_lease(lease)
+            elapsed = time.perf_counter() - started
+            self.chunk_seconds = elapsed if not self.chunk_seconds else (
+                0.7 * self.chunk_seconds + 0.3 * elapsed)
+
+    def _want(self) -> int:
+        if not self.chunk_seconds:
+            return 1
+        return max(1, min(config.MAX_CHUNKS_PER_CALL,
+                          int(config.PREFETCH_WORK_S / self.chunk_seconds)))
+
+    def _exchange(self, want: int, wait_s: float) -> bool:
+        reports, self.reports = self.reports, []
+        reply = self.api.exchange(self.node_id, self.slot, reports, want, wait_s)
+        if reply is None:
+            return False
+        leases, revoked = reply
+        self.leases.extend(leases)
+        if revoked:
+            self.revoked.update(revoked)
+        return True
+
+    def _check_control(self) -> None:
+        while self.control.poll():
+            message = self.control.recv()
+            if message[0] == "drain":
+                self.draining = True
+
+    # --- running a lease ------------------------------------------------------------
+
+    def _run_lease(self, lease) -> None:
+        token, client_id, chunk_id, func_keys, payload, selection, timeout_s = lease
+        state = self.state
+        state[STATE_TOKEN] = token
+        state[STATE_POSITION] = 0
+        try:
+            kind, items = pickle.loads(payload)
+            functions = [self._resolve(key) for key in func_keys]
+        except BaseException as exc:  # every job of the chunk fails the same way
+            description = protocol.describe_exception(exc)
+            errors = {pos: description for pos in range(len(selection))}
+            self._report(token, 0, [None] * len(selection), errors)
+            self._finish_lease()
+            return
+        timeout_ns = int(timeout_s * 1e9) if timeout_s else 0
+        call = _caller(kind, functions)
+        values = []
+        errors = None
+        start = 0
+        flush_at = time.perf_counter() + config.RESULT_FLUSH_S
+        for position, index in enumerate(selection):
+            state[STATE_POSITION] = position
+            if timeout_ns:
+                state[STATE_DEADLINE_NS] = time.monotonic_ns() + timeout_ns
+            try:
+                values.append(call(items[index]))
+            except BaseException as exc:
+                values.append(None)
+                if errors is None:
+                    errors = {}
+                errors[position - start] = protocol.describe_exception(exc)
+            if time.perf_counter() > flush_at and position + 1 < len(selection):
+                self._report(token, start, values, errors)
+                self._exchange(want=0, wait_s=0)
+                start, values, errors = position + 1, [], None
+                flush_at = time.perf_counter() + config.RESULT_FLUSH_S
+        self._finish_lease()
+        self._report(token, start, values, errors)
+
+    def _finish_lease(self) -> None:
+        state = self.state
+        state[STATE_DEADLINE_NS] = 0
+        state[STATE_POSITION] = -1
+        state[STATE_TOKEN] = 0
+
+    def _report(self, token, start, values, errors) -> None:
+        try:
+            results = protocol.pack_results(values, errors)
+        except Exception:
+            results = protocol.pack_results(*_picklable_results(values, errors))
+        self.reports.append((token, start, len(values), results))
+
+    # --- functions -------------------------------------------------------------------
+
+    def _resolve(self, key: str):
+        function = self.functions.get(key)
+        if function is None:
+            function = self.functions[key] = self._load_function(key)
+        if isinstance(function, BaseException):
+            raise function
+        return function
+
+    def _load_function(self, key: str):
+        blob = pickle.loads(self._fetch_blob(key))
+        kind = blob[0]
+        try:
+            if kind == protocol.BLOB_CALLABLE:
+                from minicw import serialize
+                return serialize.loads(blob[1])
+            if kind == protocol.BLOB_ENVIR_NAME:
+                envir_key, name = blob[1], blob[2]
+                if not envir.is_loaded(envir_key):
+                    source_blob = pickle.loads(self._fetch_blob(envir_key))
+                    envir.register(envir_key, source_blob[1], source_blob[2])
+                return envir.lookup(envir_key, name)
+        except EnvirError as exc:
+            return exc
+        raise ValueError("unknown function blob kind %r" % (kind,))
+
+    def _fetch_blob(self, key: str) -> bytes:
+        self.control.send(("blob", key))
+        while True:
+            reply = self.control.recv()
+            if reply[0] == "drain":
+                self.draining = True
+                continue
+            if reply[0] == "error":
+                raise RuntimeError(reply[2])
+            return reply[2]
+
+
+def _caller(kind: int, functions: list):
+    """A one-argument callable that applies one payload item."""
+    if kind == protocol.CALL_ONE:
+        return functions[0]
+    if kind == protocol.CALL_STAR:
+        function = functions[0]
+        return lambda item: function(*item)
+
+    def call_full(item):
+        which, args, kwargs = item
+        return functions[which](*args, **kwargs)
+    return call_full
+
+
+def _picklable_results(values: list, errors: dict | None):
+    """Replace results that cannot be pickled by an error naming them."""
+    errors = dict(errors or {})
+    for position, value in enumerate(values):
+        try:
+            pickle.dumps(value, protocol.PICKLE_PROTOCOL)
+        except Exception as exc:
+            problem = TypeError("the job's result of type %s cannot be pickled: %s"
+                                % (type(value).__name__, exc))
+            errors[position] = protocol.describe_exception(problem)
+            values[position] = None
+    return values, errors

@@ -1,0 +1,555 @@
+"""The master's state: clients, their chunks, leases, worker nodes, blobs.
+
+Everything the master knows lives in one ``Scheduler`` behind one lock; every
+method is a complete transition, called from the manager's per-connection
+threads (see master.py).  Nothing here touches the network.
+
+    client             Scheduler                                 worker process
+    ------             ---------                                 --------------
+    submit(specs) ---> client.queue (deque of Chunk) --+
+                       rotation: clients with queued   |
+                       chunks, served round robin      +-> exchange(reports, want)
+                                                       |      leases <-----------
+                       leases: token -> Chunk  <-------+
+    fetch()  <-------- client.deliveries  <--------------- reports (token, start, count, bytes)
+
+Job lifecycle.  The unit of scheduling is a chunk (one client's jobs that
+travel together); a job's state is implied by where its index is:
+
+    QUEUED    index in ``chunk.selection`` of a chunk in ``client.queue``
+    LEASED    index in ``chunk.selection[chunk.done:]`` of a chunk in ``leases``
+              (the worker process runs them in order; RUNNING is the one at the
+              position its node reads from the process's shared slot state)
+    DONE      reported under the chunk's current token; a Delivery is queued
+              for the client and the master forgets the job
+    RETRIED   its process died under it: back to QUEUED at the front of the
+              chunk, ``crashes[index]`` counts it, up to ``max_retries``
+    FAILED    crashes beyond max_retries, over its time limit, or its client
+              asked to kill it: a failure Delivery is queued instead of results
+    CANCELLED removed from a queued chunk's selection by ``cancel``; or the
+              whole client went away (closed, or silent past the heartbeat
+              timeout) and its chunks were dropped
+
+Transitions happen only in: ``submit`` (-> QUEUED), ``_lease`` (QUEUED ->
+LEASED), ``_accept_report`` (LEASED -> DONE), ``_end_lease`` (LEASED -> QUEUED,
+RETRIED or FAILED), ``cancel`` and ``_drop_client`` (-> CANCELLED).
+
+A lease is identified by a token that is never reused.  A report under any
+token other than the chunk's current one is dropped, and so is a report from
+a node that was declared dead: a result reaches its client exactly once even
+when a frozen node wakes up and reports late.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+
+from minicw import protocol
+from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
+
+log = logging.getLogger(__name__)
+
+MAX_DELIVERIES_PER_FETCH = 64
+
+
+class Chunk:
+    """Jobs of one client that are scheduled together."""
+
+    __slots__ = ("client", "chunk_id", "func_keys", "payload", "timeout_s", "max_retries",
+                 "selection", "token", "holder", "done", "crashes")
+
+    def __init__(self, client, spec):
+        (self.chunk_id, self.func_keys, n_jobs, self.payload,
+         self.timeout_s, self.max_retries) = spec
+        self.client = client
+        self.selection = range(n_jobs)  # job indices still to run, in run order
+        self.token = 0                  # current lease token, 0 while queued
+        self.holder = None              # (NodeState, slot) while leased
+        self.done = 0                   # positions of selection reported under token
+        self.crashes = None             # {index: times its process died under it}
+
+
+class ClientState:
+    __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
+                 "deliveries", "has_deliveries", "blob_keys",
+                 "queued_jobs", "running_jobs", "done_jobs", "failed_jobs")
+
+    def __init__(self, client_id, info, lock):
+        self.client_id = client_id
+        self.info = info
+        self.last_seen = time.monotonic()
+        self.queue = deque()            # Chunk, next to lease on the left
+        self.in_rotation = False
+        self.chunks = {}                # chunk_id -> Chunk, queued or leased
+        self.deliveries = deque()       # Delivery tuples waiting for fetch()
+        self.has_deliveries = threading.Condition(lock)
+        self.blob_keys = set()
+        self.queued_jobs = self.running_jobs = self.done_jobs = self.failed_jobs = 0
+
+
+class NodeState:
+    __slots__ = ("node_id", "info", "last_seen", "tokens_by_slot", "revoked_by_slot",
+                 "commands", "has_commands", "jobs_done")
+
+    def __init__(self, node_id, info, lock):
+        self.node_id = node_id
+        self.info = info
+        self.last_seen = time.monotonic()
+        self.tokens_by_slot = {slot: set() for slot in range(info["nprocs"])}
+        self.revoked_by_slot = {}       # slot -> tokens its process must skip
+        self.commands = []
+        self.has_commands = threading.Condition(lock)
+        self.jobs_done = 0
+
+    @property
+    def busy_processes(self) -> int:
+        return sum(1 for tokens in self.tokens_by_slot.values() if tokens)
+
+
+class Scheduler:
+    """The master's bookkeeping; thread-safe, every public method is one transition."""
+
+    def __init__(self, heartbeat_timeout_s: float):
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._lock = threading.Lock()
+        self._work_queued = threading.Condition(self._lock)
+        self._clients = {}
+        self._nodes = {}
+        self._rotation = deque()        # ClientState with queued chunks, round robin
+        self._queued_chunks = 0
+        self._live_slots = 0            # worker processes of all registered nodes
+        self._leases = {}               # token -> Chunk
+        self._blobs = {}                # key -> bytes
+        self._blob_owners = {}          # key -> set of client ids
+        self._tokens = itertools.count(1)
+        self._client_ids = itertools.count(1)
+        self._node_serials = itertools.count(1)
+        self.closed = False
+        self._told_shutdown = set()     # nodes that received CMD_SHUTDOWN
+        self._all_told = threading.Condition(self._lock)
+
+    # --- clients ------------------------------------------------------------------
+
+    def open_client(self, info: dict) -> int:
+        with self._lock:
+            self._check_open()
+            client_id = next(self._client_ids)
+            self._clients[client_id] = ClientState(client_id, info, self._lock)
+            log.info("client %d connected from %s (pid %s)", client_id,
+                     info.get("hostname"), info.get("pid"))
+            return client_id
+
+    def close_client(self, client_id: int) -> None:
+        with self._lock:
+            client = self._clients.get(client_id)
+            if client is not None:
+                self._drop_client(client, "closed its session")
+
+    def touch(self, client_id: int) -> None:
+        with self._lock:
+            self._client(client_id).last_seen = time.monotonic()
+
+    def put_blobs(self, client_id: int, blobs) -> None:
+        """Store ``[(key, bytes)]``; kept while any client that put them is connected."""
+        with self._lock:
+            client = self._client(client_id)
+            for key, data in blobs:
+                self._blobs.setdefault(key, data)
+                self._blob_owners.setdefault(key, set()).add(client_id)
+                client.blob_keys.add(key)
+
+    def missing_blobs(self, keys) -> list:
+        with self._lock:
+            return [key for key in keys if key not in self._blobs]
+
+    def get_blob(self, key: str) -> bytes:
+        with self._lock:
+            try:
+                return self._blobs[key]
+            except KeyError:
+                raise MinicwError("the master holds no blob %s; its client has gone away"
+                                  % key) from None
+
+    def submit(self, client_id: int, specs) -> None:
+        """Queue chunks: ``specs`` is a list of protocol ChunkSpec tuples."""
+        with self._lock:
+            self._check_open()
+            client = self._client(client_id)
+            client.last_seen = time.monotonic()
+            for spec in specs:
+                chunk = Chunk(client, spec)
+                missing = [key for key in chunk.func_keys if key not in self._blobs]
+                if missing:
+                    raise MinicwError("chunk %r names function blobs the master does not "
+                                      "hold: %s" % (chunk.chunk_id, ", ".join(missing)))
+                client.chunks[chunk.chunk_id] = chunk
+                client.queue.append(chunk)
+                client.queued_jobs += len(chunk.selection)
+            self._queued_chunks += len(specs)
+            self._enter_rotation(client, front=False)
+            self._work_queued.notify(len(specs))
+
+    def fetch(self, client_id: int, timeout_s: float) -> list:
+        """Deliveries for this client, waiting up to ``timeout_s`` for the first."""
+        with self._lock:
+            client = self._client(client_id)
+            client.last_seen = time.monotonic()
+            if not client.deliveries and timeout_s > 0 and not self.closed:
+                client.has_deliveries.wait(timeout_s)
+                client = self._client(client_id)  # it may have been dropped meanwhile
+                client.last_seen = time.monotonic()
+            if not client.deliveries:
+                self._check_open()
+                return []
+            count = min(len(client.deliveries), MAX_DELIVERIES_PER_FETCH)
+            return [client.deliveries.popleft() for _ in range(count)]
+
+    def cancel(self, client_id: int, chunk_id: int, indices=None) -> list:
+        """Remove still-queued jobs of a chunk (all when ``indices`` is None).
+
+        Returns the indices that were cancelled; jobs already leased to a
+        worker are not touched and not returned.
+        """
+        with self._lock:
+            client = self._client(client_id)
+            chunk = client.chunks.get(chunk_id)
+            if chunk is None or chunk.token:
+                return []
+            if indices is None:
+                cancelled = list(chunk.selection)
+                chunk.selection = ()
+            else:
+                wanted = set(indices)
+                cancelled = [i for i in chunk.selection if i in wanted]
+                chunk.selection = tuple(i for i in chunk.selection if i not in wanted)
+            client.queued_jobs -= len(cancelled)
+            if not chunk.selection:
+                # It stays in the queue and is skipped when its turn comes.
+                del client.chunks[chunk_id]
+                self._queued_chunks -= 1
+            return cancelled
+
+    # --- worker nodes -----------------------------------------------------------------
+
+    def register_node(self, info: dict) -> str:
+        with self._lock:
+            self._check_open()
+            node_id = "%s:%s#%d" % (info["hostname"], info["pid"], next(self._node_serials))
+            self._nodes[node_id] = NodeState(node_id, info, self._lock)
+            self._live_slots += info["nprocs"]
+            log.info("node %s joined with %d processes (Python %s)", node_id,
+                     info["nprocs"], info.get("python"))
+            self._work_queued.notify_all()
+            return node_id
+
+    def unregister_node(self, node_id: str) -> None:
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is not None:
+                self._drop_node(node, "left")
+
+    def poll(self, node_id: str, timeout_s: float) -> list:
+        """A node's heartbeat: wait up to ``timeout_s`` for commands and return them."""
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return [(protocol.CMD_REREGISTER,)]
+            node.last_seen = time.monotonic()
+            if not node.commands and not self.closed:
+                node.has_commands.wait(timeout_s)
+            node.last_seen = time.monotonic()
+            if self.closed:
+                self._told_shutdown.add(node_id)
+                self._all_told.notify_all()
+                return [(protocol.CMD_SHUTDOWN,)]
+            if self._nodes.get(node_id) is not node:
+                return [(protocol.CMD_REREGISTER,)]
+            commands, node.commands = node.commands, []
+            return commands
+
+    def process_ended(self, node_id: str, slot: int, token: int, position: int,
+                      reason: str, exit_description: str) -> None:
+        """A node's worker process ended; settle every lease it held.
+
+        ``token``/``position`` say which job it was running (0/-1: none known).
+        """
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None:
+                return
+            held = node.tokens_by_slot.get(slot, set())
+            node.tokens_by_slot[slot] = set()
+            node.revoked_by_slot.pop(slot, None)
+            for held_token in sorted(held):
+                chunk = self._leases.get(held_token)
+                if chunk is None:
+                    continue
+                if held_token == token:
+                    self._end_lease(chunk, max(position, chunk.done), reason, exit_description)
+                else:
+                    self._end_lease(chunk, None, reason, exit_description)
+            self._work_queued.notify_all()
+
+    # --- worker processes -----------------------------------------------------------
+
+    def exchange(self, node_id: str, slot: int, reports, want: int, timeout_s: float):
+        """Take a process's reports, then lease it up to ``want`` chunks.
+
+        Waits up to ``timeout_s`` when nothing is queued.  Returns ``(leases,
+        revoked_tokens)``, or None when the process must stop (its node is not
+        registered any more, or the master is closing).
+        """
+        with self._lock:
+            node = self._nodes.get(node_id)
+            if node is None or self.closed or slot not in node.tokens_by_slot:
+                return None
+            for report in reports:
+                self._accept_report(node, slot, report)
+            leases = self._lease(node, slot, want) if want > 0 else []
+            if not leases and want > 0 and timeout_s > 0:
+                deadline = time.monotonic() + timeout_s
+                while not leases:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._work_queued.wait(remaining)
+                    if self.closed or self._nodes.get(node_id) is not node:
+                        return None
+                    leases = self._lease(node, slot, want)
+            revoked = node.revoked_by_slot.pop(slot, ())
+            return leases, tuple(revoked)
+
+    # --- state changes -------------------------------------------------------------------
+
+    def _lease(self, node: NodeState, slot: int, want: int) -> list:
+        # Hand out at most a fair share of what is queued, so one process's
+        # prefetch cannot leave another idle at the end of a run.
+        share = max(1, math.ceil(self._queued_chunks / max(1, self._live_slots)))
+        leases = []
+        while len(leases) < min(want, share) and self._rotation:
+            client = self._rotation.popleft()
+            chunk = client.queue.popleft()
+            if client.queue:
+                self._rotation.append(client)
+            else:
+                client.in_rotation = False
+            if not chunk.selection:
+                continue  # cancelled while queued; already uncounted
+            self._queued_chunks -= 1
+            chunk.token = next(self._tokens)
+            chunk.holder = (node, slot)
+            chunk.done = 0
+            self._leases[chunk.token] = chunk
+            node.tokens_by_slot[slot].add(chunk.token)
+            jobs = len(chunk.selection)
+            client.queued_jobs -= jobs
+            client.running_jobs += jobs
+            leases.append((chunk.token, client.client_id, chunk.chunk_id, chunk.func_keys,
+                           chunk.payload, chunk.selection, chunk.timeout_s))
+        return leases
+
+    def _accept_report(self, node: NodeState, slot: int, report) -> None:
+        token, start, count, results = report
+        chunk = self._leases.get(token)
+        if chunk is None or chunk.holder != (node, slot) or start != chunk.done:
+            return  # outdated lease: the jobs were handed out again or dropped
+        indices = chunk.selection[start:start + count]
+        chunk.done += count
+        client = chunk.client
+        client.running_jobs -= count
+        client.done_jobs += count
+        node.jobs_done += count
+        self._deliver(client, (chunk.chunk_id, indices, results, None))
+        if chunk.done >= len(chunk.selection):
+            self._release(chunk)
+            del client.chunks[chunk.chunk_id]
+
+    def _end_lease(self, chunk: Chunk, culprit_position, reason: str, exit_description: str):
+        """LEASED -> QUEUED / RETRIED / FAILED for a lease whose process ended.
+
+        ``culprit_position`` is the position that was running, or None when
+        the process never started this chunk (its jobs go back uncharged).
+        """
+        self._release(chunk)
+        client = chunk.client
+        remaining = chunk.selection[chunk.done:]
+        client.running_jobs -= len(remaining)
+        if culprit_position is None or culprit_position >= len(chunk.selection):
+            self._requeue(chunk, remaining)
+            return
+        culprit = chunk.selection[culprit_position]
+        others = tuple(i for i in remaining if i != culprit)
+        failure = None
+        if reason == protocol.END_TIMED_OUT:
+            failure = (protocol.FAIL_TIMEOUT, chunk.timeout_s)
+        elif reason == protocol.END_KILLED:
+            failure = (protocol.FAIL_CANCELLED, "killed on request while running")
+        else:
+            if chunk.crashes is None:
+                chunk.crashes = {}
+            attempts = chunk.crashes.get(culprit, 0) + 1
+            chunk.crashes[culprit] = attempts
+            if attempts > chunk.max_retries:
+                failure = (protocol.FAIL_CRASHED, (exit_description, attempts))
+            else:
+                log.info("job %s/%s crashed its process (%s); retry %d of %d",
+                         chunk.chunk_id, culprit, exit_description, attempts, chunk.max_retries)
+        if failure is None:
+            self._requeue(chunk, (culprit,) + others)  # the suspect first, alone at risk
+            return
+        client.failed_jobs += 1
+        self._deliver(client, (chunk.chunk_id, (culprit,), None, failure))
+        self._requeue(chunk, others)
+
+    def _requeue(self, chunk: Chunk, selection) -> None:
+        client = chunk.client
+        if not selection:
+            client.chunks.pop(chunk.chunk_id, None)
+            return
+        chunk.selection = selection
+        chunk.token = 0
+        chunk.holder = None
+        chunk.done = 0
+        client.queue.appendleft(chunk)
+        client.queued_jobs += len(selection)
+        self._queued_chunks += 1
+        self._enter_rotation(client, front=True)
+        self._work_queued.notify()
+
+    def _release(self, chunk: Chunk) -> None:
+        """Forget the chunk's current lease."""
+        self._leases.pop(chunk.token, None)
+        if chunk.holder is not None:
+            node, slot = chunk.holder
+            node.tokens_by_slot.get(slot, set()).discard(chunk.token)
+        chunk.token = 0
+        chunk.holder = None
+
+    def _enter_rotation(self, client: ClientState, front: bool) -> None:
+        if client.in_rotation:
+            return
+        client.in_rotation = True
+        if front:
+            self._rotation.appendleft(client)
+        else:
+            self._rotation.append(client)
+
+    def _deliver(self, client: ClientState, delivery) -> None:
+        client.deliveries.append(delivery)
+        client.has_deliveries.notify()
+
+    def _drop_client(self, client: ClientState, why: str) -> None:
+        del self._clients[client.client_id]
+        if client.in_rotation:
+            self._rotation.remove(client)
+        for chunk in client.queue:
+            if chunk.selection:
+                self._queued_chunks -= 1
+        for chunk in list(client.chunks.values()):
+            if chunk.token:
+                node, slot = chunk.holder
+                node.revoked_by_slot.setdefault(slot, set()).add(chunk.token)
+                self._release(chunk)
+        for key in client.blob_keys:
+            owners = self._blob_owners.get(key)
+            if owners is not None:
+                owners.discard(client.client_id)
+                if not owners:
+                    del self._blob_owners[key]
+                    self._blobs.pop(key, None)
+        client.has_deliveries.notify_all()
+        log.info("client %d %s; %d queued and %d running jobs dropped", client.client_id,
+                 why, client.queued_jobs, client.running_jobs)
+
+    def _drop_node(self, node: NodeState, why: str) -> None:
+        del self._nodes[node.node_id]
+        self._live_slots -= len(node.tokens_by_slot)
+        requeued = 0
+        for slot, tokens in node.tokens_by_slot.items():
+            for token in sorted(tokens):
+                chunk = self._leases.get(token)
+                if chunk is not None:
+                    requeued += len(chunk.selection) - chunk.done
+                    self._end_lease(chunk, None, protocol.END_DIED, why)
+        node.has_commands.notify_all()
+        self._work_queued.notify_all()
+        level = logging.INFO if why == "left" else logging.WARNING
+        log.log(level, "node %s %s; %d leased jobs queued again", node.node_id, why, requeued)
+
+    # --- liveness and shutdown ---------------------------------------------------------
+
+    def expire(self) -> None:
+        """Drop nodes and clients silent for longer than the heartbeat timeout."""
+        with self._lock:
+            limit = time.monotonic() - self.heartbeat_timeout_s
+            for node in [n for n in self._nodes.values() if n.last_seen < limit]:
+                self._drop_node(node, "missed its heartbeats for %gs" % self.heartbeat_timeout_s)
+            for client in [c for c in self._clients.values() if c.last_seen < limit]:
+                self._drop_client(client, "went silent for %gs" % self.heartbeat_timeout_s)
+
+    def close(self) -> None:
+        """Refuse new work and wake every waiting peer with the news."""
+        with self._lock:
+            self.closed = True
+            self._work_queued.notify_all()
+            for node in self._nodes.values():
+                node.has_commands.notify_all()
+            for client in self._clients.values():
+                client.has_deliveries.notify_all()
+
+    def wait_nodes_told(self, timeout_s: float) -> bool:
+        """After close(): wait until every node has received CMD_SHUTDOWN."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while not set(self._nodes) <= self._told_shutdown:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._all_told.wait(remaining)
+            return True
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClusterShutdownError("the master is shutting down")
+
+    def _client(self, client_id: int) -> ClientState:
+        client = self._clients.get(client_id)
+        if client is None:
+            self._check_open()
+            raise SessionExpiredError(
+                "the master does not know client %d: it closed the session or "
+                "heard nothing from it for %gs" % (client_id, self.heartbeat_timeout_s))
+        return client
+
+    # --- views ---------------------------------------------------------------------------
+
+    def list_nodes(self) -> list:
+        """One record per live worker node."""
+        with self._lock:
+            return [self._node_record(node) for node in self._nodes.values()]
+
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                "nodes": [self._node_record(node) for node in self._nodes.values()],
+                "clients": [{
+                    "client_id": c.client_id, "hostname": c.info.get("hostname"),
+                    "pid": c.info.get("pid"), "queued": c.queued_jobs,
+                    "running": c.running_jobs, "done": c.done_jobs, "failed": c.failed_jobs,
+                } for c in self._clients.values()],
+                "queued_chunks": self._queued_chunks,
+                "leased_chunks": len(self._leases),
+                "blobs": len(self._blobs),
+            }
+
+    @staticmethod
+    def _node_record(node: NodeState) -> dict:
+        info = node.info
+        busy = node.busy_processes
+        return {"node_id": node.node_id, "hostname": info["hostname"], "pid": info["pid"],
+                "nprocs": info["nprocs"], "python": info.get("python"),
+                "busy": busy > 0, "busy_processes": busy, "jobs_done": node.jobs_done}

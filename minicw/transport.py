@@ -1,0 +1,264 @@
+"""Connections to the master: a hardened ``BaseManager`` transport.
+
+Every minicw peer (client, worker node, worker process) talks to the master
+through ``multiprocessing.managers`` proxies, over TCP::
+
+    peer process                                   master process
+    ------------                                   --------------
+    connect()  --TCP connect (timeout)--------->   _Listener.accept()   (accepter thread)
+               <--challenge / answer / challenge->   _Server.handle_request()
+               (both sides prove the authkey,        (its own thread, under a receive
+                under a receive timeout)              timeout, so a silent or garbage
+                                                      peer costs one thread briefly)
+    proxy.method(args)  --(ident, name, args)--->   Server.serve_client -> api.method
+                        <--('#RETURN', value)----   or ('#ERROR', exc): the exception
+                                                    keeps its type on the caller side
+
+Three things differ from the standard library's defaults, and this module is
+the only place that knows:
+
+* TCP_NODELAY on both ends.  Manager messages over about 16 KB go out as a
+  header and a body; without it Nagle's algorithm meets the peer's delayed ACK
+  and every such call waits ~40 ms.
+* The authkey handshake runs under a receive timeout on both ends, so a peer
+  that connects and says nothing (or garbage) is dropped with a log line
+  instead of holding a thread forever, and a client that reached something
+  that is not a minicw master fails fast.
+* Connection failures become the errors of ``minicw.errors`` that say which
+  host and port and what went wrong: unknown host, nothing listening, wrong
+  key, silent peer.
+
+The transport registers itself in ``multiprocessing.managers.listener_client``
+under the serializer name ``"minicw"``; managers created with that name use
+it for their listener and for every proxy connection.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import sys
+import threading
+from multiprocessing import connection, managers
+from multiprocessing import AuthenticationError
+
+from minicw import config
+from minicw.errors import (
+    AuthkeyMismatchError, HandshakeTimeoutError, MasterConnectionError,
+    MasterHostUnknownError, MasterNotListeningError,
+)
+
+log = logging.getLogger(__name__)
+
+SERIALIZER = "minicw"
+
+
+def as_authkey(key) -> bytes:
+    """The authkey as bytes; ``str`` keys are UTF-8 encoded."""
+    if isinstance(key, str):
+        return key.encode("utf-8")
+    if isinstance(key, (bytes, bytearray)):
+        return bytes(key)
+    raise TypeError("authkey must be str or bytes, not %s" % type(key).__name__)
+
+
+def format_address(address) -> str:
+    host, port = address
+    return "%s:%s" % (host, port)
+
+
+# --- socket options ---------------------------------------------------------------
+
+def _with_socket(conn: connection.Connection, apply) -> None:
+    """Run ``apply(sock)`` on the socket behind ``conn`` without taking ownership."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        apply(sock)
+    finally:
+        sock.detach()
+
+
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    # SO_RCVTIMEO makes a blocking read give up; Connection's plain reads then
+    # raise an OSError.  Zero restores "wait forever" for the serving phase.
+    if sys.platform == "win32":  # a DWORD of milliseconds there, a timeval elsewhere
+        value = struct.pack("L", int(seconds * 1000))
+    else:
+        whole = int(seconds)
+        value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+
+
+def tune(conn: connection.Connection, receive_timeout_s: float = 0.0) -> None:
+    """Set TCP_NODELAY and a receive timeout (0 = none) on a connection's socket."""
+    def apply(sock):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            _set_receive_timeout(sock, receive_timeout_s)
+        except OSError:  # pragma: no cover - platforms without SO_RCVTIMEO as a timeval
+            pass
+    try:
+        _with_socket(conn, apply)
+    except OSError:  # pragma: no cover - not a TCP socket (e.g. a pipe)
+        pass
+
+
+# --- client side ------------------------------------------------------------------
+
+def connect(address, authkey: bytes, connect_timeout_s: float = config.CONNECT_TIMEOUT_S,
+            handshake_timeout_s: float = config.HANDSHAKE_TIMEOUT_S) -> connection.Connection:
+    """Open an authenticated connection to a minicw master at ``address``.
+
+    Raises MasterHostUnknownError, MasterNotListeningError, AuthkeyMismatchError
+    or HandshakeTimeoutError, each naming host and port.
+    """
+    host, port = address
+    where = format_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=connect_timeout_s)
+    except socket.gaierror as exc:
+        raise MasterHostUnknownError(
+            "cannot resolve master host %r (port %s): %s; check the host name"
+            % (host, port, exc.strerror or exc), address) from None
+    except ConnectionRefusedError:
+        raise MasterNotListeningError(
+            "nothing is listening at %s: connection refused; is the master "
+            "running, and on this port?" % where, address) from None
+    except socket.timeout:
+        raise MasterNotListeningError(
+            "no answer from %s within %.3gs; check the host, the port and any "
+            "firewall" % (where, connect_timeout_s), address) from None
+    except OSError as exc:
+        raise MasterNotListeningError(
+            "cannot connect to %s: %s" % (where, exc.strerror or exc), address) from None
+    sock.settimeout(None)
+    conn = connection.Connection(sock.detach())
+    tune(conn, receive_timeout_s=handshake_timeout_s)
+    try:
+        connection.answer_challenge(conn, authkey)
+        connection.deliver_challenge(conn, authkey)
+    except AuthenticationError:
+        conn.close()
+        raise AuthkeyMismatchError(
+            "the master at %s rejected our authkey; use the key the master "
+            "printed or was started with" % where, address) from None
+    except (EOFError, OSError, ValueError, AssertionError) as exc:
+        conn.close()
+        if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, EOFError)):
+            raise HandshakeTimeoutError(
+                "the peer at %s accepted the connection but did not complete "
+                "the minicw handshake within %.3gs; is this a minicw master?"
+                % (where, handshake_timeout_s), address) from None
+        raise MasterConnectionError(
+            "the peer at %s closed the connection during the handshake (%s); "
+            "is this a minicw master of a compatible version?"
+            % (where, type(exc).__name__), address) from None
+    tune(conn, receive_timeout_s=0.0)
+    return conn
+
+
+def _manager_client(address, family=None, authkey=None):
+    # The signature multiprocessing.managers expects of a Client factory.
+    return connect(tuple(address), authkey)
+
+
+# --- server side --------------------------------------------------------------------
+
+class _Listener(connection.Listener):
+    """A Listener whose accepted sockets use TCP_NODELAY and a handshake timeout."""
+
+    def accept(self):
+        conn = super().accept()
+        tune(conn, receive_timeout_s=config.HANDSHAKE_TIMEOUT_S)
+        return conn
+
+
+class _Server(managers.Server):
+    """A manager Server that authenticates in the connection's own thread, with a timeout.
+
+    The standard ``handle_request`` already runs per connection, but with no
+    limit on how long a peer may stay silent, and it answers a failed
+    handshake with a traceback.  Here a failed or silent handshake is logged
+    with the peer's address and the connection closed.
+    """
+
+    def __init__(self, registry, address, authkey, serializer):
+        super().__init__(registry, address, authkey, serializer)
+        self.closing = threading.Event()
+
+    def accepter(self):
+        while not self.closing.is_set():
+            try:
+                conn = self.listener.accept()
+            except OSError:
+                if self.closing.is_set():
+                    return
+                continue
+            worker = threading.Thread(target=self.handle_request, args=(conn,),
+                                      name="minicw-conn", daemon=True)
+            worker.start()
+
+    def _authenticate(self, conn) -> bool:
+        try:
+            connection.deliver_challenge(conn, self.authkey)
+            connection.answer_challenge(conn, self.authkey)
+        except AuthenticationError:
+            log.warning("rejected a connection: wrong authkey")
+            return False
+        except (EOFError, OSError, ValueError, AssertionError) as exc:
+            log.info("dropped a connection during the handshake: %s", type(exc).__name__)
+            return False
+        tune(conn, receive_timeout_s=0.0)
+        return True
+
+    def handle_request(self, conn):
+        try:
+            if self._authenticate(conn):
+                self._dispatch_first_request(conn)
+        except SystemExit:  # serve_client() ends a served connection this way
+            pass
+        finally:
+            conn.close()
+
+    def _dispatch_first_request(self, conn) -> None:
+        try:
+            ignored, funcname, args, kwds = conn.recv()
+            if funcname not in self.public:
+                raise ValueError("%r is not a manager request" % (funcname,))
+            func = getattr(self, funcname)
+        except (EOFError, OSError):
+            return
+        except Exception as exc:
+            reply = ("#ERROR", exc)
+        else:
+            try:
+                reply = ("#RETURN", func(conn, *args, **kwds))
+            except Exception as exc:
+                reply = ("#ERROR", exc)
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            pass
+
+    def close(self) -> None:
+        """Stop accepting; connections being served end when their peers go."""
+        self.closing.set()
+        try:
+            self.listener.close()
+        except OSError:
+            pass
+
+
+managers.listener_client.setdefault(SERIALIZER, (_Listener, _manager_client))
+
+
+class Manager(managers.BaseManager):
+    """BaseManager speaking the minicw transport; subclasses register typeids."""
+
+    def __init__(self, address, authkey):
+        super().__init__(address=tuple(address), authkey=as_authkey(authkey),
+                         serializer=SERIALIZER)
+
+    def make_server(self) -> _Server:
+        """The server for this manager's registry, bound to its address, not yet serving."""
+        return _Server(self._registry, self._address, self._authkey, self._serializer)
