@@ -21,6 +21,7 @@ import ast
 import importlib
 import importlib.abc
 import importlib.util
+import linecache
 import sys
 import threading
 
@@ -108,6 +109,9 @@ class _EnvirFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module):
         source, label = _sources[module.__name__[len(MODULE_PREFIX):]]
+        # Tracebacks quote source lines through linecache; a source given as
+        # a string has no file, so lend it ours.
+        linecache.cache[label] = (len(source), None, source.splitlines(True), label)
         code = compile(source, label, "exec")
         exec(code, module.__dict__)
 

@@ -90,13 +90,20 @@ def pack_results(values: list, errors: dict | None) -> bytes:
 
 # --- exceptions across the wire ---------------------------------------------------------
 
-def describe_exception(exc: BaseException) -> tuple:
-    """(type name, message, traceback text, pickled exception or None)."""
+def describe_exception(exc: BaseException, skip_frames: int = 0) -> tuple:
+    """(type name, message, traceback text, pickled exception or None).
+
+    ``skip_frames`` leaves minicw's own frames (the caller's) out of the text.
+    """
     exc_type = type(exc)
     type_name = exc_type.__qualname__
     if exc_type.__module__ not in ("builtins", "__main__"):
         type_name = "%s.%s" % (exc_type.__module__, type_name)
-    text = "".join(traceback.format_exception(exc_type, exc, exc.__traceback__))
+    tb = exc.__traceback__
+    for _ in range(skip_frames):
+        if tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+    text = "".join(traceback.format_exception(exc_type, exc, tb))
     try:
         pickled = pickle.dumps(exc, PICKLE_PROTOCOL)
     except Exception:

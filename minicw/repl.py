@@ -86,6 +86,18 @@ class MasterNode:
         self.server_status = "Started"
         log.info("master started at %s", transport.format_address(self._address))
 
+    def connect(self) -> "MasterNode":
+        """Use a master that already runs at (HOST, PORT) instead of starting one.
+
+        ``shutdown()`` then closes only this session; the master keeps running.
+        """
+        if self._session is not None:
+            raise MinicwError("already connected to %s" % transport.format_address(self._address))
+        self._address = (self.HOST or config.DEFAULT_HOST, self.PORT)
+        self._session = client.Session(self._address, self.AUTHKEY)
+        self.server_status = "Connected"
+        return self
+
     def join_as_worker(self, nprocs: int | None = None) -> None:
         """Run a worker node on this machine (in its own process)."""
         if self._worker_process is not None and self._worker_process.alive():

@@ -179,7 +179,7 @@ class Runner:
                 values.append(None)
                 if errors is None:
                     errors = {}
-                errors[position - start] = protocol.describe_exception(exc)
+                errors[position - start] = protocol.describe_exception(exc, skip_frames=1)
             if time.perf_counter() > flush_at and position + 1 < len(selection):
                 self._report(token, start, values, errors)
                 self._exchange(want=0, wait_s=0)

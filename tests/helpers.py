@@ -1,0 +1,89 @@
+"""Process helpers for the tests: start minicw command lines, stop them by PID."""
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+PY = sys.executable
+KEY = "test-key-0123456789abcdefghijklmnop"
+
+
+def env_with_key(key=KEY, **extra):
+    env = dict(os.environ)
+    env["MINICW_AUTHKEY"] = key
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class Proc:
+    """A child process whose stdout lines are collected by a thread."""
+
+    def __init__(self, argv, env=None, stdin=subprocess.DEVNULL):
+        self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      stdin=stdin, env=env, universal_newlines=True)
+        self.pid = self.popen.pid
+        self.out, self.err = [], []
+        self._open_streams = 2
+        self._changed = threading.Condition()
+        for stream, sink in ((self.popen.stdout, self.out), (self.popen.stderr, self.err)):
+            threading.Thread(target=self._pump, args=(stream, sink), daemon=True).start()
+
+    def _pump(self, stream, sink):
+        for line in stream:
+            with self._changed:
+                sink.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._open_streams -= 1
+            self._changed.notify_all()
+
+    def wait_for(self, pattern, timeout=30, stream="out"):
+        """The first match of ``pattern`` in stdout (or stderr); AssertionError on timeout."""
+        sink = self.out if stream == "out" else self.err
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in sink:
+                    match = regex.search(line)
+                    if match:
+                        return match
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._open_streams:
+                    raise AssertionError("no %r in %s of pid %d; out=%r err=%r" % (
+                        pattern, stream, self.pid, self.out[-10:], self.err[-10:]))
+                self._changed.wait(min(remaining, 0.2))
+
+    def wait(self, timeout=30):
+        return self.popen.wait(timeout)
+
+    def stop(self, sig=None, timeout=15):
+        """Signal (default SIGTERM), wait, then SIGKILL; returns the exit code."""
+        if self.popen.poll() is None:
+            if sig is None:
+                self.popen.terminate()
+            else:
+                os.kill(self.pid, sig)
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+
+def start_master(port=0, key=KEY, extra_args=(), env=None):
+    """``python -m minicw.master`` on 127.0.0.1; returns (Proc, port)."""
+    proc = Proc([PY, "-m", "minicw.master", "--host", "127.0.0.1", "--port", str(port)]
+                + list(extra_args), env=env or env_with_key(key))
+    match = proc.wait_for(r"listening on 127\.0\.0\.1:(\d+)")
+    return proc, int(match.group(1))
+
+
+def start_worker(port, nprocs=1, key=KEY, extra_args=(), wait=True):
+    proc = Proc([PY, "-m", "minicw.worker", "127.0.0.1", str(port), "-", "-n", str(nprocs)]
+                + list(extra_args), env=env_with_key(key))
+    if wait:
+        proc.wait_for(r"joined 127\.0\.0\.1:%d" % port)
+    return proc
