@@ -39,6 +39,10 @@ class ChildProcess:
         self.role = role
         env = dict(os.environ)
         env[config.ENV_AUTHKEY] = authkey.decode("utf-8", "surrogateescape")
+        # The child imports the same minicw as this process, installed or not.
+        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.update(extra_env or {})
         self.popen = subprocess.Popen(
             [sys.executable, "-m"] + argv + ["--exit-with-stdin"],

@@ -308,6 +308,10 @@ def _set_class_state(cls: type, state: tuple) -> None:
         getattr(cls, member_name).__dict__.update(member_dict)
 
 
+def _make_method(func: Any, instance: Any) -> types.MethodType:
+    return types.MethodType(func, instance)
+
+
 def _make_mappingproxy(mapping: dict) -> types.MappingProxyType:
     return types.MappingProxyType(mapping)
 
@@ -541,7 +545,7 @@ def _reduce_mappingproxy(pickler: _Pickler, proxy: types.MappingProxyType) -> tu
 
 
 def _reduce_method(pickler: _Pickler, method: types.MethodType) -> tuple:
-    return types.MethodType, (method.__func__, method.__self__)
+    return _make_method, (method.__func__, method.__self__)
 
 
 def _reduce_classmethod(pickler: _Pickler, wrapper: Any) -> tuple:
