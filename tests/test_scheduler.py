@@ -1,0 +1,160 @@
+"""The master's state machine on its own: leases, reports, crashes, cancels, expiry.
+
+No processes here: a Scheduler is driven directly, as the manager's
+connection threads would drive it.
+"""
+import pickle
+
+import pytest
+
+from minicw import protocol
+from minicw.errors import ClusterShutdownError, SessionExpiredError
+from minicw.scheduler import Scheduler
+
+NODE_INFO = {"hostname": "h", "pid": 1, "nprocs": 2, "python": "3"}
+
+
+def make(heartbeat_timeout_s=10.0):
+    scheduler = Scheduler(heartbeat_timeout_s)
+    client = scheduler.open_client({"hostname": "c", "pid": 2})
+    scheduler.put_blobs(client, [("fn", b"blob")])
+    node = scheduler.register_node(dict(NODE_INFO))
+    return scheduler, client, node
+
+
+def spec(chunk_id, n_jobs, max_retries=2, timeout_s=None):
+    return (chunk_id, ("fn",), n_jobs, b"payload", timeout_s, max_retries)
+
+
+def report(lease, start, count, results=b"r"):
+    return (lease[0], start, count, results)
+
+
+def test_lease_report_deliver_exactly_once():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 3)])
+    [lease], revoked = scheduler.exchange(node, 0, [], 1, 0)
+    assert lease[2] == 1 and list(lease[5]) == [0, 1, 2] and revoked == ()
+    scheduler.exchange(node, 0, [report(lease, 0, 2)], 0, 0)
+    scheduler.exchange(node, 0, [report(lease, 0, 2)], 0, 0)  # duplicate: dropped
+    scheduler.exchange(node, 0, [report(lease, 2, 1)], 0, 0)
+    deliveries = scheduler.fetch(client, 0)
+    assert [(d[0], list(d[1])) for d in deliveries] == [(1, [0, 1]), (1, [2])]
+    status = scheduler.status()["clients"][0]
+    assert (status["queued"], status["running"], status["done"]) == (0, 0, 3)
+    assert scheduler.status()["leased_chunks"] == 0
+
+
+def test_round_robin_between_clients():
+    scheduler, first, node = make()
+    second = scheduler.open_client({"hostname": "c2", "pid": 3})
+    scheduler.put_blobs(second, [("fn", b"blob")])
+    scheduler.submit(first, [spec(i, 1) for i in range(1, 101)])
+    scheduler.submit(second, [spec(i, 1) for i in range(1, 4)])
+    order = []
+    for _ in range(6):
+        [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+        order.append(lease[1])
+        scheduler.exchange(node, 0, [report(lease, 0, 1)], 0, 0)
+    assert order == [first, second] * 3
+
+
+def test_lease_share_leaves_work_for_other_processes():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(i, 1) for i in range(1, 5)])
+    leases, _ = scheduler.exchange(node, 0, [], 16, 0)
+    assert len(leases) == 2  # 4 chunks, 2 processes: a fair share each
+    leases, _ = scheduler.exchange(node, 1, [], 16, 0)
+    assert len(leases) == 1 or len(leases) == 2
+
+
+def test_crash_retries_the_running_job_first_then_fails_it():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 4, max_retries=1)])
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    scheduler.exchange(node, 0, [report(lease, 0, 1)], 0, 0)  # job 0 done
+    scheduler.process_ended(node, 0, lease[0], 2, protocol.END_DIED, "killed by signal SIGKILL")
+    [retry], _ = scheduler.exchange(node, 0, [], 1, 0)
+    assert tuple(retry[5]) == (2, 1, 3)  # the suspect first, job 0 not again
+    scheduler.process_ended(node, 0, retry[0], 0, protocol.END_DIED, "exit code 1")
+    [rest], _ = scheduler.exchange(node, 0, [], 1, 0)
+    assert tuple(rest[5]) == (1, 3)
+    deliveries = scheduler.fetch(client, 0)
+    failure = [d for d in deliveries if d[3] is not None]
+    assert failure == [(1, (2,), None, (protocol.FAIL_CRASHED, ("exit code 1", 2)))]
+
+
+def test_timeout_and_kill_fail_only_the_running_job():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 2, timeout_s=0.5), spec(2, 2)])
+    leases, _ = scheduler.exchange(node, 0, [], 2, 0)
+    first = [lease for lease in leases if lease[2] == 1][0]
+    scheduler.process_ended(node, 0, first[0], 1, protocol.END_TIMED_OUT, "killed")
+    deliveries = scheduler.fetch(client, 0)
+    assert deliveries == [(1, (1,), None, (protocol.FAIL_TIMEOUT, 0.5))]
+    # Both chunks are queued again, without charge, minus the failed job.
+    requeued = []
+    while True:
+        got, _ = scheduler.exchange(node, 1, [], 16, 0)
+        if not got:
+            break
+        requeued += [(lease[2], tuple(lease[5])) for lease in got]
+    assert sorted(requeued) == [(1, (0,)), (2, (0, 1))]
+
+
+def test_late_report_after_node_expiry_is_dropped(monkeypatch):
+    scheduler, client, node = make(heartbeat_timeout_s=5)
+    scheduler.submit(client, [spec(1, 1)])
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    clock = [1000.0]
+    monkeypatch.setattr("minicw.scheduler.time.monotonic", lambda: clock[0])
+    scheduler._nodes[node].last_seen = 990.0   # silent for 10 s
+    scheduler._clients[client].last_seen = 999.0  # the client is fine
+    scheduler.expire()
+    assert scheduler.list_nodes() == []
+    # The frozen node wakes up and reports: it is told to stop, nothing is delivered.
+    assert scheduler.exchange(node, 0, [report(lease, 0, 1)], 1, 0) is None
+    assert scheduler.fetch(client, 0) == []
+    assert scheduler.poll(node, 0) == [(protocol.CMD_REREGISTER,)]
+    other = scheduler.register_node(dict(NODE_INFO))
+    [again], _ = scheduler.exchange(other, 0, [], 1, 0)
+    assert again[2] == 1 and again[0] != lease[0]
+
+
+def test_cancel_removes_only_queued_jobs():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 3), spec(2, 2)])
+    leases, _ = scheduler.exchange(node, 0, [], 1, 0)
+    assert scheduler.cancel(client, leases[0][2]) == []  # leased: not cancelled
+    other = 2 if leases[0][2] == 1 else 1
+    assert scheduler.cancel(client, other, [0]) == [0]
+    assert scheduler.cancel(client, other) != []
+    assert scheduler.exchange(node, 1, [], 5, 0) == ([], ())
+    assert scheduler.status()["queued_chunks"] == 0
+
+
+def test_dropped_client_revokes_its_leases_and_frees_blobs():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 2), spec(2, 2)])
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    scheduler.close_client(client)
+    assert scheduler.exchange(node, 0, [report(lease, 0, 2)], 1, 0) == ([], (lease[0],))
+    assert scheduler.missing_blobs(["fn"]) == ["fn"]
+    with pytest.raises(SessionExpiredError, match="does not know client"):
+        scheduler.fetch(client, 0)
+
+
+def test_close_wakes_waiters_and_refuses_work():
+    scheduler, client, node = make()
+    scheduler.close()
+    assert scheduler.exchange(node, 0, [], 1, 5) is None
+    assert scheduler.poll(node, 5) == [(protocol.CMD_SHUTDOWN,)]
+    with pytest.raises(ClusterShutdownError):
+        scheduler.submit(client, [spec(1, 1)])
+    assert scheduler.wait_nodes_told(0.1)
+
+
+def test_unknown_function_blob_is_refused():
+    scheduler, client, node = make()
+    with pytest.raises(Exception, match="function blobs the master does not hold: nope"):
+        scheduler.submit(client, [(1, ("nope",), 1, b"", None, 2)])
