@@ -269,3 +269,43 @@ def _wait_nodes(master, count, timeout=20):
     while len(master.list_workers()) < count:
         assert time.monotonic() < deadline, "worker never registered"
         time.sleep(0.05)
+
+
+ANCESTOR_SCRIPT = '''
+from minicw import MasterNode
+
+your_host = "127.0.0.1"
+your_port = %d
+your_authkey = "ancestor-key"
+
+master = MasterNode(HOST = your_host, PORT = your_port, AUTHKEY = your_authkey)
+master.start_master_server()
+
+envir_statement = """
+from random import random
+example_pi_estimate_throw = lambda x: 1 if (random() * 2 - 1)**2 + (random() * 2 - 1)**2 < 1 else 0
+"""
+master.load_envir(envir_statement, from_file = False)
+master.register_target_function("example_pi_estimate_throw")
+
+N = int(1e5)
+master.load_args(range(N))
+result = master.execute()
+print("Pi is roughly %%f" %% (4.0 * sum([x2 for x1, x2 in result.items()]) / N))
+master.shutdown()
+'''
+
+
+def test_ancestor_usage_runs_unchanged_as_a_script(tmp_path):
+    """The minimalcluster README, module-level code and no __main__ guard."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "ancestor.py"
+    script.write_text(ANCESTOR_SCRIPT % port)
+    done = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    estimate = float(done.stdout.split("roughly")[1])
+    assert abs(estimate - 3.1416) < 0.05
