@@ -63,18 +63,22 @@ the same class.
 The payload header.  Bytecode only runs on the Python that compiled it, so a
 payload that holds anything sent by value starts with a tiny pickle fragment::
 
-    PROTO 5, GLOBAL minicw.serialize._check_python, "CPython 3.11", TUPLE1,
-    REDUCE, POP
+    PROTO 5, GLOBAL minicw.serialize._check_python,
+    "CPython 3.11", "<crc32 of tag and body, 8 hex digits>", TUPLE2, REDUCE, POP
 
-followed by the ordinary pickle stream (which has its own PROTO opcode).  The
-fragment is part of the one pickle, so ``pickle.loads`` of a payload works
-anywhere ``minicw`` is importable, runs the check *before* any code object is
-unmarshalled, and costs one function call and one string comparison.  On a
-mismatch it raises :class:`minicw.errors.IncompatiblePythonError` naming both
-versions.  A payload of plain data (only builtin types, importable classes)
-gets no header: it is byte for byte what ``pickle.dumps`` writes, and plain
-data is version independent.  Each marshalled code object also carries its
-CRC-32, so a corrupted payload is reported instead of running bad bytecode.
+followed by the body, the ordinary pickle stream (which has its own PROTO
+opcode).  The fragment is part of the one pickle, so ``pickle.loads`` of a
+payload works anywhere ``minicw`` is importable and runs the version check
+*before* any code object is unmarshalled: one call, one string comparison.  On
+a mismatch it raises :class:`minicw.errors.IncompatiblePythonError` naming
+both versions.  :func:`loads` also reads the header itself and verifies the
+CRC-32 first, so a truncated or corrupted payload is reported as such and never
+reaches the unpickler (where a flipped byte can turn into an opcode that
+allocates gigabytes, or into bad bytecode).  Each marshalled code object
+carries its own CRC-32 too, which protects plain ``pickle.loads``.  A payload
+of plain data (builtin types, importable classes) gets no header: it is byte
+for byte what ``pickle.dumps`` writes, costs nothing extra on the hot path of
+job arguments, and plain data does not depend on the Python version.
 
 Errors.  A failure to pickle (TypeError/PicklingError raised by pickle or the
 standard library) is re-raised as :class:`SerializationError` naming the
@@ -150,26 +154,58 @@ _STDLIB_DIR = os.path.normcase(sysconfig.get_paths()["stdlib"])
 
 # --- payload header ---------------------------------------------------------
 
-def _header_for(protocol: int) -> bytes:
-    """The pickle fragment that calls ``_check_python(PYTHON_TAG)`` and drops
-    its result; see the module docstring."""
-    tag = PYTHON_TAG.encode("utf-8")
+# The constant part of the header, after its PROTO opcode.
+_HEADER_CALL = b"".join((pickle.GLOBAL, __name__.encode("ascii"), b"\n_check_python\n",
+                         pickle.BINUNICODE))
+_HEADER_TAG = PYTHON_TAG.encode("utf-8")
+_CRC_HEX_LENGTH = 8
+
+
+def _header_for(protocol: int, body: bytes) -> bytes:
+    """The pickle fragment that calls ``_check_python(PYTHON_TAG, crc)`` and
+    drops its result; ``crc`` covers the tag and ``body``."""
+    crc_hex = b"%08x" % binascii.crc32(body, binascii.crc32(_HEADER_TAG))
     return b"".join((
-        pickle.PROTO, bytes((protocol,)),
-        pickle.GLOBAL, __name__.encode("ascii"), b"\n_check_python\n",
-        pickle.BINUNICODE, struct.pack("<I", len(tag)), tag,
-        pickle.TUPLE1, pickle.REDUCE, pickle.POP,
+        pickle.PROTO, bytes((protocol,)), _HEADER_CALL,
+        struct.pack("<I", len(_HEADER_TAG)), _HEADER_TAG,
+        pickle.BINUNICODE, struct.pack("<I", _CRC_HEX_LENGTH), crc_hex,
+        pickle.TUPLE2, pickle.REDUCE, pickle.POP,
     ))
 
 
-_HEADER_BY_PROTOCOL = {protocol: _header_for(protocol)
-                       for protocol in range(2, pickle.HIGHEST_PROTOCOL + 1)}
+def _check_python(payload_python: str, crc_hex: str = "") -> None:
+    """Run first when a payload carrying bytecode is unpickled.
 
-
-def _check_python(payload_python: str) -> None:
-    """Run first when a payload carrying bytecode is loaded."""
+    The checksum cannot be verified here (pickle does not expose the rest of
+    the stream); :func:`loads` verifies it before unpickling.
+    """
     if payload_python != PYTHON_TAG:
         raise IncompatiblePythonError(payload_python, PYTHON_TAG)
+
+
+def _verify_header(data: bytes | bytearray | memoryview) -> None:
+    """If ``data`` starts with a header, check its checksum, then its version.
+
+    The checksum comes first so that a corrupted tag reads as corruption, not
+    as another Python; and it guards the unpickler against malformed streams
+    (a flipped byte can become an opcode that allocates gigabytes).
+    """
+    call_end = 2 + len(_HEADER_CALL)
+    if data[2:call_end] != _HEADER_CALL:
+        return
+    try:
+        (tag_length,) = struct.unpack_from("<I", data, call_end)
+        tag_end = call_end + 4 + tag_length
+        tag = bytes(data[call_end + 4:tag_end])
+        crc_start = tag_end + 5
+        crc_hex = bytes(data[crc_start:crc_start + _CRC_HEX_LENGTH])
+        expected_crc = int(crc_hex, 16)
+    except (struct.error, ValueError) as exc:
+        raise SerializationError("payload is corrupted: unreadable header") from exc
+    body_start = crc_start + _CRC_HEX_LENGTH + 3  # TUPLE2, REDUCE, POP
+    if binascii.crc32(memoryview(data)[body_start:], binascii.crc32(tag)) != expected_crc:
+        raise SerializationError("payload is truncated or corrupted: checksum mismatch")
+    _check_python(tag.decode("utf-8", "replace"))
 
 
 # --- reconstruction functions (called by pickle on the receiving side) ------
@@ -618,9 +654,10 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
         if _raised_by_user_code(exc):
             raise
         raise _explain_failure(obj, protocol, exc) from exc
+    body = buffer.getvalue()
     if pickler.wrote_by_value:
-        return _HEADER_BY_PROTOCOL[protocol] + buffer.getvalue()
-    return buffer.getvalue()
+        return _header_for(protocol, body) + body
+    return body
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
@@ -631,6 +668,7 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     truncated, corrupted or refers to something not importable here.
     """
     try:
+        _verify_header(data)
         return pickle.loads(data)
     except SerializationError:
         raise
@@ -648,17 +686,8 @@ def dump(obj: Any, file: BinaryIO, protocol: int | None = None) -> None:
 
 
 def load(file: BinaryIO) -> Any:
-    """Read one :func:`dump` payload from the binary file ``file``."""
-    try:
-        return pickle.load(file)
-    except SerializationError:
-        raise
-    except _MALFORMED_PAYLOAD_ERRORS as exc:
-        raise SerializationError("cannot load payload: it is truncated or corrupted "
-                                 "(%s: %s)" % (type(exc).__name__, exc)) from exc
-    except (ImportError, AttributeError) as exc:
-        raise SerializationError("cannot load payload: it refers to something not "
-                                 "importable here (%s: %s)" % (type(exc).__name__, exc)) from exc
+    """Read a :func:`dump` payload from the binary file ``file`` (to its end)."""
+    return loads(file.read())
 
 
 # --- explaining failures ----------------------------------------------------
