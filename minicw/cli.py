@@ -35,6 +35,13 @@ def _split_master(text: str):
     return (host or config.DEFAULT_HOST), int(port)
 
 
+def _add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="warning",
+                        help="debug, info, warning (default) or error")
+    # Used by launch.py: end when the parent closes our stdin.
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+
+
 # --- master ---------------------------------------------------------------------
 
 def read_authkey(explicit: str | None, key_file: str | None) -> tuple[str | None, str]:
@@ -69,8 +76,7 @@ def master_parser() -> argparse.ArgumentParser:
                         help="declare a silent worker node or client dead after this "
                         "long (default: $%s or %g)" % (config.ENV_HEARTBEAT_TIMEOUT_S,
                                                        config.DEFAULT_HEARTBEAT_TIMEOUT_S))
-    parser.add_argument("--log-level", default="warning")
-    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    _add_common_options(parser)
     return parser
 
 
@@ -138,8 +144,7 @@ def worker_parser() -> argparse.ArgumentParser:
                         choices=("spawn", "forkserver", "fork"))
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit when the master is lost instead of waiting for it")
-    parser.add_argument("--log-level", default="warning")
-    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+    _add_common_options(parser)
     return parser
 
 

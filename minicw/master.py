@@ -25,11 +25,18 @@ import logging
 import threading
 
 from minicw import config, protocol, transport
+from minicw.errors import ProtocolVersionError
 from minicw.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 1.0  # how long shutdown waits for every node to hear about it
+
+
+def _check_protocol(info: dict, role: str) -> None:
+    if info.get("protocol") != protocol.PROTOCOL_VERSION:
+        raise ProtocolVersionError("%s speaks minicw protocol %s, this master speaks %s"
+                                   % (role, info.get("protocol"), protocol.PROTOCOL_VERSION))
 
 
 class ClientAPI:
@@ -39,11 +46,7 @@ class ClientAPI:
         self._scheduler = scheduler
 
     def hello(self, info: dict):
-        if info.get("protocol") != protocol.PROTOCOL_VERSION:
-            from minicw.errors import ProtocolVersionError
-            raise ProtocolVersionError(
-                "client speaks minicw protocol %s, this master speaks %s"
-                % (info.get("protocol"), protocol.PROTOCOL_VERSION))
+        _check_protocol(info, "client")
         client_id = self._scheduler.open_client(info)
         return client_id, {"protocol": protocol.PROTOCOL_VERSION,
                            "heartbeat_timeout_s": self._scheduler.heartbeat_timeout_s}
@@ -83,11 +86,7 @@ class NodeAPI:
         self._scheduler = scheduler
 
     def register(self, info: dict):
-        if info.get("protocol") != protocol.PROTOCOL_VERSION:
-            from minicw.errors import ProtocolVersionError
-            raise ProtocolVersionError(
-                "worker node speaks minicw protocol %s, this master speaks %s"
-                % (info.get("protocol"), protocol.PROTOCOL_VERSION))
+        _check_protocol(info, "worker node")
         node_id = self._scheduler.register_node(info)
         return node_id, self._scheduler.heartbeat_timeout_s
 

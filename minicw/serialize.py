@@ -415,8 +415,9 @@ def _referenced_submodules(module: types.ModuleType, names: set) -> list:
 class _Pickler(pickle.Pickler):
     """C pickler that sends dynamic functions, classes and code by value.
 
-    One instance per ``dumps`` call; attributes set lazily so that plain data
-    pays nothing for them.
+    Per-payload attributes are class-level defaults overridden on first use,
+    so that plain data pays nothing for them; ``_give_back_pickler`` resets
+    them before the pickler is reused.
     """
 
     wrote_by_value = False
@@ -645,9 +646,8 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
     path when something in ``obj`` cannot be serialized; exceptions raised by
     the user's own ``__reduce__``/``__getstate__`` propagate unchanged.
     """
-    protocol = _resolve_protocol(protocol)
-    buffer = io.BytesIO()
-    pickler = _Pickler(buffer, protocol)
+    protocol = DEFAULT_PROTOCOL if protocol is None else _resolve_protocol(protocol)
+    pickler, buffer = _take_pickler(protocol)
     try:
         pickler.dump(obj)
     except (TypeError, pickle.PicklingError) as exc:
@@ -655,9 +655,37 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
             raise
         raise _explain_failure(obj, protocol, exc) from exc
     body = buffer.getvalue()
-    if pickler.wrote_by_value:
+    wrote_by_value = pickler.wrote_by_value
+    _give_back_pickler(pickler, buffer, protocol)
+    if wrote_by_value:
         return _header_for(protocol, body) + body
     return body
+
+
+# Creating a C pickler and its buffer costs about as much as pickling a small
+# dict, so each thread keeps one idle pickler for the next dumps.  It is taken
+# out while in use: a dumps nested in a __reduce__ gets a fresh one.  After an
+# error the pickler is dropped, not reused.
+_idle_pickler = threading.local()
+
+
+def _take_pickler(protocol: int) -> tuple:
+    idle = getattr(_idle_pickler, "entry", None)
+    if idle is not None and idle[2] == protocol:
+        _idle_pickler.entry = None
+        return idle[0], idle[1]
+    buffer = io.BytesIO()
+    return _Pickler(buffer, protocol), buffer
+
+
+def _give_back_pickler(pickler: _Pickler, buffer: io.BytesIO, protocol: int) -> None:
+    pickler.clear_memo()  # also drops references to the user's objects
+    if pickler.wrote_by_value:
+        pickler.wrote_by_value = False
+        pickler._base_globals_by_id = None
+    buffer.seek(0)
+    buffer.truncate()
+    _idle_pickler.entry = (pickler, buffer, protocol)
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
@@ -668,7 +696,8 @@ def loads(data: bytes | bytearray | memoryview) -> Any:
     truncated, corrupted or refers to something not importable here.
     """
     try:
-        _verify_header(data)
+        if data[2:3] == b"c":  # GLOBAL right after PROTO: maybe our header
+            _verify_header(data)
         return pickle.loads(data)
     except SerializationError:
         raise
