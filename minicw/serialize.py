@@ -416,12 +416,21 @@ class _Pickler(pickle.Pickler):
     """C pickler that sends dynamic functions, classes and code by value.
 
     Per-payload attributes are class-level defaults overridden on first use,
-    so that plain data pays nothing for them; ``_give_back_pickler`` resets
+    so that plain data pays nothing for them; ``reset_payload_state`` restores
     them before the pickler is reused.
     """
 
     wrote_by_value = False
     _base_globals_by_id = None
+
+    def __init__(self, buffer: io.BytesIO, protocol: int):
+        super().__init__(buffer, protocol)
+        self.buffer = buffer
+
+    def reset_payload_state(self) -> None:
+        """Forget what the last payload set, before this pickler is reused."""
+        del self.wrote_by_value
+        self._base_globals_by_id = None
 
     def reducer_override(self, obj: Any) -> Any:
         reducer = _REDUCER_BY_TYPE.get(type(obj))
@@ -647,45 +656,34 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
     the user's own ``__reduce__``/``__getstate__`` propagate unchanged.
     """
     protocol = DEFAULT_PROTOCOL if protocol is None else _resolve_protocol(protocol)
-    pickler, buffer = _take_pickler(protocol)
+    idle_picklers = _idle_picklers.__dict__  # this thread's, by protocol
+    pickler = idle_picklers.pop(protocol, None)
+    if pickler is None:
+        pickler = _Pickler(io.BytesIO(), protocol)
     try:
         pickler.dump(obj)
     except (TypeError, pickle.PicklingError) as exc:
         if _raised_by_user_code(exc):
             raise
         raise _explain_failure(obj, protocol, exc) from exc
+    buffer = pickler.buffer
     body = buffer.getvalue()
-    wrote_by_value = pickler.wrote_by_value
-    _give_back_pickler(pickler, buffer, protocol)
-    if wrote_by_value:
+    pickler.clear_memo()  # also drops references to the user's objects
+    buffer.seek(0)
+    buffer.truncate()
+    if pickler.wrote_by_value:
+        pickler.reset_payload_state()
+        idle_picklers[protocol] = pickler
         return _header_for(protocol, body) + body
+    idle_picklers[protocol] = pickler
     return body
 
 
 # Creating a C pickler and its buffer costs about as much as pickling a small
-# dict, so each thread keeps one idle pickler for the next dumps.  It is taken
-# out while in use: a dumps nested in a __reduce__ gets a fresh one.  After an
-# error the pickler is dropped, not reused.
-_idle_pickler = threading.local()
-
-
-def _take_pickler(protocol: int) -> tuple:
-    idle = getattr(_idle_pickler, "entry", None)
-    if idle is not None and idle[2] == protocol:
-        _idle_pickler.entry = None
-        return idle[0], idle[1]
-    buffer = io.BytesIO()
-    return _Pickler(buffer, protocol), buffer
-
-
-def _give_back_pickler(pickler: _Pickler, buffer: io.BytesIO, protocol: int) -> None:
-    pickler.clear_memo()  # also drops references to the user's objects
-    if pickler.wrote_by_value:
-        pickler.wrote_by_value = False
-        pickler._base_globals_by_id = None
-    buffer.seek(0)
-    buffer.truncate()
-    _idle_pickler.entry = (pickler, buffer, protocol)
+# dict, so each thread keeps one idle pickler per protocol for the next dumps.
+# It is taken out while in use (a dumps nested in a __reduce__ gets a fresh
+# one) and dropped after an error.
+_idle_picklers = threading.local()
 
 
 def loads(data: bytes | bytearray | memoryview) -> Any:
