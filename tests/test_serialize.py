@@ -695,3 +695,88 @@ def test_threading_lock_in_arguments_named():
 def test_bad_protocol_rejected():
     with pytest.raises(ValueError):
         serialize.dumps(1, protocol=1)
+
+
+def test_class_is_reused_across_payloads_in_one_worker(pool):
+    main = define_in_main(CLASSES_SOURCE)
+    Child = main["Child"]
+    result = pool.submit(serialize_worker.same_class_across_payloads,
+                         serialize.dumps(Child), serialize.dumps(Child(8))).result(timeout=60)
+    assert result == (True, "child(child:8)")
+
+
+def test_more_class_kinds(pool):
+    main = define_in_main("""
+        import abc
+        import collections
+        import typing
+        Pair = collections.namedtuple("Pair", "left right")
+        class Typed(typing.NamedTuple):
+            a: int
+            b: str = "b"
+        class Shape(abc.ABC):
+            @abc.abstractmethod
+            def area(self): ...
+        class Square(Shape):
+            def __init__(self, side):
+                self.side = side
+            def area(self):
+                return self.side ** 2
+        class JobFailed(Exception):
+            pass
+    """)
+    Pair, Typed, Shape, Square, JobFailed = (main[name] for name in (
+        "Pair", "Typed", "Shape", "Square", "JobFailed"))
+    values = [Pair(1, 2), Typed(3), Square(4), JobFailed("boom")]
+
+    def probe():
+        pair, typed, square, error = values
+        try:
+            Shape()
+            abstract_enforced = False
+        except TypeError:
+            abstract_enforced = True
+        try:
+            raise error
+        except JobFailed as caught:
+            caught_message = str(caught)
+        return (pair.right, tuple(Pair(5, 6)), typed.b, typed._replace(a=9).a, square.area(),
+                isinstance(square, Shape), abstract_enforced, caught_message)
+
+    assert ship(pool, probe) == (2, (5, 6), "b", 9, 16, True, True, "boom")
+
+
+class NestedDumps:
+    """Serializes part of itself with a nested serialize.dumps call."""
+
+    def __init__(self, func):
+        self.func = func
+
+    def __reduce__(self):
+        return serialize.loads, (serialize.dumps(self.func),)
+
+
+def test_nested_dumps_inside_reduce_and_reuse_after_error():
+    offset = 40
+    payload = serialize.dumps([NestedDumps(lambda x: x + offset), lambda: offset])
+    inner, outer = serialize.loads(payload)
+    assert (inner(2), outer()) == (42, 40)
+    with pytest.raises(SerializationError):
+        serialize.dumps([threading.Lock()])
+    assert serialize.loads(serialize.dumps(lambda: offset + 1))() == 41
+    assert serialize.dumps([1, 2]) == pickle.dumps([1, 2], protocol=serialize.DEFAULT_PROTOCOL)
+
+
+def test_concurrent_dumps_from_threads_are_independent():
+    results = {}
+
+    def worker(index):
+        results[index] = [serialize.loads(serialize.dumps(lambda: index * step))()
+                          for step in range(50)]
+
+    threads = [threading.Thread(target=worker, args=(index,)) for index in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {index: [index * step for step in range(50)] for index in range(4)}

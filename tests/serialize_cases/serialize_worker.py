@@ -32,3 +32,10 @@ def load_error(payload: bytes):
 def main_module_names():
     """Names defined in this worker's own __main__ (it must not be the client's)."""
     return sorted(vars(sys.modules["__main__"]))
+
+
+def same_class_across_payloads(class_payload: bytes, instance_payload: bytes):
+    """Load a class and, separately, an instance of it; is it the same class?"""
+    cls = serialize.loads(class_payload)
+    instance = serialize.loads(instance_payload)
+    return type(instance) is cls, instance.describe()
