@@ -113,6 +113,7 @@ import threading
 import types
 import uuid
 import weakref
+import typing
 from typing import Any, BinaryIO, Iterator
 
 from minicw.errors import IncompatiblePythonError, SerializationError
@@ -342,6 +343,12 @@ def _set_class_state(cls: type, state: tuple) -> None:
         setattr(cls, attribute, value)
     for member_name, member_dict in member_attributes:
         getattr(cls, member_name).__dict__.update(member_dict)
+
+
+def _make_typevar(name: str, bound: Any, constraints: tuple, covariant: bool,
+                  contravariant: bool) -> typing.TypeVar:
+    return typing.TypeVar(name, *constraints, bound=bound, covariant=covariant,
+                          contravariant=contravariant)
 
 
 def _make_method(func: Any, instance: Any) -> types.MethodType:
@@ -586,6 +593,20 @@ def _reduce_module(pickler: _Pickler, module: types.ModuleType) -> tuple:
     return _make_dynamic_module, (name, namespace)
 
 
+def _reduce_typevar(pickler: _Pickler, typevar: typing.TypeVar) -> Any:
+    if _is_importable_by_name(typevar):
+        return NotImplemented
+    return _make_typevar, (typevar.__name__, typevar.__bound__, typevar.__constraints__,
+                           typevar.__covariant__, typevar.__contravariant__)
+
+
+def _is_importable_by_name(obj: Any) -> bool:
+    """For objects without a __qualname__ (TypeVar): module attribute __name__."""
+    module_name = getattr(obj, "__module__", None)
+    module = sys.modules.get(module_name) if module_name not in _MAIN_MODULE_NAMES else None
+    return module is not None and getattr(module, obj.__name__, None) is obj
+
+
 def _reduce_mappingproxy(pickler: _Pickler, proxy: types.MappingProxyType) -> tuple:
     return _make_mappingproxy, (dict(proxy),)
 
@@ -631,6 +652,7 @@ _REDUCER_BY_TYPE = {
     staticmethod: _reduce_classmethod,
     property: _reduce_property,
     types.MappingProxyType: _reduce_mappingproxy,
+    typing.TypeVar: _reduce_typevar,
 }
 
 
@@ -787,8 +809,9 @@ def _children(obj: Any, protocol: int) -> Iterator:
     if isinstance(obj, types.FunctionType):
         yield from _function_children(obj)
     elif isinstance(obj, type):
-        for key, value in vars(obj).items():
-            if key not in _CLASS_KEYS_NOT_IN_STATE and not _is_own_slot_descriptor(obj, value):
+        reduced = _reduce_class(_Pickler(io.BytesIO(), protocol), obj)
+        if reduced is not NotImplemented and len(reduced) > 2:
+            for key, value in reduced[2][0]:  # the attributes the state step sets
                 yield "attribute %r of class %r" % (key, obj.__qualname__), value
     elif isinstance(obj, dict):
         for key, value in obj.items():
@@ -832,6 +855,8 @@ def _function_children(func: types.FunctionType) -> Iterator:
         yield "default of keyword-only argument %r of function %r" % (name, qualname), value
     for name, value in func.__dict__.items():
         yield "attribute %r of function %r" % (name, qualname), value
+    for name, value in (func.__annotations__ or {}).items():
+        yield "annotation of %r of function %r" % (name, qualname), value
 
 
 def _instance_children(obj: Any, protocol: int) -> Iterator:

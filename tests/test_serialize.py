@@ -476,6 +476,50 @@ def test_enum_members_keep_identity(pool):
     assert ship(pool, probe) == (True, True, True, "green", ["RED", "GREEN"], 6, 5.97, True)
 
 
+MODERN_TYPES_SOURCE = """
+    import dataclasses, enum, typing
+    class Color(enum.Enum):
+        RED = enum.auto()
+        BLUE = enum.auto()
+        def __str__(self):
+            return "color-" + self.name
+    class Flags(enum.Flag):
+        A = 1
+        B = 2
+        AB = 3
+    T = typing.TypeVar("T")
+    class Box(typing.Generic[T]):
+        def __init__(self, item: T):
+            self.item = item
+"""
+if sys.version_info >= (3, 10):
+    MODERN_TYPES_SOURCE += """
+    @dataclasses.dataclass(slots=True, kw_only=True, order=True)
+    class Record:
+        a: int
+        b: list = dataclasses.field(default_factory=list)
+        def total(self):
+            return self.a + len(self.b)
+    """
+
+
+def test_enum_auto_flags_generics_and_slotted_dataclasses(pool):
+    main = define_in_main(MODERN_TYPES_SOURCE)
+    Color, Flags, Box = main["Color"], main["Flags"], main["Box"]
+    Record = main.get("Record")
+
+    def probe():
+        records = None
+        if Record is not None:
+            records = (Record(a=1) < Record(a=2), Record(a=2, b=[1]).total(),
+                       hasattr(Record(a=1), "__dict__"))
+        return (str(Color.BLUE), Color.BLUE.value, (Flags.A | Flags.B) is Flags.AB,
+                Box(3).item, Box[int].__origin__ is Box, records)
+
+    expected_records = (True, 3, False) if Record is not None else None
+    assert ship(pool, probe) == ("color-BLUE", 2, True, 3, True, expected_records)
+
+
 def test_importable_functions_and_classes_go_by_reference(pool):
     payload = serialize.dumps([os.path.join, collections_ordered_dict()])
     assert payload == pickle.dumps([os.path.join, collections_ordered_dict()],
