@@ -111,9 +111,9 @@ import sys
 import sysconfig
 import threading
 import types
+import typing
 import uuid
 import weakref
-import typing
 from typing import Any, BinaryIO, Iterator
 
 from minicw.errors import IncompatiblePythonError, SerializationError
@@ -150,7 +150,10 @@ _MALFORMED_PAYLOAD_ERRORS = (pickle.UnpicklingError, EOFError, ValueError,
                              IndexError, KeyError, OverflowError, TypeError,
                              struct.error)
 
-_STDLIB_DIR = os.path.normcase(sysconfig.get_paths()["stdlib"])
+# Code outside these directories is the user's own: a TypeError it raises
+# while being pickled is theirs and propagates unchanged.
+_LIBRARY_DIRS = tuple(sorted({os.path.normcase(os.path.abspath(sysconfig.get_paths()[key]))
+                              for key in ("stdlib", "platstdlib", "purelib", "platlib")}))
 
 
 # --- payload header ---------------------------------------------------------
@@ -746,14 +749,15 @@ _THIS_FILE = os.path.normcase(os.path.abspath(__file__))
 
 def _raised_by_user_code(exc: BaseException) -> bool:
     """True if the innermost frame of ``exc`` is neither ours, nor the standard
-    library's, nor C code called straight from ``dumps``."""
+    library's or an installed package's, nor C code called straight from
+    ``dumps`` (whose errors show ``dumps`` itself as innermost frame)."""
     traceback = exc.__traceback__
     if traceback is None:
         return False
     while traceback.tb_next is not None:
         traceback = traceback.tb_next
     filename = os.path.normcase(os.path.abspath(traceback.tb_frame.f_code.co_filename))
-    return filename != _THIS_FILE and not filename.startswith(_STDLIB_DIR)
+    return filename != _THIS_FILE and not filename.startswith(_LIBRARY_DIRS)
 
 
 def _describe(obj: Any) -> str:
@@ -781,6 +785,7 @@ def _explain_failure(root: Any, protocol: int, exc: BaseException) -> Serializat
         logger.debug("could not locate the unpicklable object", exc_info=True)
         culprit, path = root, []
     where = ", in ".join(path) if path else "the object passed to dumps"
+    logger.debug("cannot serialize %s: %s", _describe(culprit), where)
     return SerializationError("cannot serialize %s: %s (%s: %s)"
                               % (_describe(culprit), where, type(exc).__name__, exc))
 
