@@ -29,7 +29,7 @@ import sys
 import threading
 from concurrent.futures import CancelledError
 
-from minicw import config, protocol, transport
+from minicw import config, protocol, serialize, transport
 from minicw.errors import (
     JobTimeoutError, MasterLostError, MinicwError, RemoteError, WorkerCrashedError,
 )
@@ -141,7 +141,7 @@ def decode_delivery(delivery):
     if failure is not None:
         return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
                 for index in indices]
-    values, errors = pickle.loads(results)
+    values, errors = serialize.loads(results)
     if not errors:
         return [(index, True, value) for index, value in zip(indices, values)]
     decoded = []

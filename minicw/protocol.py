@@ -80,12 +80,15 @@ def pack_blob(*fields) -> tuple[str, bytes]:
 
 
 def pack_payload(kind: int, items: list) -> bytes:
-    return pickle.dumps((kind, items), PICKLE_PROTOCOL)
+    """Job arguments; through minicw.serialize, so lambdas and __main__ objects travel too."""
+    from minicw import serialize
+    return serialize.dumps((kind, items), PICKLE_PROTOCOL)
 
 
 def pack_results(values: list, errors: dict | None) -> bytes:
     """Results of consecutive jobs: ``values[i]``, or ``errors[i]`` when job i raised."""
-    return pickle.dumps((values, errors), PICKLE_PROTOCOL)
+    from minicw import serialize
+    return serialize.dumps((values, errors), PICKLE_PROTOCOL)
 
 
 # --- exceptions across the wire ---------------------------------------------------------

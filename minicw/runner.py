@@ -34,7 +34,7 @@ import time
 from collections import deque
 from multiprocessing import connection, parent_process
 
-from minicw import config, envir, protocol
+from minicw import config, envir, protocol, serialize
 from minicw.errors import EnvirError
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class Runner:
         state[STATE_TOKEN] = token
         state[STATE_POSITION] = 0
         try:
-            kind, items = pickle.loads(payload)
+            kind, items = serialize.loads(payload)
             functions = [self._resolve(key) for key in func_keys]
         except BaseException as exc:  # every job of the chunk fails the same way
             description = protocol.describe_exception(exc)
@@ -216,7 +216,6 @@ class Runner:
         kind = blob[0]
         try:
             if kind == protocol.BLOB_CALLABLE:
-                from minicw import serialize
                 return serialize.loads(blob[1])
             if kind == protocol.BLOB_ENVIR_NAME:
                 envir_key, name = blob[1], blob[2]

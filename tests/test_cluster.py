@@ -309,3 +309,12 @@ def test_ancestor_usage_runs_unchanged_as_a_script(tmp_path):
     assert done.returncode == 0, done.stderr
     estimate = float(done.stdout.split("roughly")[1])
     assert abs(estimate - 3.1416) < 0.05
+
+
+def test_args_travel_through_the_closure_serializer(cluster):
+    offset = 10
+    cluster.load_envir("call = lambda pair: pair[0](pair[1])", from_file=False)
+    cluster.register_target_function("call")
+    add = lambda v: v + offset  # noqa: E731 - a closure the workers cannot import
+    cluster.load_args([(add, 1), (add, 2)])
+    assert cluster.execute() == {(add, 1): 11, (add, 2): 12}
