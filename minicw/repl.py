@@ -49,7 +49,7 @@ class MasterNode:
         self._worker_process = None
         self._session = None
         self._address = None
-        self._envir = None           # (key, source, label)
+        self._envir = None           # (key, source blob, label, source text)
         self._target_name = None
         self._args = None
 
@@ -153,7 +153,7 @@ class MasterNode:
             label = "<envir %s>" % protocol.content_key(text.encode("utf-8"))[:8]
         envir.check_syntax(text, label)
         key, blob = envir.make_source_blob(text, label)
-        self._envir = (key, blob, label)
+        self._envir = (key, blob, label, text)
         if self._target_name is not None:
             log.info("environment changed; target function %r will be looked up in it",
                      self._target_name)
@@ -163,8 +163,8 @@ class MasterNode:
         if self._envir is None:
             raise EnvirError("load an environment with load_envir() before registering "
                              "the target function %r" % (fun_name,))
-        key, blob, label = self._envir
-        envir.register(key, pickle_loads_source(blob), label)
+        key, _, label, text = self._envir
+        envir.register(key, text, label)
         envir.lookup(key, fun_name)  # raises EnvirError naming the function
         self._target_name = fun_name
 
@@ -197,17 +197,12 @@ class MasterNode:
         return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries)
 
     def _store_function(self, session: client.Session) -> str:
-        envir_key, source_blob, label = self._envir
+        envir_key, source_blob, _, _ = self._envir
         session.put_blob(envir_key, source_blob)
         func_key, func_blob = protocol.pack_blob(protocol.BLOB_ENVIR_NAME, envir_key,
                                                  self._target_name)
         session.put_blob(func_key, func_blob)
         return func_key
-
-
-def pickle_loads_source(blob: bytes) -> str:
-    import pickle
-    return pickle.loads(blob)[1]
 
 
 def launch_master(host, port, authkey, heartbeat_timeout_s=None):
