@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import pickle
 import socket
 import sys
 import threading

@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import socket
+import sys
 import threading
 import time
 from multiprocessing import connection, get_context
@@ -40,7 +41,7 @@ WATCHDOG_PERIOD_S = 0.1  # how often the supervisor checks job deadlines
 
 
 def python_version() -> str:
-    return "%s %d.%d.%d" % ((platform.python_implementation(),) + tuple(os.sys.version_info[:3]))
+    return "%s %d.%d.%d" % ((platform.python_implementation(),) + tuple(sys.version_info[:3]))
 
 
 def cap_nprocs(nprocs: int | None) -> int:
@@ -288,8 +289,8 @@ class WorkerNode:
                     data = self._blobs[key] = api.get_blob(key)
                 reply = ("blob", key, data)
             except (EOFError, OSError):
-                raise
-            except Exception as exc:
+                raise  # the master is gone: the supervisor's caller handles that
+            except Exception as exc:  # e.g. the blob's client left: tell the process
                 reply = ("error", key, str(exc))
             try:
                 slot.control.send(reply)
@@ -379,6 +380,5 @@ def describe_exit(exitcode) -> str:
 
 
 if __name__ == "__main__":
-    import sys
     from minicw.cli import worker_main
     sys.exit(worker_main())

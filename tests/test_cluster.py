@@ -7,10 +7,9 @@ import textwrap
 
 import pytest
 
-import minicw
 from minicw import MasterNode, LocalCluster, RemoteError
 from minicw.errors import ArgsError, EnvirError, MinicwError
-from tests.helpers import KEY, PY, Proc, env_with_key, start_master, start_worker
+from tests.helpers import KEY, PY, Proc, start_master, start_worker
 
 DOUBLE = "f = lambda x: x * 2"
 
@@ -166,15 +165,19 @@ def test_repl_flow_master_node_and_worker_node_process():
     master.start_master_server(if_join_as_worker=False)
     host, port = master.address
     script = textwrap.dedent("""
+        import threading
         from minicw import WorkerNode
         worker = WorkerNode(%r, %d, "repl-key", nprocs=1)
-        print("joining", flush=True)
+        def announce():
+            if worker.wait_registered(30):
+                print("registered", flush=True)
+        threading.Thread(target=announce, daemon=True).start()
         worker.join_cluster()
     """ % (host, port))
     worker = Proc([PY, "-c", script])
     try:
-        worker.wait_for("joining")
-        _wait_nodes(master, 1)
+        worker.wait_for("registered")
+        assert len(master.list_workers()) == 1
         master.load_envir(DOUBLE, from_file=False)
         master.register_target_function("f")
         master.load_args(list(range(100)))
@@ -261,14 +264,6 @@ def test_local_cluster_cleans_up_when_body_raises():
     for pid in pids:
         with pytest.raises(OSError):
             os.kill(pid, 0)
-
-
-def _wait_nodes(master, count, timeout=20):
-    import time
-    deadline = time.monotonic() + timeout
-    while len(master.list_workers()) < count:
-        assert time.monotonic() < deadline, "worker never registered"
-        time.sleep(0.05)
 
 
 ANCESTOR_SCRIPT = '''

@@ -3,7 +3,6 @@
 No processes here: a Scheduler is driven directly, as the manager's
 connection threads would drive it.
 """
-import pickle
 
 import pytest
 
