@@ -18,6 +18,12 @@ _LAZY = {
     "WorkerNode": "minicw.worker",
     "LocalCluster": "minicw.local",
     "Master": "minicw.master",
+    "ClientThread": "minicw.client_thread",
+    "ClusterExecutor": "minicw.executor",
+    "start": "minicw.launcher",
+    "stop": "minicw.launcher",
+    "allocate": "minicw.launcher",
+    "slurm_master_host": "minicw.slurm",
 }
 
 
