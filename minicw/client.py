@@ -3,11 +3,12 @@
     Session                                   master (ClientAPI -> Scheduler)
     -------                                   ------------------------------
     hello(info)            ------------------> client_id
-    put_blobs([(key, b)])  ------------------> blob store (functions, environments)
+    put_blobs([(key, b)])  ------------------> blob store (functions, contexts, data)
     submit([ChunkSpec])    ------------------> the client's queue
     fetch(timeout)         <------------------ [Delivery], waiting for the first
     touch()                ------------------> (keepalive thread, while the session is open)
-    cancel(chunk_id)       ------------------> still-queued jobs removed
+    cancel([(chunk, idx)]) ------------------> queued jobs removed, leased chunks revoked
+    kill(chunk, index)     ------------------> the job's process ended when it runs it
 
 ``stream_results`` keeps a bounded window of chunks in flight: it submits
 chunks as earlier ones complete, so memory on the client and the master stays
@@ -26,9 +27,10 @@ import os
 import socket
 import sys
 import threading
+import warnings
 from concurrent.futures import CancelledError
 
-from minicw import config, protocol, serialize, transport
+from minicw import config, context, protocol, serialize, transport
 from minicw.errors import (
     JobTimeoutError, MasterLostError, MinicwError, RemoteError, WorkerCrashedError,
 )
@@ -55,7 +57,10 @@ class Session:
         self.client_id, master_info = self._call("hello", client_info())
         self.heartbeat_timeout_s = master_info["heartbeat_timeout_s"]
         self._stored_blobs = set()
+        self._blob_lock = threading.Lock()
         self._chunk_ids = itertools.count(1)
+        self._context = (None, None)      # (described context, its blob key)
+        self._warned = set()
         self._closed = threading.Event()
         threading.Thread(target=self._keep_alive, name="minicw-keepalive", daemon=True).start()
 
@@ -80,9 +85,23 @@ class Session:
 
     def put_blob(self, key: str, data: bytes) -> None:
         """Store a blob in the master once per session."""
-        if key not in self._stored_blobs:
-            self._call("put_blobs", self.client_id, [(key, data)])
-            self._stored_blobs.add(key)
+        if key in self._stored_blobs:
+            return
+        with self._blob_lock:  # two threads storing the same blob send it once
+            if key not in self._stored_blobs:
+                self._call("put_blobs", self.client_id, [(key, data)])
+                self._stored_blobs.add(key)
+
+    def context_key(self) -> str:
+        """The blob key of this process's current cwd and sys.path (stored when new)."""
+        described = context.describe()
+        if described[0] is None:  # our cwd was removed: keep the last one known
+            described = (self._context[0] or (None, None))[0], described[1]
+        if described != self._context[0]:
+            key, blob = context.make_blob(*described)
+            self.put_blob(key, blob)
+            self._context = (described, key)
+        return self._context[1]
 
     def new_chunk_id(self) -> int:
         return next(self._chunk_ids)
@@ -94,8 +113,23 @@ class Session:
     def fetch(self, timeout_s: float) -> list:
         return self._call("fetch", self.client_id, timeout_s)
 
-    def cancel(self, chunk_id: int, indices=None) -> list:
-        return self._call("cancel", self.client_id, chunk_id, indices)
+    def cancel(self, requests) -> list:
+        """``[(chunk_id, indices or None)]`` -> ``[(chunk_id, cancelled indices)]``."""
+        return self._call("cancel", self.client_id, list(requests))
+
+    def kill(self, chunk_id: int, index: int) -> str:
+        return self._call("kill", self.client_id, chunk_id, index)
+
+    def blob_transfers(self, keys) -> dict:
+        """{key: (times put, times fetched by worker nodes)}, for tests and diagnosis."""
+        return self._call("blob_transfers", list(keys))
+
+    def warn_once(self, notes) -> None:
+        """Show each note from the workers once per session."""
+        for note in notes:
+            if note not in self._warned:
+                self._warned.add(note)
+                warnings.warn(note, RuntimeWarning, stacklevel=2)
 
     def list_nodes(self) -> list:
         return self._call("list_nodes")
@@ -134,13 +168,18 @@ def remote_error(description: tuple, arg=None, has_arg: bool = False) -> RemoteE
                        protocol.load_exception(description), has_arg)
 
 
-def decode_delivery(delivery):
-    """[(index, ok, value_or_error)] for one Delivery; errors are exception objects."""
+def decode_delivery(delivery, session: Session | None = None):
+    """[(index, ok, value_or_error)] for one Delivery; errors are exception objects.
+
+    Notes from the workers are shown as warnings through ``session``.
+    """
     chunk_id, indices, results, failure = delivery
     if failure is not None:
         return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
                 for index in indices]
-    values, errors = serialize.loads(results)
+    values, errors, _, notes = serialize.loads(results)
+    if notes and session is not None:
+        session.warn_once(notes)
     if not errors:
         return [(index, True, value) for index, value in zip(indices, values)]
     decoded = []
@@ -187,16 +226,15 @@ def stream_results(session: Session, chunks, window: int):
                 remaining_by_chunk[chunk_id] -= len(indices)
                 if remaining_by_chunk[chunk_id] <= 0:
                     del remaining_by_chunk[chunk_id]
-                yield chunk_id, decode_delivery(delivery)
+                yield chunk_id, decode_delivery(delivery, session)
     finally:
         if remaining_by_chunk:
-            _cancel_quietly(session, list(remaining_by_chunk))
+            cancel_quietly(session, [(chunk_id, None) for chunk_id in remaining_by_chunk])
 
 
-def _cancel_quietly(session: Session, chunk_ids) -> None:
-    for chunk_id in chunk_ids:
-        try:
-            session.cancel(chunk_id)
-        except (MinicwError, OSError) as exc:
-            log.debug("cancelling chunk %s failed: %s", chunk_id, exc)
-            return
+def cancel_quietly(session: Session, requests) -> None:
+    """Cancel chunks on the way out of a run; a failure to do so is only logged."""
+    try:
+        session.cancel(requests)
+    except (MinicwError, OSError) as exc:
+        log.debug("cancelling %d chunks failed: %s", len(requests), exc)

@@ -45,3 +45,4 @@ DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it
 # --- worker nodes ------------------------------------------------------------------
 DEFAULT_START_METHOD = "spawn"  # the Windows and macOS default; safe with threads
 NODE_RECONNECT_MAX_S = 5.0      # longest pause between reconnect attempts to a lost master
+NODE_BLOB_CACHE_BYTES = 1 << 30  # blobs (functions, broadcast data) a node keeps, least recently used dropped

@@ -69,8 +69,14 @@ class ClientAPI:
     def fetch(self, client_id, timeout_s):
         return self._scheduler.fetch(client_id, timeout_s)
 
-    def cancel(self, client_id, chunk_id, indices=None):
-        return self._scheduler.cancel(client_id, chunk_id, indices)
+    def cancel(self, client_id, requests):
+        return self._scheduler.cancel(client_id, requests)
+
+    def kill(self, client_id, chunk_id, index):
+        return self._scheduler.kill(client_id, chunk_id, index)
+
+    def blob_transfers(self, keys):
+        return self._scheduler.blob_transfers(keys)
 
     def list_nodes(self):
         return self._scheduler.list_nodes()

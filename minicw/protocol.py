@@ -9,18 +9,22 @@ field order is fixed here, and changing it means bumping PROTOCOL_VERSION.
     client --submit([ChunkSpec...])--> master --exchange()--> worker process
     client <--fetch(): [Delivery...]-- master <--exchange([Report...])-- worker process
 
-ChunkSpec  (chunk_id, func_keys, n_jobs, payload, timeout_s, max_retries)
+ChunkSpec  (chunk_id, func_keys, n_jobs, payload, timeout_s, max_retries, context_key)
            One unit of scheduling: ``n_jobs`` jobs of one client.  ``payload``
            is ``pack_payload(kind, items)``; ``func_keys`` name the function
-           blobs the jobs call (index into it for CALL_FULL items).
-Lease      (token, client_id, chunk_id, func_keys, payload, selection, timeout_s)
+           blobs the jobs call (index into it for CALL_FULL items);
+           ``context_key`` names the client's BLOB_CONTEXT (or is None).
+Lease      (token, client_id, chunk_id, func_keys, payload, selection, timeout_s,
+            context_key)
            A chunk handed to one worker process.  ``selection`` lists the job
            indices to run (a ``range`` when all of them), ``token`` identifies
            this lease: results under an outdated token are dropped, which is
            what makes delivery exactly-once when a chunk is handed out again.
 Report     (token, start, count, results)
            Results of positions ``start .. start+count-1`` of a lease's
-           selection; ``results`` is ``pack_results(values, errors)``.
+           selection; ``results`` is ``pack_results(values, errors, seconds,
+           notes)``: ``seconds`` is the time the jobs took (clients size their
+           chunks from it), ``notes`` warnings for the client, or None.
 Delivery   (chunk_id, indices, results, failure)
            What a client receives: either ``results`` bytes for the job
            indices ``indices``, or ``results`` None and a ``failure`` tuple
@@ -31,6 +35,9 @@ nodes once and cached):
     (BLOB_CALLABLE, serialized_callable)      a function shipped by value
     (BLOB_ENVIR_NAME, envir_key, name)        a name in an environment source
     (BLOB_ENVIR_SOURCE, source_text, label)   the environment source itself
+    (BLOB_CONTEXT, cwd, sys_path)             where the client's jobs run: its working
+                                              directory and sys.path entries to prepend
+    (BLOB_DATA, serialized_object)            an object broadcast once (broadcast.py)
 """
 from __future__ import annotations
 
@@ -59,13 +66,15 @@ END_KILLED = "killed"        # its node killed it on request (kill a running job
 
 # --- commands from the master to a node, returned by its poll ------------------------------
 CMD_SHUTDOWN = "shutdown"    # the master is going away: stop all processes and exit
-CMD_KILL = "kill"            # (CMD_KILL, slot, token, index): end the process running it
+CMD_KILL = "kill"            # (CMD_KILL, slot, token, position): end the process when it runs it
 CMD_REREGISTER = "reregister"  # the master does not know this node: register again
 
 # --- blob kinds ---------------------------------------------------------------------
 BLOB_CALLABLE = "callable"
 BLOB_ENVIR_NAME = "envir-name"
 BLOB_ENVIR_SOURCE = "envir-source"
+BLOB_CONTEXT = "context"
+BLOB_DATA = "data"
 
 
 def content_key(data: bytes) -> str:
@@ -85,10 +94,11 @@ def pack_payload(kind: int, items: list) -> bytes:
     return serialize.dumps((kind, items), PICKLE_PROTOCOL)
 
 
-def pack_results(values: list, errors: dict | None) -> bytes:
+def pack_results(values: list, errors: dict | None, seconds: float = 0.0,
+                 notes: list | None = None) -> bytes:
     """Results of consecutive jobs: ``values[i]``, or ``errors[i]`` when job i raised."""
     from minicw import serialize
-    return serialize.dumps((values, errors), PICKLE_PROTOCOL)
+    return serialize.dumps((values, errors, seconds, notes), PICKLE_PROTOCOL)
 
 
 # --- exceptions across the wire ---------------------------------------------------------

@@ -234,6 +234,7 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
               window: int, max_retries: int) -> dict:
     """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error."""
     args_by_chunk = {}
+    context_key = session.context_key()
 
     def chunks():
         for start in range(0, len(args), chunksize):
@@ -241,7 +242,8 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
             chunk_id = session.new_chunk_id()
             args_by_chunk[chunk_id] = items
             yield (chunk_id, (func_key,), len(items),
-                   protocol.pack_payload(protocol.CALL_ONE, items), None, max_retries)
+                   protocol.pack_payload(protocol.CALL_ONE, items), None, max_retries,
+                   context_key)
 
     results = {}
     stream = client.stream_results(session, chunks(), window)

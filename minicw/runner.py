@@ -21,6 +21,10 @@ so callers see results as they are produced.
 Before each job the process writes its position into ``slot_state``; when
 the process dies, the node reads which job was running, so the master can
 charge exactly that job with the crash.
+
+Around each lease the client's working directory and sys.path are applied
+(context.py), and undone after every job.  A lease the master revoked (its
+client cancelled it) is skipped, or abandoned at the next flush.
 """
 from __future__ import annotations
 
@@ -31,10 +35,10 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from multiprocessing import connection, parent_process
 
-from minicw import config, envir, protocol, serialize
+from minicw import broadcast, config, context, envir, protocol, serialize
 from minicw.errors import EnvirError
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ STATE_DEADLINE_NS = 2  # time.monotonic_ns() limit of the running job, 0 when no
 STATE_FIELDS = 3
 
 IDLE_WAIT_S = 1.0      # a process waiting for work re-checks its node this often
+FUNCTIONS_PER_PROCESS = 256  # loaded functions and contexts a process keeps
 
 EXIT_STOPPED = 0       # drained or told to stop
 EXIT_NODE_UNKNOWN = 3  # the master no longer knows this node, or is closing
@@ -83,7 +88,9 @@ class Runner:
         self.state = memoryview(spec["slot_state"]).cast("B").cast("q")
         self.address = spec["address"]
         self.authkey = spec["authkey"]
-        self.functions = {}          # blob key -> callable (or the EnvirError it raises)
+        self.functions = OrderedDict()  # blob key -> callable (or the EnvirError it raises)
+        self.contexts = OrderedDict()   # blob key -> context.JobContext
+        self.notes = []                 # for the client, sent with the next report
         self.leases = deque()
         self.reports = []
         self.revoked = set()
@@ -92,6 +99,8 @@ class Runner:
 
     def run(self) -> int:
         from minicw.master import connect
+        broadcast.set_fetcher(self._fetch_blob)
+        context.install_chdir_tracker()
         try:
             self.api = connect(self.address, self.authkey).process()
         except Exception as exc:
@@ -150,25 +159,37 @@ class Runner:
     # --- running a lease ------------------------------------------------------------
 
     def _run_lease(self, lease) -> None:
-        token, client_id, chunk_id, func_keys, payload, selection, timeout_s = lease
+        token, client_id, chunk_id, func_keys, payload, selection, timeout_s, context_key = lease
         state = self.state
         state[STATE_TOKEN] = token
         state[STATE_POSITION] = 0
+        started = time.perf_counter()
         try:
+            job_context = self._context(context_key)
             kind, items = serialize.loads(payload)
             functions = [self._resolve(key) for key in func_keys]
         except BaseException as exc:  # every job of the chunk fails the same way
             description = protocol.describe_exception(exc)
             errors = {pos: description for pos in range(len(selection))}
-            self._report(token, 0, [None] * len(selection), errors)
+            self._report(token, 0, [None] * len(selection), errors, 0.0)
             self._finish_lease()
             return
+        if job_context is not None:
+            job_context.enter()
+        try:
+            self._run_jobs(token, selection, items, _caller(kind, functions), timeout_s,
+                           job_context, started)
+        finally:
+            if job_context is not None:
+                job_context.leave()
+
+    def _run_jobs(self, token, selection, items, call, timeout_s, job_context, started):
+        state = self.state
         timeout_ns = int(timeout_s * 1e9) if timeout_s else 0
-        call = _caller(kind, functions)
         values = []
         errors = None
         start = 0
-        flush_at = time.perf_counter() + config.RESULT_FLUSH_S
+        flush_at = started + config.RESULT_FLUSH_S
         for position, index in enumerate(selection):
             state[STATE_POSITION] = position
             if timeout_ns:
@@ -180,13 +201,21 @@ class Runner:
                 if errors is None:
                     errors = {}
                 errors[position - start] = protocol.describe_exception(exc, skip_frames=1)
-            if time.perf_counter() > flush_at and position + 1 < len(selection):
-                self._report(token, start, values, errors)
+            if job_context is not None:
+                job_context.after_job()
+            now = time.perf_counter()
+            if now > flush_at and position + 1 < len(selection):
+                self._report(token, start, values, errors, now - started)
                 self._exchange(want=0, wait_s=0)
+                if token in self.revoked:  # cancelled by its client: abandon the rest
+                    self.revoked.discard(token)
+                    self._finish_lease()
+                    return
                 start, values, errors = position + 1, [], None
-                flush_at = time.perf_counter() + config.RESULT_FLUSH_S
+                started = now
+                flush_at = now + config.RESULT_FLUSH_S
         self._finish_lease()
-        self._report(token, start, values, errors)
+        self._report(token, start, values, errors, time.perf_counter() - started)
 
     def _finish_lease(self) -> None:
         state = self.state
@@ -194,11 +223,13 @@ class Runner:
         state[STATE_POSITION] = -1
         state[STATE_TOKEN] = 0
 
-    def _report(self, token, start, values, errors) -> None:
+    def _report(self, token, start, values, errors, seconds) -> None:
+        notes, self.notes = self.notes or None, []
         try:
-            results = protocol.pack_results(values, errors)
+            results = protocol.pack_results(values, errors, seconds, notes)
         except Exception:
-            results = protocol.pack_results(*_picklable_results(values, errors))
+            values, errors = _picklable_results(values, errors)
+            results = protocol.pack_results(values, errors, seconds, notes)
         self.reports.append((token, start, len(values), results))
 
     # --- functions -------------------------------------------------------------------
@@ -207,9 +238,26 @@ class Runner:
         function = self.functions.get(key)
         if function is None:
             function = self.functions[key] = self._load_function(key)
+            if len(self.functions) > FUNCTIONS_PER_PROCESS:
+                self.functions.popitem(last=False)
         if isinstance(function, BaseException):
             raise function
         return function
+
+    def _context(self, key):
+        """The JobContext for a BLOB_CONTEXT key (None: run where the process is)."""
+        if key is None:
+            return None
+        job_context = self.contexts.get(key)
+        if job_context is None:
+            _, cwd, entries = pickle.loads(self._fetch_blob(key))
+            job_context = self.contexts[key] = context.JobContext(cwd, entries)
+            if len(self.contexts) > FUNCTIONS_PER_PROCESS:
+                self.contexts.popitem(last=False)
+            for note in job_context.notes:
+                log.warning("%s", note)
+            self.notes.extend(job_context.notes)
+        return job_context
 
     def _load_function(self, key: str):
         blob = pickle.loads(self._fetch_blob(key))

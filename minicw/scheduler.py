@@ -26,13 +26,16 @@ travel together); a job's state is implied by where its index is:
               chunk, ``crashes[index]`` counts it, up to ``max_retries``
     FAILED    crashes beyond max_retries, over its time limit, or its client
               asked to kill it: a failure Delivery is queued instead of results
-    CANCELLED removed from a queued chunk's selection by ``cancel``; or the
-              whole client went away (closed, or silent past the heartbeat
-              timeout) and its chunks were dropped
+    CANCELLED removed from a queued chunk's selection by ``cancel``; the
+              rest of a leased chunk revoked by ``cancel`` (its process skips
+              or abandons it); or the whole client went away (closed, or
+              silent past the heartbeat timeout) and its chunks were dropped
 
 Transitions happen only in: ``submit`` (-> QUEUED), ``_lease`` (QUEUED ->
 LEASED), ``_accept_report`` (LEASED -> DONE), ``_end_lease`` (LEASED -> QUEUED,
-RETRIED or FAILED), ``cancel`` and ``_drop_client`` (-> CANCELLED).
+RETRIED or FAILED; ``kill`` makes a node end the process so that the lease
+ends as FAILED for that job), ``_cancel_queued``, ``_revoke`` and
+``_drop_client`` (-> CANCELLED).
 
 A lease is identified by a token that is never reused.  A report under any
 token other than the chunk's current one is dropped, and so is a report from
@@ -60,11 +63,11 @@ class Chunk:
     """Jobs of one client that are scheduled together."""
 
     __slots__ = ("client", "chunk_id", "func_keys", "payload", "timeout_s", "max_retries",
-                 "selection", "token", "holder", "done", "crashes")
+                 "context_key", "selection", "token", "holder", "done", "crashes")
 
     def __init__(self, client, spec):
         (self.chunk_id, self.func_keys, n_jobs, self.payload,
-         self.timeout_s, self.max_retries) = spec
+         self.timeout_s, self.max_retries, self.context_key) = spec
         self.client = client
         self.selection = range(n_jobs)  # job indices still to run, in run order
         self.token = 0                  # current lease token, 0 while queued
@@ -125,6 +128,7 @@ class Scheduler:
         self._leases = {}               # token -> Chunk
         self._blobs = {}                # key -> bytes
         self._blob_owners = {}          # key -> set of client ids
+        self._blob_transfers = {}       # key -> [times put by a client, times fetched by a node]
         self._tokens = itertools.count(1)
         self._client_ids = itertools.count(1)
         self._node_serials = itertools.count(1)
@@ -160,6 +164,7 @@ class Scheduler:
             for key, data in blobs:
                 self._blobs.setdefault(key, data)
                 self._blob_owners.setdefault(key, set()).add(client_id)
+                self._blob_transfers.setdefault(key, [0, 0])[0] += 1
                 client.blob_keys.add(key)
 
     def missing_blobs(self, keys) -> list:
@@ -169,10 +174,18 @@ class Scheduler:
     def get_blob(self, key: str) -> bytes:
         with self._lock:
             try:
-                return self._blobs[key]
+                data = self._blobs[key]
             except KeyError:
                 raise MinicwError("the master holds no blob %s; its client has gone away"
                                   % key) from None
+            self._blob_transfers[key][1] += 1
+            return data
+
+    def blob_transfers(self, keys) -> dict:
+        """{key: (times put, times fetched by nodes)} for blobs the master holds."""
+        with self._lock:
+            return {key: tuple(self._blob_transfers[key]) for key in keys
+                    if key in self._blob_transfers}
 
     def submit(self, client_id: int, specs) -> None:
         """Queue chunks: ``specs`` is a list of protocol ChunkSpec tuples."""
@@ -182,7 +195,8 @@ class Scheduler:
             client.last_seen = time.monotonic()
             for spec in specs:
                 chunk = Chunk(client, spec)
-                missing = [key for key in chunk.func_keys if key not in self._blobs]
+                missing = [key for key in chunk.func_keys + (chunk.context_key,)
+                           if key is not None and key not in self._blobs]
                 if missing:
                     raise MinicwError("chunk %r names function blobs the master does not "
                                       "hold: %s" % (chunk.chunk_id, ", ".join(missing)))
@@ -208,30 +222,80 @@ class Scheduler:
             count = min(len(client.deliveries), MAX_DELIVERIES_PER_FETCH)
             return [client.deliveries.popleft() for _ in range(count)]
 
-    def cancel(self, client_id: int, chunk_id: int, indices=None) -> list:
-        """Remove still-queued jobs of a chunk (all when ``indices`` is None).
+    def cancel(self, client_id: int, requests) -> list:
+        """Cancel jobs: ``requests`` is ``[(chunk_id, indices or None)]``.
 
-        Returns the indices that were cancelled; jobs already leased to a
-        worker are not touched and not returned.
+        With ``indices`` only jobs still queued are cancelled (a job that may
+        be running is not touched).  With None the whole rest of the chunk
+        is: queued jobs are removed, and a leased chunk is revoked, so its
+        process skips or abandons it and its late results are dropped.
+        Returns ``[(chunk_id, cancelled indices)]``.
+        """
+        with self._lock:
+            client = self._client(client_id)
+            outcome = []
+            for chunk_id, indices in requests:
+                chunk = client.chunks.get(chunk_id)
+                if chunk is None:
+                    outcome.append((chunk_id, []))
+                elif chunk.token:
+                    outcome.append((chunk_id, self._revoke(chunk) if indices is None else []))
+                else:
+                    outcome.append((chunk_id, self._cancel_queued(chunk, indices)))
+            return outcome
+
+    def kill(self, client_id: int, chunk_id: int, index: int) -> str:
+        """End job ``index`` of a chunk wherever it is.
+
+        Returns "cancelled" (it was still queued), "killing" (its process
+        is told to die when it runs that job; the job then fails as
+        cancelled) or "unknown" (it is done or was never submitted).
         """
         with self._lock:
             client = self._client(client_id)
             chunk = client.chunks.get(chunk_id)
-            if chunk is None or chunk.token:
-                return []
-            if indices is None:
-                cancelled = list(chunk.selection)
-                chunk.selection = ()
-            else:
-                wanted = set(indices)
-                cancelled = [i for i in chunk.selection if i in wanted]
-                chunk.selection = tuple(i for i in chunk.selection if i not in wanted)
-            client.queued_jobs -= len(cancelled)
-            if not chunk.selection:
-                # It stays in the queue and is skipped when its turn comes.
-                del client.chunks[chunk_id]
-                self._queued_chunks -= 1
-            return cancelled
+            if chunk is None:
+                return "unknown"
+            if not chunk.token:
+                return "cancelled" if self._cancel_queued(chunk, [index]) else "unknown"
+            try:
+                position = chunk.selection.index(index)
+            except ValueError:
+                return "unknown"
+            if position < chunk.done:
+                return "unknown"
+            node, slot = chunk.holder
+            node.commands.append((protocol.CMD_KILL, slot, chunk.token, position))
+            node.has_commands.notify_all()
+            return "killing"
+
+    def _cancel_queued(self, chunk: Chunk, indices) -> list:
+        """QUEUED -> CANCELLED for ``indices`` (all when None) of a queued chunk."""
+        if indices is None:
+            cancelled = list(chunk.selection)
+            chunk.selection = ()
+        else:
+            wanted = set(indices)
+            cancelled = [i for i in chunk.selection if i in wanted]
+            chunk.selection = tuple(i for i in chunk.selection if i not in wanted)
+        client = chunk.client
+        client.queued_jobs -= len(cancelled)
+        if not chunk.selection:
+            # It stays in the queue and is skipped when its turn comes.
+            del client.chunks[chunk.chunk_id]
+            self._queued_chunks -= 1
+        return cancelled
+
+    def _revoke(self, chunk: Chunk) -> list:
+        """LEASED -> CANCELLED for the rest of a leased chunk."""
+        remaining = list(chunk.selection[chunk.done:])
+        node, slot = chunk.holder
+        node.revoked_by_slot.setdefault(slot, set()).add(chunk.token)
+        self._release(chunk)
+        client = chunk.client
+        client.running_jobs -= len(remaining)
+        del client.chunks[chunk.chunk_id]
+        return remaining
 
     # --- worker nodes -----------------------------------------------------------------
 
@@ -349,7 +413,7 @@ class Scheduler:
             client.queued_jobs -= jobs
             client.running_jobs += jobs
             leases.append((chunk.token, client.client_id, chunk.chunk_id, chunk.func_keys,
-                           chunk.payload, chunk.selection, chunk.timeout_s))
+                           chunk.payload, chunk.selection, chunk.timeout_s, chunk.context_key))
         return leases
 
     def _accept_report(self, node: NodeState, slot: int, report) -> None:
@@ -461,6 +525,7 @@ class Scheduler:
                 if not owners:
                     del self._blob_owners[key]
                     self._blobs.pop(key, None)
+                    self._blob_transfers.pop(key, None)
         client.has_deliveries.notify_all()
         log.info("client %d %s; %d queued and %d running jobs dropped", client.client_id,
                  why, client.queued_jobs, client.running_jobs)

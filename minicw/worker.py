@@ -11,10 +11,12 @@
                                   each leasing jobs from the master directly
 
 The node does not carry jobs.  It registers the machine, keeps the master
-sure it is alive, starts and replaces processes, serves them the function
-blobs it caches (so a function crosses the network once per node, not once
-per process or per job), kills a process whose job is over its time limit,
-and tells the master which job a dead process was running.
+sure it is alive, starts and replaces processes, serves them the blobs it
+caches (functions, contexts, broadcast data: each crosses the network once
+per node, not once per process or per job; a fetcher thread downloads them
+so a large one never stalls supervision), kills a process whose job is over
+its time limit or that runs a job its client asked to kill, and tells the
+master which job a dead process was running.
 
 Processes are created through an explicit multiprocessing context, ``spawn``
 by default: the Windows and macOS default, and safe beside the node's threads.
@@ -26,8 +28,10 @@ import os
 import platform
 import socket
 import sys
+import queue
 import threading
 import time
+from collections import OrderedDict
 from multiprocessing import connection, get_context
 
 from minicw import config, protocol, runner, transport
@@ -37,7 +41,8 @@ from minicw.errors import (
 
 log = logging.getLogger(__name__)
 
-WATCHDOG_PERIOD_S = 0.1  # how often the supervisor checks job deadlines
+WATCHDOG_PERIOD_S = 0.1  # how often the supervisor checks job deadlines and kill requests
+KILL_REQUEST_TTL_S = 600.0  # a kill request for a job that never runs here is forgotten
 
 
 def python_version() -> str:
@@ -62,13 +67,48 @@ def cap_nprocs(nprocs: int | None) -> int:
 class _Slot:
     """One worker process and what the node knows about it."""
 
-    __slots__ = ("index", "process", "control", "state")
+    __slots__ = ("index", "process", "control", "state", "send_lock")
 
     def __init__(self, index, process, control, state):
         self.index = index
         self.process = process
         self.control = control
         self.state = state
+        self.send_lock = threading.Lock()  # the supervisor and the blob fetcher both send
+
+    def send(self, message) -> None:
+        with self.send_lock:
+            try:
+                self.control.send(message)
+            except OSError:
+                pass  # the process is gone; its sentinel reports it
+
+
+class BlobCache:
+    """Blobs this node has fetched, least recently used dropped beyond a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._data = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key, data) -> None:
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes and len(self._data) > 1:
+                _, dropped = self._data.popitem(last=False)
+                self._bytes -= len(dropped)
 
 
 class WorkerNode:
@@ -91,7 +131,9 @@ class WorkerNode:
         self.node_id = None
         self.master_shut_down = False
         self._slots = {}
-        self._blobs = {}
+        self._blobs = BlobCache(config.NODE_BLOB_CACHE_BYTES)
+        self._blob_requests = queue.Queue()   # (slot, key) for the fetcher thread
+        self._kill_requests = {}  # (slot index, token) -> (position, time requested)
         self._commands = []
         self._commands_lock = threading.Lock()
         self._wake_reader, self._wake_writer = self.context.Pipe(duplex=False)
@@ -178,6 +220,9 @@ class WorkerNode:
         except (EOFError, OSError):
             return "lost"
         self._start_heartbeat(api, heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT)
+        fetcher = threading.Thread(target=self._fetch_blobs, args=(api,),
+                                   name="minicw-blob-fetcher", daemon=True)
+        fetcher.start()
         for index in range(self.nprocs):
             self._start_process(index)
         self._registered.set()
@@ -189,6 +234,8 @@ class WorkerNode:
             log.warning("connection to the master failed: %s", exc)
             outcome = "lost"
         self._registered.clear()
+        self._blob_requests.put(None)
+        fetcher.join()
         self._stop_processes()
         if outcome == "stopped":
             try:
@@ -235,7 +282,7 @@ class WorkerNode:
             if self._drain_requested.is_set() and not draining:
                 draining = True
                 for slot in self._slots.values():
-                    slot.control.send(("drain",))
+                    slot.send(("drain",))
             if draining and not self._slots:
                 return "stopped"
             waitables = [self._wake_reader]
@@ -256,6 +303,7 @@ class WorkerNode:
                 if not slot.process.is_alive():
                     self._process_ended(api, slot, protocol.END_DIED, draining)
             self._enforce_deadlines(api)
+            self._enforce_kill_requests(api)
 
     def _run_commands(self, api):
         with self._commands_lock:
@@ -283,19 +331,34 @@ class WorkerNode:
             return  # the process is gone; its sentinel reports it
         if request[0] == "blob":
             key = request[1]
+            data = self._blobs.get(key)
+            if data is not None:
+                slot.send(("blob", key, data))
+            else:
+                self._blob_requests.put((slot, key))
+
+    def _fetch_blobs(self, api) -> None:
+        """The fetcher thread: download blobs the cache lacks, answer the processes."""
+        while True:
+            request = self._blob_requests.get()
+            if request is None:
+                return
+            slot, key = request
+            data = self._blobs.get(key)  # an earlier request may have fetched it
+            if data is not None:
+                slot.send(("blob", key, data))
+                continue
             try:
-                data = self._blobs.get(key)
-                if data is None:
-                    data = self._blobs[key] = api.get_blob(key)
-                reply = ("blob", key, data)
-            except (EOFError, OSError):
-                raise  # the master is gone: the supervisor's caller handles that
+                data = api.get_blob(key)
+            except (EOFError, OSError) as exc:
+                slot.send(("error", key, "lost the master: %s" % exc))
+                self._post(("lost",))  # the supervisor's caller handles that
+                continue
             except Exception as exc:  # e.g. the blob's client left: tell the process
-                reply = ("error", key, str(exc))
-            try:
-                slot.control.send(reply)
-            except OSError:
-                pass
+                slot.send(("error", key, str(exc)))
+                continue
+            self._blobs.put(key, data)
+            slot.send(("blob", key, data))
 
     def _enforce_deadlines(self, api) -> None:
         now_ns = time.monotonic_ns()
@@ -305,9 +368,25 @@ class WorkerNode:
                 self._end_slot(api, slot, protocol.END_TIMED_OUT)
 
     def _kill_job(self, api, slot_index, token, position) -> None:
-        slot = self._slots.get(slot_index)
-        if slot is not None and slot.state[runner.STATE_TOKEN] == token:
-            self._end_slot(api, slot, protocol.END_KILLED)
+        """Remember a kill request; it is carried out when the process reaches the job."""
+        self._kill_requests[(slot_index, token)] = (position, time.monotonic())
+        self._enforce_kill_requests(api)
+
+    def _enforce_kill_requests(self, api) -> None:
+        now = time.monotonic()
+        for (slot_index, token), (position, requested) in list(self._kill_requests.items()):
+            slot = self._slots.get(slot_index)
+            if slot is None or now - requested > KILL_REQUEST_TTL_S:
+                del self._kill_requests[(slot_index, token)]
+                continue
+            if slot.state[runner.STATE_TOKEN] != token:
+                continue  # not started yet (or finished: then the TTL forgets it)
+            running = slot.state[runner.STATE_POSITION]
+            if running > position:
+                del self._kill_requests[(slot_index, token)]  # it finished first
+            elif running == position:
+                del self._kill_requests[(slot_index, token)]
+                self._end_slot(api, slot, protocol.END_KILLED)
 
     def _end_slot(self, api, slot: _Slot, reason: str) -> None:
         """Kill a slot's process on purpose and report why."""

@@ -22,7 +22,7 @@ def make(heartbeat_timeout_s=10.0):
 
 
 def spec(chunk_id, n_jobs, max_retries=2, timeout_s=None):
-    return (chunk_id, ("fn",), n_jobs, b"payload", timeout_s, max_retries)
+    return (chunk_id, ("fn",), n_jobs, b"payload", timeout_s, max_retries, None)
 
 
 def report(lease, start, count, results=b"r"):
@@ -120,16 +120,45 @@ def test_late_report_after_node_expiry_is_dropped(monkeypatch):
     assert again[2] == 1 and again[0] != lease[0]
 
 
-def test_cancel_removes_only_queued_jobs():
+def test_cancel_of_jobs_touches_only_queued_ones():
     scheduler, client, node = make()
     scheduler.submit(client, [spec(1, 3), spec(2, 2)])
-    leases, _ = scheduler.exchange(node, 0, [], 1, 0)
-    assert scheduler.cancel(client, leases[0][2]) == []  # leased: not cancelled
-    other = 2 if leases[0][2] == 1 else 1
-    assert scheduler.cancel(client, other, [0]) == [0]
-    assert scheduler.cancel(client, other) != []
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    assert scheduler.cancel(client, [(1, [1])]) == [(1, [])]  # leased: maybe running
+    assert scheduler.cancel(client, [(2, [0]), (9, None)]) == [(2, [0]), (9, [])]
+    assert scheduler.cancel(client, [(2, None)]) == [(2, [1])]
     assert scheduler.exchange(node, 1, [], 5, 0) == ([], ())
-    assert scheduler.status()["queued_chunks"] == 0
+    status = scheduler.status()
+    assert status["queued_chunks"] == 0 and status["clients"][0]["queued"] == 0
+
+
+def test_cancel_of_a_leased_chunk_revokes_it_and_drops_late_results():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 4)])
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    scheduler.exchange(node, 0, [report(lease, 0, 1)], 0, 0)
+    assert scheduler.cancel(client, [(1, None)]) == [(1, [1, 2, 3])]
+    # The process hears about it with its next exchange; its late report is dropped.
+    assert scheduler.exchange(node, 0, [report(lease, 1, 3)], 0, 0) == ([], (lease[0],))
+    assert [d[1] for d in scheduler.fetch(client, 0)] == [range(0, 1)]
+    assert scheduler.status()["clients"][0]["running"] == 0
+
+
+def test_kill_queued_job_cancels_it_and_running_job_commands_its_node():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 3), spec(2, 2)])
+    [lease], _ = scheduler.exchange(node, 1, [], 1, 0)
+    assert lease[2] == 1
+    assert scheduler.kill(client, 2, 1) == "cancelled"
+    assert scheduler.kill(client, 1, 2) == "killing"
+    assert scheduler.poll(node, 0) == [(protocol.CMD_KILL, 1, lease[0], 2)]
+    # The node kills the process when it reaches that job and reports it.
+    scheduler.exchange(node, 1, [report(lease, 0, 2)], 0, 0)
+    scheduler.process_ended(node, 1, lease[0], 2, protocol.END_KILLED, "killed by signal SIGKILL")
+    deliveries = scheduler.fetch(client, 0)
+    assert deliveries[-1][:2] == (1, (2,))
+    assert deliveries[-1][3][0] == protocol.FAIL_CANCELLED
+    assert scheduler.kill(client, 1, 0) == "unknown"  # done
 
 
 def test_dropped_client_revokes_its_leases_and_frees_blobs():
@@ -156,4 +185,4 @@ def test_close_wakes_waiters_and_refuses_work():
 def test_unknown_function_blob_is_refused():
     scheduler, client, node = make()
     with pytest.raises(Exception, match="function blobs the master does not hold: nope"):
-        scheduler.submit(client, [(1, ("nope",), 1, b"", None, 2)])
+        scheduler.submit(client, [(1, ("nope",), 1, b"", None, 2, None)])

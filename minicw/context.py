@@ -1,0 +1,112 @@
+"""The client's working directory and sys.path, replayed around its jobs.
+
+    client (Session)                         worker process (runner.py)
+    ----------------                         --------------------------
+    describe(): (cwd, sys.path entries  ---> BLOB_CONTEXT, fetched once per process
+                 that exist on the client)    |
+                                              v
+                                           JobContext.enter()   before a lease: chdir to
+                                              |                  the client's cwd, prepend
+                                              |                  its path entries
+                                           JobContext.after_job()  after each job: undo what
+                                              |                  the job changed (chdir,
+                                              |                  sys.path edits)
+                                           JobContext.leave()   after the lease: back to the
+                                                                 process's own cwd and path
+
+This assumes a shared filesystem, as the cluster-workers ancestor did.  A
+directory that does not exist on the worker is skipped, and reported once
+per context as a note that travels back to the client with the results.
+
+Undoing a job's ``os.chdir`` must cost nothing for the millions of jobs that
+never call it: the process wraps ``os.chdir`` once so that a call raises a
+flag, and only then is the directory restored.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from minicw import protocol
+
+
+def describe() -> tuple:
+    """(cwd or None, [sys.path entries that are directories here]) of this process."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the directory was removed under us
+        cwd = None
+    entries = [entry for entry in sys.path if entry and os.path.isdir(entry)]
+    return cwd, entries
+
+
+def make_blob(cwd, entries) -> tuple[str, bytes]:
+    return protocol.pack_blob(protocol.BLOB_CONTEXT, cwd, tuple(entries))
+
+
+# --- in the worker process ---------------------------------------------------------
+
+_chdir_called = False
+_original_chdir = os.chdir
+
+
+def _tracking_chdir(path):
+    global _chdir_called
+    _chdir_called = True
+    return _original_chdir(path)
+
+
+def install_chdir_tracker() -> None:
+    """Make ``os.chdir`` record that a job called it (done once per process)."""
+    os.chdir = _tracking_chdir
+
+
+class JobContext:
+    """A client's context as one worker process applies it."""
+
+    def __init__(self, cwd, entries):
+        self.notes = []
+        host = socket.gethostname()
+        self.cwd = cwd if cwd and os.path.isdir(cwd) else None
+        if cwd and self.cwd is None:
+            self.notes.append("the client's working directory %s does not exist on worker "
+                              "host %s; its jobs run in %s there" % (cwd, host, os.getcwd()))
+        self.entries = []
+        for entry in entries:
+            if os.path.isdir(entry):
+                self.entries.append(entry)
+            else:
+                self.notes.append("the client's sys.path entry %s does not exist on worker "
+                                  "host %s; skipped" % (entry, host))
+        self._home_cwd = None
+        self._home_path = None
+        self._job_path = None
+
+    def enter(self) -> None:
+        global _chdir_called
+        self._home_cwd = os.getcwd()
+        self._home_path = sys.path
+        # The client's entries first, then the worker's own, without repeats.
+        mine = [entry for entry in self._home_path if entry not in self.entries]
+        self._job_path = self.entries + mine
+        sys.path = list(self._job_path)
+        if self.cwd is not None:
+            _original_chdir(self.cwd)
+        _chdir_called = False
+
+    def after_job(self) -> None:
+        """Undo a job's changes to the working directory and sys.path."""
+        global _chdir_called
+        if _chdir_called:
+            _original_chdir(self.cwd if self.cwd is not None else self._home_cwd)
+            _chdir_called = False
+        if sys.path != self._job_path:
+            sys.path = list(self._job_path)
+
+    def leave(self) -> None:
+        global _chdir_called
+        sys.path = self._home_path
+        if self.cwd is not None or _chdir_called:
+            _original_chdir(self._home_cwd)
+        _chdir_called = False
