@@ -3,19 +3,33 @@
     ClientThread(cb) / ClusterExecutor()       (host, port, authkey all None)
         |
         v
-    master_address(host, port):  explicit host  >  $MINICW_MASTER ("host:port")
+    master_address(host, port):  explicit host
+                                 >  $MINICW_MASTER ("host:port")
+                                 >  the user's SLURM master job, when sbatch is on
+                                    PATH (slurm.master_address(); none found or
+                                    squeue failing: fall through, logged)
+                                 >  the local launcher's record, if its master
+                                    runs on this machine (launcher.recorded_master())
                                  >  127.0.0.1 and the default port
-    authkey(explicit):           explicit  >  $MINICW_AUTHKEY  >  MinicwError
+                                 (an explicit port always wins over a found one)
+    authkey(explicit):           explicit  >  $MINICW_AUTHKEY
+                                 >  the mode-600 key file of the run directory
+                                    (launcher.read_authkey())  >  MinicwError
 
+The run directory is $MINICW_RUN_DIR, else ~/.minicw/run: where
+scripts/local_start.py and scripts/slurm_start.py record what they started.
 So one program runs unchanged on a laptop and on a cluster: the launchers
-export the variables, or the program is given them explicitly.
+record the master and the key, or the program is given them explicitly.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from minicw import config, transport
 from minicw.errors import MinicwError
+
+log = logging.getLogger(__name__)
 
 
 def parse_master(text: str) -> tuple:
@@ -31,22 +45,48 @@ def parse_master(text: str) -> tuple:
 
 
 def master_address(host: str | None = None, port: int | None = None) -> tuple:
-    """The master's (host, port) from the arguments, the environment, or the default."""
+    """The master's (host, port): the arguments, $MINICW_MASTER, a launched master, or the default.
+
+    Raises MinicwError for a malformed $MINICW_MASTER, and SlurmError when
+    SLURM shows a master that cannot be used (several, or one still pending).
+    """
     if host is None:
         text = os.environ.get(config.ENV_MASTER)
-        if text:
-            env_host, env_port = parse_master(text)
-            return env_host, int(port) if port is not None else env_port
+        found = parse_master(text) if text else launched_master()
+        if found is not None:
+            return found[0], int(port) if port is not None else int(found[1])
         host = config.DEFAULT_HOST
     return host, int(port) if port is not None else config.DEFAULT_PORT
 
 
+def launched_master() -> tuple | None:
+    """(host, port) of a master the launchers started: SLURM first, then local; else None."""
+    from minicw import launcher, slurm
+    if slurm.available():
+        try:
+            return slurm.master_address()
+        except slurm.SlurmMasterNotFoundError as exc:
+            log.debug("%s", exc)
+        except slurm.SlurmCommandError as exc:
+            log.warning("looking for a SLURM master: %s", exc)
+    return launcher.recorded_master()
+
+
 def authkey(explicit=None) -> bytes:
-    """The cluster's key: the argument, else $MINICW_AUTHKEY; an error naming both if neither."""
+    """The cluster's key: the argument, $MINICW_AUTHKEY, or the run directory's key file.
+
+    Raises MinicwError naming all three if none is there, or if the key file
+    is readable by group or others.
+    """
     if explicit is not None:
         return transport.as_authkey(explicit)
     text = os.environ.get(config.ENV_AUTHKEY)
     if text:
         return transport.as_authkey(text)
-    raise MinicwError("no authkey: pass authkey=... or set %s to the cluster's key"
-                      % config.ENV_AUTHKEY)
+    from minicw import launcher
+    key = launcher.read_authkey()
+    if key is not None:
+        return key
+    raise MinicwError("no authkey: pass authkey=..., set %s to the cluster's key, or start "
+                      "the cluster with scripts/local_start.py or scripts/slurm_start.py "
+                      "(they write %s)" % (config.ENV_AUTHKEY, launcher.authkey_path()))

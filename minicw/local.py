@@ -3,6 +3,7 @@
     with LocalCluster(n_workers=2) as cluster:   master + one worker node, both
         cluster.load_envir(...)                  child processes on 127.0.0.1,
         cluster.execute()                        a random key and a free port
+        cluster.executor().map(fn, items)       a concurrent.futures executor on it
     # leaving the block stops both, also when the body raised
 
 Other processes can join or use the cluster through ``cluster.address`` and
@@ -41,3 +42,23 @@ class LocalCluster(MasterNode):
 
     def __exit__(self, *exc_info) -> None:
         self.shutdown()
+
+    def executor(self, **options):
+        """A ClusterExecutor bound to this cluster (``options``: job_timeout, max_retries)."""
+        from minicw.executor import ClusterExecutor
+        host, port = self.address
+        return ClusterExecutor(host, port, self.authkey, **options)
+
+    def client_thread(self, callback, **options):
+        """A ClientThread bound to this cluster, not yet started."""
+        from minicw.client_thread import ClientThread
+        host, port = self.address
+        return ClientThread(callback, host, port, self.authkey, **options)
+
+
+def allocate(n: int | None = None, **options):
+    """``with allocate(n) as (host, port):`` a background master and ``n`` worker
+    processes on this machine, recorded in the run directory, stopped at the end
+    of the block (see ``minicw.launcher.local_start`` for the options)."""
+    from minicw import launcher
+    return launcher.local_allocate(n, **options)
