@@ -168,20 +168,22 @@ def remote_error(description: tuple, arg=None, has_arg: bool = False) -> RemoteE
                        protocol.load_exception(description), has_arg)
 
 
-def decode_delivery(delivery, session: Session | None = None):
-    """[(index, ok, value_or_error)] for one Delivery; errors are exception objects.
+def decode(delivery, session: Session | None = None):
+    """``([(index, ok, value_or_error)], seconds)`` for one Delivery.
 
-    Notes from the workers are shown as warnings through ``session``.
+    Errors are exception objects; ``seconds`` is the time the jobs took on
+    the worker (None for a synthesized failure).  Notes from the workers are
+    shown as warnings through ``session``.
     """
     chunk_id, indices, results, failure = delivery
     if failure is not None:
         return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
-                for index in indices]
-    values, errors, _, notes = serialize.loads(results)
+                for index in indices], None
+    values, errors, seconds, notes = serialize.loads(results)
     if notes and session is not None:
         session.warn_once(notes)
     if not errors:
-        return [(index, True, value) for index, value in zip(indices, values)]
+        return list(zip(indices, itertools.repeat(True), values)), seconds
     decoded = []
     for position, (index, value) in enumerate(zip(indices, values)):
         description = errors.get(position)
@@ -189,7 +191,12 @@ def decode_delivery(delivery, session: Session | None = None):
             decoded.append((index, True, value))
         else:
             decoded.append((index, False, remote_error(description)))
-    return decoded
+    return decoded, seconds
+
+
+def decode_delivery(delivery, session: Session | None = None):
+    """[(index, ok, value_or_error)] for one Delivery (see ``decode``)."""
+    return decode(delivery, session)[0]
 
 
 # --- streaming many chunks ------------------------------------------------------------------

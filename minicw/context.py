@@ -63,7 +63,11 @@ def install_chdir_tracker() -> None:
 
 
 class JobContext:
-    """A client's context as one worker process applies it."""
+    """A client's context as one worker process applies it.
+
+    ``notes`` collects what the client should hear (a missing directory);
+    the runner takes them after ``enter()``.
+    """
 
     def __init__(self, cwd, entries):
         self.notes = []
@@ -92,7 +96,14 @@ class JobContext:
         self._job_path = self.entries + mine
         sys.path = list(self._job_path)
         if self.cwd is not None:
-            _original_chdir(self.cwd)
+            try:
+                _original_chdir(self.cwd)
+            except OSError as exc:  # removed since: skip it from now on
+                self.notes.append("the client's working directory %s does not exist on worker "
+                                  "host %s (%s); its jobs run in %s there"
+                                  % (self.cwd, socket.gethostname(), exc.strerror,
+                                     self._home_cwd))
+                self.cwd = None
         _chdir_called = False
 
     def after_job(self) -> None:

@@ -128,9 +128,12 @@ class MasterManager(transport.Manager):
     """The manager class peers use to reach a master (typeids without callables)."""
 
 
-MasterManager.register("client", exposed=CLIENT_METHODS)
-MasterManager.register("node", exposed=NODE_METHODS)
-MasterManager.register("process", exposed=PROCESS_METHODS)
+MasterManager.register("client", exposed=CLIENT_METHODS,
+                       proxytype=transport.private_proxy_type("ClientProxy", CLIENT_METHODS))
+MasterManager.register("node", exposed=NODE_METHODS,
+                       proxytype=transport.private_proxy_type("NodeProxy", NODE_METHODS))
+MasterManager.register("process", exposed=PROCESS_METHODS,
+                       proxytype=transport.private_proxy_type("ProcessProxy", PROCESS_METHODS))
 
 
 class Master:

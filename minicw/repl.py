@@ -119,6 +119,20 @@ class MasterNode:
         """Nodes, and queued/running/done/failed jobs per client."""
         return self._require_session().status()
 
+    def broadcast(self, obj):
+        """Send ``obj`` to the cluster once; an arg that is the returned handle
+        reaches the target function as the object itself."""
+        from minicw import broadcast
+        from minicw.errors import SerializationError
+        session = self._require_session()
+        try:
+            key, blob, handle = broadcast.make_blob(obj)
+        except Exception as exc:
+            raise SerializationError("cannot broadcast %s: %s" % (type(obj).__name__, exc)) \
+                from exc
+        session.put_blob(key, blob)
+        return handle
+
     def shutdown(self) -> None:
         """Stop the local worker node and the master server."""
         if self._session is not None:

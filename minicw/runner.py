@@ -164,18 +164,22 @@ class Runner:
         state[STATE_TOKEN] = token
         state[STATE_POSITION] = 0
         started = time.perf_counter()
+        job_context = None
         try:
+            # The context first: the payload may name modules on the client's path.
             job_context = self._context(context_key)
+            if job_context is not None:
+                self._enter(job_context)
             kind, items = serialize.loads(payload)
             functions = [self._resolve(key) for key in func_keys]
         except BaseException as exc:  # every job of the chunk fails the same way
+            if job_context is not None:
+                job_context.leave()
             description = protocol.describe_exception(exc)
             errors = {pos: description for pos in range(len(selection))}
             self._report(token, 0, [None] * len(selection), errors, 0.0)
             self._finish_lease()
             return
-        if job_context is not None:
-            job_context.enter()
         try:
             self._run_jobs(token, selection, items, _caller(kind, functions), timeout_s,
                            job_context, started)
@@ -254,10 +258,15 @@ class Runner:
             job_context = self.contexts[key] = context.JobContext(cwd, entries)
             if len(self.contexts) > FUNCTIONS_PER_PROCESS:
                 self.contexts.popitem(last=False)
+        return job_context
+
+    def _enter(self, job_context) -> None:
+        job_context.enter()
+        if job_context.notes:
             for note in job_context.notes:
                 log.warning("%s", note)
             self.notes.extend(job_context.notes)
-        return job_context
+            job_context.notes = []
 
     def _load_function(self, key: str):
         blob = pickle.loads(self._fetch_blob(key))

@@ -405,7 +405,8 @@ def stop(*, run_dir: str | None = None, master: bool = True, workers: bool = Tru
     else:
         master_name, workers_name = job_names(job_name or DEFAULT_JOB_NAME)
         names = ([workers_name] if workers else []) + ([master_name] if master else [])
-        job_ids = [job.job_id for job in user_jobs() if job.name in names]
+        jobs = user_jobs()
+        job_ids = [job.job_id for name in names for job in jobs if job.name == name]
     queued = {job.job_id for job in user_jobs()}
     scancel([job_id for job_id in job_ids if job_id in queued])
     wait_jobs_gone(job_ids, timeout_s)

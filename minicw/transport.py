@@ -262,3 +262,24 @@ class Manager(managers.BaseManager):
     def make_server(self) -> _Server:
         """The server for this manager's registry, bound to its address, not yet serving."""
         return _Server(self._registry, self._address, self._authkey, self._serializer)
+
+
+def private_proxy_type(name: str, exposed) -> type:
+    """A proxy class whose instances keep their own connections, one per thread.
+
+    The standard library's proxies share one connection per thread among
+    every proxy of the same address, and a proxy's finalizer closes "the
+    finalizing thread's" shared connection when the last proxy goes, even if
+    another session in this process still uses it.  minicw opens several
+    sessions to one master from one process (an executor, a ClientThread,
+    a MasterNode), so each proxy gets connections of its own.
+    """
+    base = managers.MakeProxyType(name, tuple(exposed))
+
+    class PrivateProxy(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._tls = managers.util.ForkAwareLocal()
+
+    PrivateProxy.__name__ = PrivateProxy.__qualname__ = name
+    return PrivateProxy

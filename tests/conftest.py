@@ -101,7 +101,10 @@ def listening_ports(pids):
 def _wait_gone(before_pids, before_ports):
     deadline = time.monotonic() + LEAK_GRACE_S
     while True:
-        pids = descendants() - before_pids
+        # A process that a fixture's long-lived process started (a worker node
+        # replacing a killed worker process) is that fixture's business.
+        pids = {pid for pid in descendants() - before_pids
+                if _parent_of(pid) not in before_pids}
         ports = listening_ports(pids | {os.getpid()}) - before_ports
         if (not pids and not ports) or time.monotonic() > deadline:
             return pids, ports

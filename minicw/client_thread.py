@@ -1,0 +1,196 @@
+"""``ClientThread``: the cluster-workers ancestor's callback client.
+
+    thread = ClientThread(callback)        host/port/key from arguments or the environment
+    thread.start()                         connects (errors raise here), starts the thread
+    jobid = thread.submit(fn, *args)       or the ancestor's submit(jobid, fn, *args)
+        |
+        v  Dispatcher (dispatch.py): batched submits, routed results
+    receiver thread --(jobid, ok, value)--> this thread's queue --> callback(jobid, result)
+    thread.wait()                          blocks until every job is done; raises the
+                                           first RemoteError
+    thread.stop()                          ends the session (jobs not done are dropped)
+
+Callbacks run in this thread, one at a time, in completion order, as in the
+ancestor.  A job that raised does not call the callback and does not stop
+the thread: its error is kept for ``wait()`` (and passed to ``errback`` when
+one is given).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from concurrent.futures import CancelledError
+
+from minicw import config, discover, dispatch
+from minicw.errors import MinicwError
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class ClientThread(threading.Thread):
+    """A thread that submits jobs to a minicw master and runs ``callback(jobid, result)``."""
+
+    def __init__(self, callback, host: str | None = None, port: int | None = None,
+                 authkey=None, errback=None, job_timeout: float | None = None,
+                 max_retries: int = config.DEFAULT_MAX_RETRIES):
+        super().__init__(name="minicw-client", daemon=True)
+        self.callback = callback
+        self.errback = errback
+        self.address = discover.master_address(host, port)
+        self._authkey = discover.authkey(authkey)
+        self._job_timeout = job_timeout
+        self._max_retries = max_retries
+        self._dispatcher = None
+        self._completed = queue.SimpleQueue()
+        self._jobids = itertools.count(1)
+        self._jobs = {}                      # jobid -> dispatch.Job, until its callback ran
+        self._lock = threading.Lock()
+        self._all_done = threading.Condition(self._lock)
+        self._errors = []                    # (jobid, exception) of failed jobs and callbacks
+        self._stopped = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect to the master, then start the callback thread."""
+        self._dispatcher = dispatch.Dispatcher(self.address, self._authkey,
+                                               self._job_timeout, self._max_retries)
+        super().start()
+
+    def run(self) -> None:
+        while True:
+            item = self._completed.get()
+            if item is _STOP:
+                return
+            jobid, ok, value = item
+            try:
+                if ok:
+                    self.callback(jobid, value)
+                elif self.errback is not None and not isinstance(value, CancelledError):
+                    self.errback(jobid, value)
+            except Exception as exc:  # a broken callback must not kill the thread
+                log.exception("callback for job %r raised", jobid)
+                with self._lock:
+                    self._errors.append((jobid, exc))
+            finally:
+                self._finish(jobid, ok, value)
+
+    def _finish(self, jobid, ok, value) -> None:
+        with self._lock:
+            self._jobs.pop(jobid, None)
+            if not ok and not isinstance(value, CancelledError):
+                self._errors.append((jobid, value))
+            if not self._jobs:
+                self._all_done.notify_all()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until every submitted job is done and its callback has run.
+
+        Raises the first job error (a RemoteError, WorkerCrashedError, ...)
+        or callback error since the last ``wait()``; TimeoutError if jobs
+        are still running after ``timeout`` seconds.
+        """
+        self._require_started()
+        with self._lock:
+            if not self._all_done.wait_for(lambda: not self._jobs, timeout):
+                raise TimeoutError("%d jobs still running after %gs" % (len(self._jobs), timeout))
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0][1]
+
+    def stop(self) -> None:
+        """End the session and the thread; jobs not done yet are dropped."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._dispatcher is not None:
+            self._dispatcher.close()
+            self._completed.put(_STOP)
+            if self.is_alive() and threading.current_thread() is not self:
+                self.join()
+        with self._lock:
+            self._jobs.clear()
+            self._all_done.notify_all()
+
+    def __enter__(self) -> "ClientThread":
+        if self._dispatcher is None:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self.stop()
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def submit(self, *call, **kwargs):
+        """``submit(fn, *args, **kwargs) -> jobid``; or ``submit(jobid, fn, *args)``.
+
+        The second form (a non-callable first argument followed by a
+        callable) is the ancestor's: the given jobid is passed to the callback.
+        """
+        self._require_started()
+        if not call:
+            raise TypeError("submit() needs a function to run")
+        if not callable(call[0]) and len(call) > 1 and callable(call[1]):
+            jobid, fn, args = call[0], call[1], call[2:]
+        else:
+            jobid, fn, args = next(self._jobids), call[0], call[1:]
+            if not callable(fn):
+                raise TypeError("submit() needs a callable, not %s" % type(fn).__name__)
+        with self._lock:
+            if jobid in self._jobs:
+                raise ValueError("job id %r is already in use by a job not finished" % (jobid,))
+            self._jobs[jobid] = None
+
+        def on_done(ok, value, jobid=jobid):
+            self._completed.put((jobid, ok, value))
+        try:
+            job = self._dispatcher.submit_job(fn, args, kwargs, on_done)
+        except BaseException:
+            with self._lock:
+                self._jobs.pop(jobid, None)
+            raise
+        with self._lock:
+            if jobid in self._jobs:
+                self._jobs[jobid] = job
+        return jobid
+
+    def cancel(self, jobid) -> bool:
+        """Stop a job, queued or running; its callback is not called.  False if it had finished."""
+        self._require_started()
+        with self._lock:
+            job = self._jobs.get(jobid)
+        if job is None:
+            return False
+        if not self._dispatcher.kill_job(job):
+            return False
+        if job.settled:  # cancelled before it ran: no delivery will come
+            self._completed.put((jobid, False, CancelledError()))
+        return True
+
+    def broadcast(self, obj):
+        """Send ``obj`` to the cluster once; pass the returned handle as a job argument."""
+        self._require_started()
+        return self._dispatcher.broadcast(obj)
+
+    def list_workers(self) -> list:
+        self._require_started()
+        return self._dispatcher.session.list_nodes()
+
+    def status(self) -> dict:
+        self._require_started()
+        return self._dispatcher.session.status()
+
+    def _require_started(self) -> None:
+        if self._dispatcher is None:
+            raise MinicwError("call start() before using the ClientThread")
+        if self._stopped:
+            raise MinicwError("this ClientThread was stopped")

@@ -1,0 +1,723 @@
+"""Many small calls in, few large messages out: the engine under the program clients.
+
+    caller threads                   Dispatcher                           master
+    --------------                   ----------                           ------
+    submit_job(fn, args) --> Job --> pending --(sender thread, or the  --submit([ChunkSpec])-->
+                                     caller itself after an idle gap)
+                                     packs consecutive jobs into chunks
+                                     sized from measured job time
+    MapStream (executor.map)  -----> its own chunks, a bounded window --submit-->
+                                     routes: chunk_id -> [Job] | MapStream
+    Job.on_done(ok, value)  <------- receiver thread <----------------- fetch(): [Delivery]
+    MapStream.results()     <-------   (decodes, settles each job once)
+
+Why batch behind a one-call API: one proxy call costs tens of microseconds,
+so a loop of ``submit()`` calls is coalesced into chunks of many jobs, and
+results come back many per message.  A lone job is never held back: the
+sender sends whatever is pending as soon as it is free, and a submit after
+an idle gap is sent straight from the caller's thread.
+
+How big a chunk is: jobs of a function whose time per job is unknown go one
+per chunk (so slow jobs spread over every process at once); as results come
+back with their run time, fast functions get chunks of about CHUNK_TARGET_S.
+
+Functions are serialized once per session: plain functions are remembered
+(weakly) with their blob key, and a blob is sent to the master once; worker
+nodes fetch each blob once.  Later changes to a remembered function's
+globals or closure cells are therefore not seen by the workers.
+
+State changes (pending, routes, outstanding counts, settling a job) happen
+under ``Dispatcher._lock``; user callbacks run outside it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import types
+import weakref
+from collections import deque
+from concurrent.futures import CancelledError, TimeoutError as FuturesTimeoutError
+
+from minicw import broadcast, client, config, protocol, serialize
+from minicw.errors import MinicwError, SerializationError
+
+log = logging.getLogger(__name__)
+
+CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
+MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
+IDLE_GAP_S = 0.002          # a submit after this long without one is sent at once
+NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
+EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
+
+
+class Job:
+    """One submitted call and what happens to it."""
+
+    __slots__ = ("func_key", "args", "kwargs", "job_timeout", "max_retries", "on_done",
+                 "chunk_id", "index", "settled")
+
+    def __init__(self, func_key, args, kwargs, job_timeout, max_retries, on_done):
+        self.func_key = func_key
+        self.args = args
+        self.kwargs = kwargs
+        self.job_timeout = job_timeout
+        self.max_retries = max_retries
+        self.on_done = on_done        # on_done(ok, value_or_exception)
+        self.chunk_id = None          # set when packed into a chunk
+        self.index = None
+        self.settled = False
+
+
+class Dispatcher:
+    """A client session with batching sender and routing receiver threads."""
+
+    def __init__(self, address, authkey, job_timeout=None,
+                 max_retries: int = config.DEFAULT_MAX_RETRIES):
+        self.session = client.Session(address, authkey)
+        self.job_timeout = job_timeout
+        self.max_retries = max_retries
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()     # held while chunks are packed and sent
+        self._work = threading.Condition(self._lock)
+        self._settled = threading.Condition(self._lock)
+        self._pending = []                     # Jobs not yet packed
+        self._sending = False                  # a thread is packing and sending
+        self._last_send = 0.0
+        self._routes = {}                      # chunk_id -> (func_keys, [Job]) or MapStream
+        self._outstanding = 0                  # jobs submitted and not settled
+        self._streams = weakref.WeakSet()      # MapStreams still running
+        self._func_keys = weakref.WeakKeyDictionary()  # plain function -> blob key
+        self._job_seconds = {}                 # blob key -> estimated seconds per job
+        self._node_count = (0, 0.0)            # (worker processes, when counted)
+        self.broken = None                     # the error that ended the session
+        self.closed = False
+        self._sender = self._spawn(self._send_loop, "minicw-sender")
+        self._receiver = self._spawn(self._receive_loop, "minicw-receiver")
+
+    @staticmethod
+    def _spawn(target, name) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    # --- functions and data -------------------------------------------------------
+
+    def function_key(self, fn) -> str:
+        """The blob key of ``fn``, serializing and storing it the first time."""
+        remembered = isinstance(fn, types.FunctionType)
+        if remembered:
+            key = self._func_keys.get(fn)
+            if key is not None:
+                return key
+        try:
+            data = serialize.dumps(fn, protocol.PICKLE_PROTOCOL)
+        except Exception as exc:
+            raise SerializationError("cannot send %r to the workers: %s" % (fn, exc)) from exc
+        key, blob = protocol.pack_blob(protocol.BLOB_CALLABLE, data)
+        self.session.put_blob(key, blob)
+        if remembered:
+            self._func_keys[fn] = key
+        return key
+
+    def broadcast(self, obj) -> broadcast.Handle:
+        """Store ``obj`` in the master once; jobs given the handle receive the object."""
+        self.check_open()
+        try:
+            key, blob, handle = broadcast.make_blob(obj)
+        except Exception as exc:
+            raise SerializationError("cannot broadcast %s: %s" % (type(obj).__name__, exc)) \
+                from exc
+        self.session.put_blob(key, blob)
+        return handle
+
+    def estimate(self, func_key) -> float | None:
+        return self._job_seconds.get(func_key)
+
+    def jobs_per_chunk(self, func_key) -> int:
+        seconds = self._job_seconds.get(func_key)
+        if not seconds:
+            return 1 if seconds is None else MAX_JOBS_PER_CHUNK
+        return max(1, min(MAX_JOBS_PER_CHUNK, int(CHUNK_TARGET_S / seconds)))
+
+    def worker_processes(self) -> int:
+        """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""
+        count, when = self._node_count
+        now = time.monotonic()
+        if now - when > NODE_COUNT_TTL_S:
+            count = sum(node["nprocs"] for node in self.session.list_nodes())
+            self._node_count = (count, now)
+        return count
+
+    def window_chunks(self) -> int:
+        return max(16, config.IN_FLIGHT_CHUNKS_PER_PROCESS * self.worker_processes())
+
+    # --- submitting ---------------------------------------------------------------------
+
+    def check_open(self) -> None:
+        if self.broken is not None:
+            raise self.broken
+        if self.closed:
+            raise RuntimeError("cannot schedule new jobs after shutdown")
+
+    def submit_job(self, fn, args, kwargs, on_done, job_timeout=None, max_retries=None) -> Job:
+        """Queue ``fn(*args, **kwargs)``; ``on_done(ok, value)`` is called once with the outcome."""
+        self.check_open()
+        job = Job(self.function_key(fn), args, kwargs,
+                  self.job_timeout if job_timeout is None else job_timeout,
+                  self.max_retries if max_retries is None else max_retries, on_done)
+        with self._lock:
+            self.check_open()
+            self._outstanding += 1
+            self._pending.append(job)
+            now = time.monotonic()
+            send_here = not self._sending and now - self._last_send > IDLE_GAP_S
+            self._last_send = now
+            if send_here:
+                self._sending = True
+            else:
+                self._work.notify()
+        if send_here:
+            self._send_pending()
+        return job
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._pending and not self._sending) and not self.closed:
+                    self._work.wait()
+                if self.closed and not self._pending:
+                    return
+                self._sending = True
+            self._send_pending()
+
+    def _send_pending(self) -> None:
+        """Pack and send everything pending; the caller has set ``_sending``."""
+        try:
+            while True:
+                with self._send_lock:
+                    with self._lock:
+                        jobs, self._pending = self._pending, []
+                        if not jobs:
+                            self._sending = False
+                            return
+                    self._send_jobs(jobs)
+        except BaseException:
+            with self._lock:
+                self._sending = False
+            raise
+
+    def _send_jobs(self, jobs: list) -> None:
+        context_key = None
+        specs = []
+        failed = []
+        try:
+            context_key = self.session.context_key()
+            for chunk_jobs in self._cut(jobs):
+                spec = self._pack(chunk_jobs, context_key, failed)
+                if spec is not None:
+                    specs.append(spec)
+            if specs:
+                self.session.submit(specs)
+        except Exception as exc:
+            sent = {spec[0] for spec in specs}
+            self._fail_chunks(sent, exc)
+            unsent = [job for job in jobs if job.chunk_id not in sent]
+            failed.extend((job, exc) for job in unsent)
+        for job, exc in failed:
+            self._settle(job, False, exc)
+
+    def _cut(self, jobs):
+        """Consecutive live jobs with equal limits, in chunks sized by estimated time."""
+        chunk = []
+        budget = 0.0
+        limits = None
+        for job in jobs:
+            if job.settled:
+                continue  # cancelled before it was sent
+            seconds = self._job_seconds.get(job.func_key)
+            cost = CHUNK_TARGET_S if seconds is None else seconds
+            job_limits = (job.job_timeout, job.max_retries)
+            if chunk and (job_limits != limits or budget + cost > CHUNK_TARGET_S
+                          or len(chunk) >= MAX_JOBS_PER_CHUNK):
+                yield chunk
+                chunk, budget = [], 0.0
+            chunk.append(job)
+            budget += cost
+            limits = job_limits
+        if chunk:
+            yield chunk
+
+    def _pack(self, jobs: list, context_key, failed: list):
+        """A ChunkSpec for ``jobs`` (registering its route), or None if none could be packed."""
+        func_keys = []
+        items = []
+        for job in jobs:
+            if job.func_key not in func_keys:
+                func_keys.append(job.func_key)
+            items.append((func_keys.index(job.func_key), job.args, job.kwargs))
+        try:
+            payload = protocol.pack_payload(protocol.CALL_FULL, items)
+        except Exception:
+            if len(jobs) == 1:
+                failed.append((jobs[0], _argument_error(jobs[0])))
+                return None
+            # Find the culprits: pack the rest without them.
+            good = []
+            for job in jobs:
+                try:
+                    protocol.pack_payload(protocol.CALL_FULL, [(0, job.args, job.kwargs)])
+                    good.append(job)
+                except Exception:
+                    failed.append((job, _argument_error(job)))
+            return self._pack(good, context_key, failed) if good else None
+        chunk_id = self.session.new_chunk_id()
+        with self._lock:
+            for index, job in enumerate(jobs):
+                job.chunk_id = chunk_id
+                job.index = index
+            self._routes[chunk_id] = (tuple(func_keys), jobs)
+        job = jobs[0]
+        return (chunk_id, tuple(func_keys), len(jobs), payload, job.job_timeout,
+                job.max_retries, context_key)
+
+    def register_stream(self, chunk_id: int, stream) -> None:
+        with self._lock:
+            self._routes[chunk_id] = stream
+            self._streams.add(stream)
+
+    def unregister_stream(self, chunk_ids) -> None:
+        with self._lock:
+            for chunk_id in chunk_ids:
+                self._routes.pop(chunk_id, None)
+
+    # --- cancelling -------------------------------------------------------------------
+
+    def cancel_job(self, job: Job) -> bool:
+        """Cancel a job that has not started: True if it will never run."""
+        with self._send_lock:  # so a job being sent has its chunk id
+            with self._lock:
+                if job.settled:
+                    return False
+                if job.chunk_id is None:  # still pending here: the sender skips it
+                    self._settle_locked(job)
+                    return True
+            try:
+                [(_, cancelled)] = self.session.cancel([(job.chunk_id, [job.index])])
+            except MinicwError:
+                return False
+        if job.index not in cancelled:
+            return False  # leased: it may be running
+        with self._lock:
+            if job.settled:
+                return False
+            self._settle_locked(job)
+        return True
+
+    def kill_job(self, job: Job) -> bool:
+        """End a job wherever it is; True if it will end as cancelled."""
+        if self.cancel_job(job):
+            return True
+        with self._lock:
+            if job.settled or job.chunk_id is None:
+                return False
+        outcome = self.session.kill(job.chunk_id, job.index)
+        if outcome == "cancelled":
+            with self._lock:
+                if job.settled:
+                    return False
+                self._settle_locked(job)
+            return True
+        return outcome == "killing"
+
+    def cancel_all_queued(self) -> list:
+        """Cancel every job not yet running; returns the Jobs cancelled."""
+        with self._send_lock:
+            with self._lock:
+                cancelled = [job for job in self._pending if not job.settled]
+                for job in cancelled:
+                    self._settle_locked(job)
+                sent = {}
+                for chunk_id, route in self._routes.items():
+                    if isinstance(route, tuple):
+                        sent[chunk_id] = [job.index for job in route[1] if not job.settled]
+            if sent:
+                try:
+                    outcome = self.session.cancel(list(sent.items()))
+                except MinicwError:
+                    outcome = []
+                with self._lock:
+                    for chunk_id, indices in outcome:
+                        route = self._routes.get(chunk_id)
+                        if route is None or not isinstance(route, tuple):
+                            continue
+                        for index in indices:
+                            job = route[1][index]
+                            if not job.settled:
+                                self._settle_locked(job)
+                                cancelled.append(job)
+        return cancelled
+
+    # --- results ---------------------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                deliveries = self.session.fetch(client.FETCH_WAIT_S)
+            except Exception as exc:
+                if not self.closed:
+                    self._break(exc)
+                return
+            for delivery in deliveries:
+                self._route(delivery)
+            if self.closed and not deliveries:
+                return
+
+    def _route(self, delivery) -> None:
+        chunk_id = delivery[0]
+        with self._lock:
+            route = self._routes.get(chunk_id)
+        if route is None:
+            return  # its jobs were cancelled or its stream closed
+        if not isinstance(route, tuple):
+            route.deliver(delivery)
+            return
+        func_keys, jobs = route
+        try:
+            decoded, seconds = client.decode(delivery, self.session)
+        except Exception as exc:  # results that cannot be unpickled here
+            error = SerializationError("cannot load the results of chunk %s: %s"
+                                       % (chunk_id, exc))
+            decoded, seconds = [(index, False, error) for index in delivery[1]], None
+        if seconds is not None and delivery[3] is None:
+            self.record_time(func_keys, seconds, len(decoded))
+        for index, ok, value in decoded:
+            self._settle(jobs[index], ok, value)
+        with self._lock:
+            if all(job.settled for job in jobs):
+                self._routes.pop(chunk_id, None)
+
+    def record_time(self, func_keys, seconds: float, count: int) -> None:
+        per_job = seconds / max(1, count)
+        for key in func_keys:
+            old = self._job_seconds.get(key)
+            self._job_seconds[key] = per_job if old is None else (
+                (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_job)
+
+    def _settle(self, job: Job, ok: bool, value) -> None:
+        with self._lock:
+            if job.settled:
+                return
+            self._settle_locked(job)
+        try:
+            job.on_done(ok, value)
+        except Exception:
+            log.exception("a job's completion handler raised")
+
+    def _settle_locked(self, job: Job) -> None:
+        job.settled = True
+        job.args = job.kwargs = None  # free the arguments now
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._settled.notify_all()
+
+    def _fail_chunks(self, chunk_ids, exc) -> None:
+        for chunk_id in chunk_ids:
+            with self._lock:
+                route = self._routes.pop(chunk_id, None)
+            if isinstance(route, tuple):
+                for job in route[1]:
+                    self._settle(job, False, exc)
+
+    def _break(self, exc: BaseException) -> None:
+        """The session ended under us: every outstanding job fails with ``exc``."""
+        log.warning("client session ended: %s", exc)
+        self.broken = exc
+        with self._lock:
+            routes, self._routes = self._routes, {}
+            pending, self._pending = self._pending, []
+            self._work.notify_all()
+        for job in pending:
+            self._settle(job, False, exc)
+        for route in routes.values():
+            if isinstance(route, tuple):
+                for job in route[1]:
+                    self._settle(job, False, exc)
+            else:
+                route.fail(exc)
+
+    # --- shutting down -------------------------------------------------------------------
+
+    @property
+    def outstanding(self) -> int:
+        return self._outstanding
+
+    def wait_settled(self, timeout_s: float | None = None) -> bool:
+        """Wait until every submitted job is settled."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._lock:
+            while self._outstanding:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._settled.wait(remaining)
+            return True
+
+    def active_streams(self) -> list:
+        with self._lock:
+            return list(self._streams)
+
+    def close(self) -> None:
+        """End the session; jobs not settled yet are settled as cancelled."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._work.notify_all()
+            routes, self._routes = self._routes, {}
+            pending, self._pending = self._pending, []
+        self.session.close()
+        current = threading.current_thread()
+        for thread in (self._sender, self._receiver):
+            if thread is not current:
+                thread.join()
+        cancelled = CancelledError("the client session was closed before the job finished")
+        for job in pending:
+            self._settle(job, False, cancelled)
+        for route in routes.values():
+            if isinstance(route, tuple):
+                for job in route[1]:
+                    self._settle(job, False, cancelled)
+            else:
+                route.fail(cancelled)
+
+
+_MORE = object()   # MapStream._take: nothing in flight, submit more first
+
+
+def _argument_error(job: Job) -> SerializationError:
+    try:
+        serialize.dumps((job.args, job.kwargs), protocol.PICKLE_PROTOCOL)
+        detail = "unknown reason"
+    except Exception as exc:
+        detail = str(exc)
+    return SerializationError("cannot send the job's arguments to the workers: %s" % detail)
+
+
+# --- map over iterables, streaming ----------------------------------------------------------
+
+class MapStream:
+    """``fn`` over items pulled lazily, at most a window of chunks in flight.
+
+    The consumer's thread pulls items and submits chunks as results are
+    consumed; the receiver thread files results with ``deliver``.  Ordered
+    results are yielded by position; unordered ones as they arrive.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, fn, items, kind: int, chunksize: int | None,
+                 window_jobs: int | None, ordered: bool, timeout: float | None,
+                 job_timeout=None, max_retries=None):
+        self.dispatcher = dispatcher
+        self.func_key = dispatcher.function_key(fn)
+        self.items = iter(items)
+        self.kind = kind
+        self.chunksize = chunksize
+        self.window_chunks = dispatcher.window_chunks()
+        self.window_jobs = window_jobs
+        self.ordered = ordered
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.job_timeout = dispatcher.job_timeout if job_timeout is None else job_timeout
+        self.max_retries = dispatcher.max_retries if max_retries is None else max_retries
+        self.context_key = dispatcher.session.context_key()
+        self._cond = threading.Condition()
+        self._feed_lock = threading.Lock()   # one thread pulls from ``items`` at a time
+        self._in_flight = {}                 # chunk_id -> [first position, jobs not yet yielded]
+        self._ready = {}                     # position -> (ok, value), ordered mode
+        self._arrived = deque()              # (ok, value), unordered mode
+        self._next_position = 0              # next position to pull from ``items``
+        self._next_to_yield = 0
+        self._jobs_in_flight = 0             # submitted, not yet yielded
+        self._results_due = 0                # submitted, result not yet arrived
+        self._exhausted = False
+        self._error = None                   # the session broke
+        self._eager = False                  # shutdown: submit everything now
+
+    # --- feeding (consumer's thread) ---------------------------------------------------------
+
+    def top_up(self) -> None:
+        """Submit chunks until the window is full or the items run out."""
+        with self._feed_lock:
+            specs = []
+            while not self._exhausted and (self._eager or self._has_room(len(specs))):
+                spec = self._next_chunk()
+                if spec is not None:
+                    specs.append(spec)
+                if len(specs) >= config.MAX_CHUNKS_PER_CALL * 4:
+                    self.dispatcher.session.submit(specs)
+                    specs = []
+            if specs:
+                self.dispatcher.session.submit(specs)
+
+    def _has_room(self, unsent: int) -> bool:
+        with self._cond:
+            chunks = len(self._in_flight) + unsent
+            if chunks >= self.window_chunks:
+                return False
+            return self.window_jobs is None or self._jobs_in_flight < self.window_jobs
+
+    def _next_chunk(self):
+        size = self.chunksize or self.dispatcher.jobs_per_chunk(self.func_key)
+        if self.window_jobs is not None:
+            with self._cond:
+                size = max(1, min(size, self.window_jobs - self._jobs_in_flight))
+        batch = []
+        for item in self.items:
+            batch.append(item)
+            if len(batch) >= size:
+                break
+        if len(batch) < size:
+            self._exhausted = True
+        if not batch:
+            return None
+        if self.kind == protocol.CALL_STAR:
+            batch = [tuple(item) for item in batch]
+        payload = protocol.pack_payload(self.kind, batch)
+        chunk_id = self.dispatcher.session.new_chunk_id()
+        with self._cond:
+            self._in_flight[chunk_id] = [self._next_position, len(batch)]
+            self._next_position += len(batch)
+            self._jobs_in_flight += len(batch)
+            self._results_due += len(batch)
+        self.dispatcher.register_stream(chunk_id, self)
+        return (chunk_id, (self.func_key,), len(batch), payload, self.job_timeout,
+                self.max_retries, self.context_key)
+
+    # --- arriving results (receiver thread) ----------------------------------------------------
+
+    def deliver(self, delivery) -> None:
+        chunk_id, indices = delivery[0], delivery[1]
+        try:
+            decoded, seconds = client.decode(delivery, self.dispatcher.session)
+        except Exception as exc:
+            error = SerializationError("cannot load the results of chunk %s: %s"
+                                       % (chunk_id, exc))
+            decoded, seconds = [(index, False, error) for index in indices], None
+        if seconds is not None and delivery[3] is None:
+            self.dispatcher.record_time((self.func_key,), seconds, len(decoded))
+        with self._cond:
+            record = self._in_flight.get(chunk_id)
+            if record is None:
+                return
+            first = record[0]
+            self._results_due -= len(decoded)
+            for index, ok, value in decoded:
+                if self.ordered:
+                    self._ready[first + index] = (ok, value)
+                else:
+                    self._arrived.append((ok, value))
+            if not self.ordered:
+                self._retire(chunk_id, record, len(decoded))
+            self._cond.notify_all()
+
+    def _retire(self, chunk_id, record, count: int) -> None:
+        """``count`` jobs of a chunk were yielded (or handed over, unordered)."""
+        record[1] -= count
+        self._jobs_in_flight -= count
+        if record[1] <= 0:
+            del self._in_flight[chunk_id]
+            self.dispatcher.unregister_stream((chunk_id,))
+
+    def fail(self, exc: BaseException) -> None:
+        """The session ended: results still due will never come (those here still count)."""
+        with self._cond:
+            if self._results_due:
+                self._error = exc
+            self._cond.notify_all()
+
+    # --- consuming (consumer's thread) ----------------------------------------------------------
+
+    def results(self):
+        """Yield results in order (or as they arrive); raise at the first failed job."""
+        from minicw.executor import job_exception
+        try:
+            while True:
+                self.top_up()
+                batch = self._take()
+                if batch is _MORE:
+                    continue
+                if batch is None:
+                    return
+                while batch:
+                    ok, value = batch.popleft()
+                    if not ok:
+                        raise job_exception(value)
+                    yield value
+                    del value  # keep no reference to a yielded result
+        finally:
+            self.close()
+
+    def _take(self):
+        """A deque of (ok, value) ready to yield; None when all are yielded;
+        _MORE when nothing is in flight and more must be submitted."""
+        with self._cond:
+            while True:
+                if self.ordered:
+                    ready = self._ready
+                    position = first = self._next_to_yield
+                    batch = deque()
+                    while position in ready:
+                        batch.append(ready.pop(position))
+                        position += 1
+                    if batch:
+                        self._next_to_yield = position
+                        self._retire_oldest(position - first)
+                        return batch
+                elif self._arrived:
+                    batch, self._arrived = self._arrived, deque()
+                    return batch
+                if self._error is not None:
+                    raise self._error
+                if not self._in_flight:
+                    return None if self._exhausted else _MORE
+                remaining = None
+                if self.deadline is not None:
+                    remaining = self.deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise FuturesTimeoutError()
+                self._cond.wait(remaining)
+
+    def _retire_oldest(self, count: int) -> None:
+        """In order, ``count`` yielded positions belong to the oldest chunks in flight."""
+        while count:
+            oldest = next(iter(self._in_flight))
+            record = self._in_flight[oldest]
+            taken = min(count, record[1])
+            self._retire(oldest, record, taken)
+            count -= taken
+
+    def finish_eagerly(self) -> None:
+        """Submit every remaining item now (shutdown: the session is about to end)."""
+        self._eager = True
+        self.top_up()
+
+    def wait_delivered(self, timeout_s: float | None = None) -> bool:
+        """Wait until every submitted job's result has arrived (shutdown(wait=True))."""
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._error is not None or not self._results_due, timeout_s)
+
+    def close(self) -> None:
+        """Stop: cancel what is still queued or running on the cluster."""
+        with self._cond:
+            chunk_ids = list(self._in_flight)
+            self._in_flight.clear()
+            self._ready.clear()
+            self._arrived.clear()
+            self._exhausted = True
+            self._results_due = 0
+            self._cond.notify_all()
+        if chunk_ids:
+            self.dispatcher.unregister_stream(chunk_ids)
+            if not self.dispatcher.closed and self.dispatcher.broken is None:
+                client.cancel_quietly(self.dispatcher.session,
+                                      [(chunk_id, None) for chunk_id in chunk_ids])

@@ -1,0 +1,219 @@
+"""``ClusterExecutor``: the cluster as a ``concurrent.futures.Executor``.
+
+    executor.submit(fn, *a, **kw) --> ClusterFuture <-- settled by the Dispatcher's
+                                        |               receiver thread (dispatch.py)
+                                        +-- cancel(): removes the job from the master's
+                                        |   queue if it has not started
+                                        +-- executor.kill(future): ends it even if running
+    executor.map(fn, *iterables)  --> MapStream.results(): lazy, a bounded window of
+                                      chunks in flight, results in order
+    executor.imap_unordered(...)  --> the same, results as they finish
+    executor.broadcast(obj)       --> Handle: the object, sent once per worker node
+
+Futures behave as the standard library's: ``result()`` re-raises the job's
+own exception (its remote traceback chained as ``__cause__``), ``wait``,
+``as_completed`` and ``asyncio.wrap_future`` work, ``shutdown`` follows the
+documented contract.  A future stays PENDING until its job is done: the
+master does not tell clients when a job starts.
+"""
+from __future__ import annotations
+
+import atexit
+import threading
+import weakref
+from concurrent.futures import CancelledError, Executor, Future
+
+from minicw import config, discover, dispatch, protocol
+from minicw.errors import RemoteError
+
+_live_executors = weakref.WeakSet()
+
+
+class ClusterFuture(Future):
+    """A Future whose ``cancel()`` reaches the master."""
+
+    def __init__(self, dispatcher: dispatch.Dispatcher):
+        super().__init__()
+        self._dispatcher = dispatcher
+        self._job = None
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state != "PENDING":
+                return self._state in ("CANCELLED", "CANCELLED_AND_NOTIFIED")
+        if self._job is None or not self._dispatcher.cancel_job(self._job):
+            return False
+        return self._mark_cancelled()
+
+    def _mark_cancelled(self) -> bool:
+        if not Future.cancel(self):
+            return self.cancelled()
+        self.set_running_or_notify_cancel()  # wakes wait() and as_completed()
+        return True
+
+    def _on_done(self, ok: bool, value) -> None:
+        if ok:
+            self._set(Future.set_result, value)
+        elif isinstance(value, CancelledError):
+            self._mark_cancelled()
+        else:
+            self._set(Future.set_exception, job_exception(value))
+
+    def _set(self, setter, value) -> None:
+        with self._condition:
+            if self._state != "PENDING":
+                return  # cancelled meanwhile
+        setter(self, value)
+
+
+def job_exception(error: BaseException) -> BaseException:
+    """What ``result()`` raises: the job's own exception when it arrived intact."""
+    if isinstance(error, RemoteError) and error.exception is not None:
+        original = error.exception
+        original.__cause__ = _RemoteTraceback(error.remote_traceback)
+        return original
+    return error
+
+
+class _RemoteTraceback(Exception):
+    """Shows the worker's traceback under the re-raised exception."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\nRemote traceback:\n" + self.text.rstrip()
+
+
+class ClusterExecutor(Executor):
+    """Run calls on a minicw cluster, as a ``concurrent.futures.Executor``.
+
+    ``host``/``port``/``authkey`` default to $MINICW_MASTER and
+    $MINICW_AUTHKEY (see discover.py).  ``job_timeout`` (seconds) limits
+    each job's run time; ``max_retries`` reruns a job whose process died.
+    """
+
+    def __init__(self, host: str | None = None, port: int | None = None, authkey=None,
+                 job_timeout: float | None = None,
+                 max_retries: int = config.DEFAULT_MAX_RETRIES):
+        address = discover.master_address(host, port)
+        self._dispatcher = dispatch.Dispatcher(address, discover.authkey(authkey),
+                                               job_timeout, max_retries)
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        _live_executors.add(self)
+
+    @property
+    def address(self) -> tuple:
+        return self._dispatcher.session.address
+
+    # --- the Executor interface -----------------------------------------------------------
+
+    def submit(self, fn, /, *args, **kwargs) -> ClusterFuture:
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = ClusterFuture(self._dispatcher)
+            future._job = self._dispatcher.submit_job(fn, args, kwargs, future._on_done)
+            return future
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
+            ordered: bool = True, job_timeout=None):
+        """Like ``Executor.map``, but lazy: at most a window of jobs is in flight.
+
+        ``chunksize`` > 1 fixes the jobs per chunk; the default 1 lets minicw
+        size chunks from the measured job time.  ``buffersize`` caps the
+        jobs in flight (default: a window per worker process).  The first
+        window is submitted before ``map`` returns; a failed job raises its
+        exception when the iteration reaches it.
+        """
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0.")
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if len(iterables) == 1:
+                kind, items = protocol.CALL_ONE, iterables[0]
+            else:
+                kind, items = protocol.CALL_STAR, zip(*iterables)
+            stream = dispatch.MapStream(
+                self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
+                buffersize, ordered, timeout, job_timeout)
+            stream.top_up()
+        return stream.results()
+
+    def imap_unordered(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
+                       job_timeout=None):
+        """``map`` that yields results as their jobs finish."""
+        return self.map(fn, *iterables, timeout=timeout, chunksize=chunksize,
+                        buffersize=buffersize, ordered=False, job_timeout=job_timeout)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            already = self._shutdown
+            self._shutdown = True
+        if already and not wait:
+            return
+        dispatcher = self._dispatcher
+        if cancel_futures:
+            for job in dispatcher.cancel_all_queued():
+                job.on_done(False, CancelledError())
+            for stream in dispatcher.active_streams():
+                stream.close()
+        if wait:
+            self._finish()
+        else:
+            threading.Thread(target=self._finish, name="minicw-shutdown", daemon=True).start()
+
+    def _finish(self) -> None:
+        """Let submitted work and live map iterators complete, then end the session."""
+        dispatcher = self._dispatcher
+        if dispatcher.closed:
+            return
+        for stream in dispatcher.active_streams():
+            if dispatcher.broken is None:
+                stream.finish_eagerly()
+        for stream in dispatcher.active_streams():
+            stream.wait_delivered()
+        dispatcher.wait_settled()
+        dispatcher.close()
+
+    # --- beyond the standard Executor ----------------------------------------------------------
+
+    def kill(self, future: ClusterFuture) -> bool:
+        """End the future's job even if it is running (its process is replaced).
+
+        True if the job will not produce a result: the future then raises
+        CancelledError.  False if it already finished.
+        """
+        if future.done() or future._job is None:
+            return False
+        if not self._dispatcher.kill_job(future._job):
+            return False
+        if future._job.settled and not future.done():
+            future._mark_cancelled()  # cancelled while still queued
+        return True
+
+    def broadcast(self, obj):
+        """Send ``obj`` to the cluster once; pass the returned handle as a job argument."""
+        return self._dispatcher.broadcast(obj)
+
+    def list_workers(self) -> list:
+        return self._dispatcher.session.list_nodes()
+
+    def status(self) -> dict:
+        return self._dispatcher.session.status()
+
+
+def _shutdown_at_exit() -> None:
+    for executor in list(_live_executors):
+        try:
+            executor.shutdown(wait=True)
+        except Exception:
+            pass
+
+
+atexit.register(_shutdown_at_exit)
