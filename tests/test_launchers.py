@@ -8,6 +8,7 @@ by the recorded PIDs in a ``finally`` (``stopped`` below) and checks that
 those PIDs are gone and the port is free.
 """
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -193,6 +194,10 @@ def test_minicw_allocate_is_local_without_sbatch(no_slurm_env):
         with minicw.allocate(1) as address:   # run directory from $MINICW_RUN_DIR
             seen.extend(recorded_entries(no_slurm_env))
             assert discover.master_address() == address
+            if importlib.util.find_spec("minicw.executor"):   # written at the same time
+                with minicw.ClusterExecutor() as executor:   # finds the recorded master
+                    assert executor.address == address
+                    assert list(executor.map(abs, [-1, -2, 3])) == [1, 2, 3]
     assert not any(launcher.process_alive(e) for e in seen)
 
 
