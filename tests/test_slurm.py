@@ -16,6 +16,7 @@ The real tests submit jobs under a job name of their own (minicwtest<pid>),
 so they never touch a user's minicw jobs, and cancel them in a finalizer
 that also sweeps any job of that name still queued.
 """
+import functools
 import os
 import shutil
 import socket
@@ -245,7 +246,8 @@ def test_slurm_script_runs_from_a_clean_checkout(tmp_path):
 
 # --- real SLURM ----------------------------------------------------------------------------
 
-def _slurm_skip_reason():
+@functools.lru_cache(maxsize=None)
+def slurm_skip_reason():
     if shutil.which("sbatch") is None:
         return ("SLURM is not installed (no sbatch on PATH); .ci/run brings up a "
                 "single-node SLURM with ../shared/ci/slurm-up.sh and runs these")
@@ -255,19 +257,18 @@ def _slurm_skip_reason():
     except (OSError, subprocess.TimeoutExpired) as exc:
         return "sbatch is on PATH but `scontrol ping` failed: %s" % exc
     if "UP" not in ping.stdout:
-        return "sbatch is on PATH but slurmctld does not answer: %s" % ping.stdout.strip()
+        first_line = (ping.stdout.strip().splitlines() or ["no output"])[0]
+        return "sbatch is on PATH but slurmctld does not answer (scontrol ping: %s)" % first_line
     return None
 
 
-SKIP_REASON = _slurm_skip_reason()
-
-
 def require_slurm():
-    if SKIP_REASON is None:
+    reason = slurm_skip_reason()
+    if reason is None:
         return
     if os.environ.get("MINICW_REQUIRE_SLURM") == "1":
-        pytest.fail("MINICW_REQUIRE_SLURM=1 but " + SKIP_REASON)
-    pytest.skip(SKIP_REASON)
+        pytest.fail("MINICW_REQUIRE_SLURM=1 but " + reason)
+    pytest.skip(reason)
 
 
 def slurm_start(*args, timeout_s=SCRIPT_TIMEOUT_S):
