@@ -648,11 +648,10 @@ class MapStream:
                 if batch is None:
                     return
                 while batch:
-                    ok, value = batch.popleft()
-                    if not ok:
-                        raise job_exception(value)
-                    yield value
-                    del value  # keep no reference to a yielded result
+                    if not batch[0][0]:
+                        raise job_exception(batch.popleft()[1])
+                    # No local names the result: once the caller drops it, it is freed.
+                    yield batch.popleft()[1]
         finally:
             self.close()
 
