@@ -52,6 +52,7 @@ ENV_RUN_DIR = "MINICW_RUN_DIR"
 DEFAULT_RUN_DIR = os.path.join("~", ".minicw", "run")
 AUTHKEY_FILE = "authkey"
 LOCAL_RECORD = "master.json"
+SLURM_RECORD = "slurm.json"       # written by minicw.slurm; one cluster per run directory
 READY_TIMEOUT_S = 60.0     # a master must listen, a worker node join, within this
 STOP_GRACE_S = 10.0        # SIGTERM, then SIGKILL to the process group after this
 GROUP_LINGER_S = 2.0       # a group's other members may outlive its leader this long
@@ -327,17 +328,29 @@ def _live_local_record(run_dir: str) -> dict | None:
     record = read_record(run_dir, LOCAL_RECORD)
     if record is None:
         return None
-    if record.get("hostname") == socket.gethostname() and any(
-            process_alive(entry) for entry in _record_entries(record)):
+    _require_this_host(run_dir, record)
+    if any(process_alive(entry) for entry in _record_entries(record)):
         return record
     log.info("removing the stale record %s", os.path.join(run_dir, LOCAL_RECORD))
     _remove_local_record(run_dir, record)
     return None
 
 
+def _require_this_host(run_dir: str, record: dict) -> None:
+    """A run directory in a shared home may hold another machine's record: hands off."""
+    if record.get("hostname") != socket.gethostname():
+        raise MinicwError("%s records a local cluster of host %s, not of this host (%s); "
+                          "stop it there, or use another run directory (remove %s if that "
+                          "host is gone)" % (run_dir, record.get("hostname"),
+                                             socket.gethostname(),
+                                             os.path.join(run_dir, LOCAL_RECORD)))
+
+
 def _remove_local_record(run_dir: str, record: dict) -> None:
     remove_files(*[entry["pid_file"] for entry in _record_entries(record) if "pid_file" in entry])
-    remove_files(os.path.join(run_dir, LOCAL_RECORD), authkey_path(run_dir))
+    remove_files(os.path.join(run_dir, LOCAL_RECORD))
+    if read_record(run_dir, SLURM_RECORD) is None:  # a SLURM cluster there uses the same key
+        remove_files(authkey_path(run_dir))
 
 
 def _write_pid_file(run_dir: str, name: str, entry: dict) -> None:
@@ -425,7 +438,7 @@ def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: f
         raise MinicwError("a local master already runs from %s (pid %d, %s:%d); stop it "
                           "first, or use another run directory"
                           % (run_dir, record["master"]["pid"], record["host"], record["port"]))
-    if read_record(run_dir, "slurm.json") is not None:
+    if read_record(run_dir, SLURM_RECORD) is not None:
         raise MinicwError("%s holds the record of a SLURM cluster (slurm.json); stop it "
                           "first, or use another run directory" % run_dir)
     entry = _start_local_master(run_dir, port, choose_authkey(), timeout_s)
@@ -449,6 +462,7 @@ def local_stop(*, run_dir: str | None = None, master: bool = True, workers: bool
     record = read_record(run_dir, LOCAL_RECORD)
     if record is None:
         return []
+    _require_this_host(run_dir, record)
     ended = []
     if workers:
         ended += record.get("workers", [])

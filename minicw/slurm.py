@@ -45,7 +45,7 @@ from minicw.errors import MinicwError
 log = logging.getLogger(__name__)
 
 DEFAULT_JOB_NAME = "minicw"        # jobs are named minicw-master and minicw-workers
-SLURM_RECORD = "slurm.json"
+SLURM_RECORD = launcher.SLURM_RECORD
 ADDRESS_FILE = "master-address.json"
 COMMAND_TIMEOUT_S = 30.0           # one sbatch / squeue / scancel call
 MASTER_TIMEOUT_S = 120.0           # the master job must write its address within this
@@ -303,8 +303,13 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
     else:
         address = master_address(run_dir)
     if workers:
-        _start_workers(run_dir, record, address, int(nworkers), list(worker_options),
-                       isolated, docker_image, docker_args, python)
+        try:
+            _start_workers(run_dir, record, address, int(nworkers), list(worker_options),
+                           isolated, docker_image, docker_args, python)
+        except SlurmError:
+            if master:  # leave nothing behind: the master was for these workers
+                stop(run_dir=run_dir, workers=False)
+            raise
     return address
 
 
@@ -417,18 +422,17 @@ def stop(*, run_dir: str | None = None, master: bool = True, workers: bool = Tru
 def _forget(run_dir: str, record: dict | None, master: bool, workers: bool) -> None:
     if master:
         launcher.remove_files(os.path.join(run_dir, ADDRESS_FILE))
-    if record is None:
+    if record is not None:
+        if workers:
+            record["workers_job"] = None
         if master:
-            launcher.remove_files(launcher.authkey_path(run_dir))
-        return
-    if workers:
-        record["workers_job"] = None
-    if master:
-        record["master_job"] = None
-    if record.get("master_job") or record.get("workers_job"):
-        launcher.write_record(run_dir, SLURM_RECORD, record)
-    else:
-        launcher.remove_files(os.path.join(run_dir, SLURM_RECORD), launcher.authkey_path(run_dir))
+            record["master_job"] = None
+        if record.get("master_job") or record.get("workers_job"):
+            launcher.write_record(run_dir, SLURM_RECORD, record)
+            return
+        launcher.remove_files(os.path.join(run_dir, SLURM_RECORD))
+    if master and launcher.read_record(run_dir, launcher.LOCAL_RECORD) is None:
+        launcher.remove_files(launcher.authkey_path(run_dir))  # unless a local cluster uses it
 
 
 # --- inside the master job: python -m minicw.slurm master --------------------------------------

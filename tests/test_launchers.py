@@ -249,6 +249,20 @@ def test_a_stale_record_is_replaced(no_slurm_env):
         assert launcher.recorded_master(run_dir) == address
 
 
+def test_another_hosts_record_is_left_alone(no_slurm_env):
+    run_dir = str(no_slurm_env)
+    os.makedirs(run_dir)
+    launcher.write_record(run_dir, launcher.LOCAL_RECORD, {
+        "hostname": "some-other-host", "host": "127.0.0.1", "port": 1, "workers": [],
+        "master": {"pid": os.getpid(), "start_time": None, "pid_file": "/nonexistent"}})
+    assert launcher.recorded_master(run_dir) is None
+    for call in (lambda: launcher.local_stop(run_dir=run_dir),
+                 lambda: launcher.local_start(1, run_dir=run_dir)):
+        with pytest.raises(MinicwError, match="records a local cluster of host some-other-host"):
+            call()
+    assert launcher.read_record(run_dir, launcher.LOCAL_RECORD)["hostname"] == "some-other-host"
+
+
 def test_key_file_is_600_and_a_readable_one_is_refused(tmp_path):
     run_dir = str(tmp_path)
     path = launcher.write_authkey(run_dir, "k" * 32)

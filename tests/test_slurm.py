@@ -418,6 +418,22 @@ def test_sbatch_rejecting_a_job_is_reported(tmp_path):
 
 
 @pytest.mark.slurm
+def test_a_rejected_worker_job_takes_its_new_master_down(tmp_path):
+    require_slurm()
+    run_dir = str(tmp_path)
+    try:
+        done = slurm_start("-n", "1", "start", "--run-dir", run_dir, "--port", "0",
+                           "--Xworkers=--partition=no-such-partition")
+        assert done.returncode == 1
+        assert "--job-name=%s-workers" % JOB_NAME in done.stderr
+        assert "invalid partition" in done.stderr.lower()
+        assert our_jobs() == []
+        assert sorted(name for name in os.listdir(run_dir) if not name.endswith(".log")) == []
+    finally:
+        cancel_everything_of_ours(run_dir)
+
+
+@pytest.mark.slurm
 def test_a_master_that_never_runs_is_cancelled(tmp_path):
     require_slurm()
     run_dir = str(tmp_path)
