@@ -406,6 +406,32 @@ def test_stop_cancels_and_empties_the_queue(cluster):
 
 
 @pytest.mark.slurm
+def test_minicw_allocate_uses_slurm_when_sbatch_is_there(tmp_path):
+    require_slurm()
+    run_dir = str(tmp_path)
+    assert launcher.choose_backend() == "slurm"
+    try:
+        with minicw.allocate(2, run_dir=run_dir, port=0, job_name=JOB_NAME,
+                             worker_options=["--overcommit"], timeout_s=60) as address:
+            assert address == slurm.master_address(run_dir)
+            assert {job.name for job in our_jobs()} == {JOB_NAME + "-master",
+                                                        JOB_NAME + "-workers"}
+            key = launcher.read_authkey(run_dir)
+            wait_for_worker_nodes(address, key, 2)
+            node = minicw.MasterNode(address[0], address[1], key).connect()
+            try:
+                node.load_envir("def neg(x):\n    return -x\n", from_file=False)
+                node.register_target_function("neg")
+                node.load_args(range(100))
+                assert node.execute() == {x: -x for x in range(100)}
+            finally:
+                node.shutdown()
+        assert our_jobs() == []
+    finally:
+        cancel_everything_of_ours(run_dir)
+
+
+@pytest.mark.slurm
 def test_sbatch_rejecting_a_job_is_reported(tmp_path):
     require_slurm()
     done = slurm_start("-n", "1", "start", "--run-dir", str(tmp_path), "--port", "0",
