@@ -27,12 +27,14 @@ import os
 import socket
 import sys
 import threading
+import time
 import warnings
 from concurrent.futures import CancelledError
 
 from minicw import config, context, protocol, serialize, transport
 from minicw.errors import (
-    JobTimeoutError, MasterLostError, MinicwError, RemoteError, WorkerCrashedError,
+    AuthkeyMismatchError, ClusterShutdownError, JobTimeoutError, MasterConnectionError,
+    MasterLostError, MinicwError, RemoteError, SessionExpiredError, WorkerCrashedError,
 )
 
 log = logging.getLogger(__name__)
@@ -47,50 +49,132 @@ def client_info() -> dict:
 
 
 class Session:
-    """One client session with the master at ``address``."""
+    """One client session with the master at ``address``.
 
-    def __init__(self, address, authkey):
-        from minicw.master import connect
+    The session remembers every blob it stored and every chunk not fully
+    delivered.  When the connection breaks (or the master forgot this client),
+    it reconnects with backoff for up to ``reconnect_timeout_s``, says hello
+    again, stores the blobs again and resubmits those chunks; deliveries of
+    jobs already delivered are dropped, so each result reaches the caller
+    once.  A master that shut down on purpose is not waited for.
+    """
+
+    def __init__(self, address, authkey, reconnect_timeout_s: float | None = None):
         self.address = tuple(address)
-        self._manager = connect(self.address, authkey)
-        self._api = self._manager.client()
-        self.client_id, master_info = self._call("hello", client_info())
-        self.heartbeat_timeout_s = master_info["heartbeat_timeout_s"]
-        self._stored_blobs = set()
+        self._authkey = authkey
+        self.reconnect_timeout_s = config.reconnect_timeout_s(reconnect_timeout_s)
+        self._blobs = {}                  # key -> bytes of every blob stored
         self._blob_lock = threading.Lock()
+        self._in_flight = {}              # chunk_id -> [spec, jobs left, delivered indices]
+        self._in_flight_lock = threading.Lock()
+        self._recover_lock = threading.Lock()
+        self._generation = 0              # reconnections so far
         self._chunk_ids = itertools.count(1)
         self._context = (None, None)      # (described context, its blob key)
         self._warned = set()
         self._closed = threading.Event()
+        self.master_shut_down = False
+        self._open()
         threading.Thread(target=self._keep_alive, name="minicw-keepalive", daemon=True).start()
 
-    def _call(self, method: str, *args):
-        try:
-            return getattr(self._api, method)(*args)
-        except (EOFError, ConnectionError, BrokenPipeError) as exc:
-            raise MasterLostError("lost the connection to the master at %s (%s)" % (
-                transport.format_address(self.address), type(exc).__name__),
-                self.address) from None
+    def _open(self) -> None:
+        from minicw.master import connect
+        manager = connect(self.address, self._authkey)
+        api = manager.client()
+        client_id, master_info = api.hello(client_info())
+        self._manager, self._api, self.client_id = manager, api, client_id
+        self.heartbeat_timeout_s = master_info["heartbeat_timeout_s"]
+
+    def _call(self, method: str, *args, with_id: bool = True, after_recovery: str = "retry"):
+        """Call the master; on a lost connection recover, then retry (or not:
+        ``after_recovery="done"`` when recovery itself redid the call's work)."""
+        while True:
+            generation, api = self._generation, self._api
+            call_args = (self.client_id,) + args if with_id else args
+            try:
+                return getattr(api, method)(*call_args)
+            except ClusterShutdownError:
+                self.master_shut_down = True
+                raise
+            except (EOFError, OSError, SessionExpiredError) as exc:
+                if self._closed.is_set() or self.master_shut_down:
+                    raise self._lost(exc) from None
+                self._recover(generation, exc)
+                if after_recovery == "done":
+                    return None
+            except BaseException:
+                # Interrupted mid-call (Ctrl-C): the reply may still be on its
+                # way, so this thread's connection cannot be trusted again.
+                _discard_connection(api)
+                raise
+
+    def _lost(self, exc: BaseException) -> MasterLostError:
+        return MasterLostError("lost the connection to the master at %s (%s: %s)" % (
+            transport.format_address(self.address), type(exc).__name__, exc), self.address)
+
+    def _recover(self, generation: int, cause: BaseException) -> None:
+        """Reconnect and resubmit, unless another thread already has since ``generation``."""
+        with self._recover_lock:
+            if self._generation != generation:
+                return
+            where = transport.format_address(self.address)
+            log.warning("lost the master at %s (%s); reconnecting for up to %gs", where,
+                        type(cause).__name__, self.reconnect_timeout_s)
+            deadline = time.monotonic() + self.reconnect_timeout_s
+            pause_s = 0.05
+            while True:
+                if self._closed.is_set():
+                    raise self._lost(cause)
+                try:
+                    self._open()
+                    self._restore()
+                    break
+                except (MasterConnectionError, EOFError, OSError, SessionExpiredError) as exc:
+                    if isinstance(exc, AuthkeyMismatchError):
+                        raise
+                    cause = exc
+                if time.monotonic() + pause_s > deadline:
+                    raise MasterLostError(
+                        "lost the master at %s and it did not come back within %gs (%s: %s)"
+                        % (where, self.reconnect_timeout_s, type(cause).__name__, cause),
+                        self.address) from None
+                time.sleep(pause_s)
+                pause_s = min(pause_s * 2, 1.0)
+            self._generation += 1
+            log.warning("reconnected to the master at %s; resubmitted %d chunks", where,
+                        len(self._in_flight))
+
+    def _restore(self) -> None:
+        """On a new connection: store every blob again, resubmit what is in flight."""
+        with self._blob_lock:
+            blobs = list(self._blobs.items())
+        for start in range(0, len(blobs), 16):
+            self._api.put_blobs(self.client_id, blobs[start:start + 16])
+        with self._in_flight_lock:
+            specs = [record[0] for record in self._in_flight.values()]
+        step = config.MAX_CHUNKS_PER_CALL * 4
+        for start in range(0, len(specs), step):
+            self._api.submit(self.client_id, specs[start:start + step])
 
     def _keep_alive(self) -> None:
-        period_s = self.heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT
-        while not self._closed.wait(period_s):
+        while not self._closed.wait(self.heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT):
             try:
-                self._call("touch", self.client_id)
+                self._call("touch")
             except Exception as exc:
-                log.debug("keepalive failed: %s", exc)
+                log.debug("keepalive stopped: %s", exc)
                 return
 
     # --- requests ------------------------------------------------------------------
 
     def put_blob(self, key: str, data: bytes) -> None:
         """Store a blob in the master once per session."""
-        if key in self._stored_blobs:
+        if key in self._blobs:
             return
         with self._blob_lock:  # two threads storing the same blob send it once
-            if key not in self._stored_blobs:
-                self._call("put_blobs", self.client_id, [(key, data)])
-                self._stored_blobs.add(key)
+            if key in self._blobs:
+                return
+            self._blobs[key] = data
+        self._call("put_blobs", [(key, data)], after_recovery="done")
 
     def context_key(self) -> str:
         """The blob key of this process's current cwd and sys.path (stored when new)."""
@@ -107,22 +191,77 @@ class Session:
         return next(self._chunk_ids)
 
     def submit(self, specs: list) -> None:
-        for start in range(0, len(specs), config.MAX_CHUNKS_PER_CALL * 4):
-            self._call("submit", self.client_id, specs[start:start + config.MAX_CHUNKS_PER_CALL * 4])
+        with self._in_flight_lock:
+            for spec in specs:
+                self._in_flight[spec[0]] = [spec, spec[2], None]
+        step = config.MAX_CHUNKS_PER_CALL * 4
+        for start in range(0, len(specs), step):
+            self._call("submit", specs[start:start + step], after_recovery="done")
 
     def fetch(self, timeout_s: float) -> list:
-        return self._call("fetch", self.client_id, timeout_s)
+        """Deliveries; a job already delivered (before a resubmission) has index None."""
+        deliveries = self._call("fetch", timeout_s)
+        if not deliveries:
+            return deliveries
+        with self._in_flight_lock:
+            return [delivery for delivery in map(self._first_time, deliveries)
+                    if delivery is not None]
+
+    def _first_time(self, delivery):
+        """The delivery with repeated jobs masked; None if none of it is new."""
+        chunk_id, indices = delivery[0], delivery[1]
+        record = self._in_flight.get(chunk_id)
+        if record is None:
+            return None  # cancelled, or complete before a resubmission
+        delivered = record[2]
+        if delivered is None and len(indices) == record[1] == record[0][2]:
+            del self._in_flight[chunk_id]  # the common case: a whole chunk at once
+            return delivery
+        if delivered is None:
+            delivered = record[2] = set()
+        fresh = tuple(None if index in delivered else index for index in indices)
+        new = [index for index in fresh if index is not None]
+        if not new:
+            return None
+        delivered.update(new)
+        record[1] -= len(new)
+        if record[1] <= 0:
+            del self._in_flight[chunk_id]
+        return delivery if len(new) == len(indices) else (chunk_id, fresh) + tuple(delivery[2:])
 
     def cancel(self, requests) -> list:
         """``[(chunk_id, indices or None)]`` -> ``[(chunk_id, cancelled indices)]``."""
-        return self._call("cancel", self.client_id, list(requests))
+        requests = list(requests)
+        outcome = self._call("cancel", requests)
+        with self._in_flight_lock:
+            for (chunk_id, indices), (_, cancelled) in zip(requests, outcome):
+                if indices is None:
+                    self._in_flight.pop(chunk_id, None)
+                elif cancelled:
+                    self._forget_jobs(chunk_id, cancelled)
+        return outcome
 
     def kill(self, chunk_id: int, index: int) -> str:
-        return self._call("kill", self.client_id, chunk_id, index)
+        outcome = self._call("kill", chunk_id, index)
+        if outcome == "cancelled":
+            with self._in_flight_lock:
+                self._forget_jobs(chunk_id, [index])
+        return outcome
+
+    def _forget_jobs(self, chunk_id, indices) -> None:
+        record = self._in_flight.get(chunk_id)
+        if record is None:
+            return
+        if record[2] is None:
+            record[2] = set()
+        record[2].update(indices)
+        record[1] -= len(indices)
+        if record[1] <= 0:
+            del self._in_flight[chunk_id]
 
     def blob_transfers(self, keys) -> dict:
         """{key: (times put, times fetched by worker nodes)}, for tests and diagnosis."""
-        return self._call("blob_transfers", list(keys))
+        return self._call("blob_transfers", list(keys), with_id=False)
 
     def warn_once(self, notes) -> None:
         """Show each note from the workers once per session."""
@@ -132,19 +271,30 @@ class Session:
                 warnings.warn(note, RuntimeWarning, stacklevel=2)
 
     def list_nodes(self) -> list:
-        return self._call("list_nodes")
+        return self._call("list_nodes", with_id=False)
 
     def status(self) -> dict:
-        return self._call("status")
+        return self._call("status", with_id=False)
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
         try:
-            self._call("goodbye", self.client_id)
-        except (MinicwError, OSError) as exc:
+            self._api.goodbye(self.client_id)
+        except Exception as exc:
             log.debug("goodbye failed: %s", exc)
+
+
+def _discard_connection(api) -> None:
+    """Forget (and close) the calling thread's connection of a proxy."""
+    connection = getattr(api._tls, "connection", None)
+    if connection is not None:
+        del api._tls.connection
+        try:
+            connection.close()
+        except OSError:
+            pass
 
 
 # --- decoding deliveries -------------------------------------------------------------
@@ -178,15 +328,17 @@ def decode(delivery, session: Session | None = None):
     chunk_id, indices, results, failure = delivery
     if failure is not None:
         return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
-                for index in indices], None
+                for index in indices if index is not None], None
     values, errors, seconds, notes = serialize.loads(results)
     if notes and session is not None:
         session.warn_once(notes)
-    if not errors:
+    if not errors and None not in indices:
         return list(zip(indices, itertools.repeat(True), values)), seconds
     decoded = []
     for position, (index, value) in enumerate(zip(indices, values)):
-        description = errors.get(position)
+        description = errors.get(position) if errors else None
+        if index is None:
+            continue  # delivered before the master restarted
         if description is None:
             decoded.append((index, True, value))
         else:
@@ -230,7 +382,7 @@ def stream_results(session: Session, chunks, window: int):
                 chunk_id, indices = delivery[0], delivery[1]
                 if chunk_id not in remaining_by_chunk:
                     continue  # left over from an earlier, cancelled stream
-                remaining_by_chunk[chunk_id] -= len(indices)
+                remaining_by_chunk[chunk_id] -= sum(1 for i in indices if i is not None)
                 if remaining_by_chunk[chunk_id] <= 0:
                     del remaining_by_chunk[chunk_id]
                 yield chunk_id, decode_delivery(delivery, session)

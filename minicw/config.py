@@ -34,6 +34,18 @@ def heartbeat_timeout_s(explicit: float | None = None) -> float:
     return float(text) if text else DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
+ENV_RECONNECT_TIMEOUT_S = "MINICW_RECONNECT_TIMEOUT_S"
+DEFAULT_RECONNECT_TIMEOUT_S = 30.0  # a client waits this long for a lost master to return
+
+
+def reconnect_timeout_s(explicit: float | None = None) -> float:
+    """How long a client keeps trying to reach a lost master before its jobs fail."""
+    if explicit is not None:
+        return float(explicit)
+    text = os.environ.get(ENV_RECONNECT_TIMEOUT_S)
+    return float(text) if text else DEFAULT_RECONNECT_TIMEOUT_S
+
+
 # --- work movement ---------------------------------------------------------------
 DEFAULT_CHUNKSIZE = 50          # jobs per chunk in MasterNode.execute (the ancestor's value)
 MAX_CHUNKS_PER_CALL = 16        # chunks moved by one proxy call, either direction

@@ -445,7 +445,8 @@ def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: f
     record = {"kind": "local", "hostname": socket.gethostname(), "host": entry.pop("host"),
               "port": entry.pop("port"), "master": entry,
               "workers": list((record or {}).get("workers", [])),
-              "authkey_file": authkey_path(run_dir), "next_worker": 1, "run_dir": run_dir}
+              "authkey_file": authkey_path(run_dir), "run_dir": run_dir,
+              "next_worker": (record or {}).get("next_worker", 1)}
     write_record(run_dir, LOCAL_RECORD, record)
     return record
 

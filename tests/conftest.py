@@ -14,6 +14,7 @@ import pytest
 
 # Short liveness timeouts for every master the tests start (children inherit it).
 os.environ.setdefault("MINICW_HEARTBEAT_TIMEOUT_S", "3")
+os.environ.setdefault("MINICW_RECONNECT_TIMEOUT_S", "5")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
