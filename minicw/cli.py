@@ -112,7 +112,10 @@ def master_main(argv=None) -> int:
     _on_signals(lambda signum, frame: threading.Thread(target=master.shutdown).start())
     while not master.wait(1.0):  # wake now and then so signals are handled promptly
         pass
-    print("minicw master on port %d shut down" % port, flush=True)
+    try:
+        print("minicw master on port %d shut down" % port, flush=True)
+    except OSError:  # whoever read our output has gone (the parent of --exit-with-stdin)
+        pass
     return 0
 
 

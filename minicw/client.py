@@ -83,6 +83,7 @@ class Session:
         api = manager.client()
         client_id, master_info = api.hello(client_info())
         self._manager, self._api, self.client_id = manager, api, client_id
+        self._acked = 0                   # last delivery number received from this master
         self.heartbeat_timeout_s = master_info["heartbeat_timeout_s"]
 
     def _call(self, method: str, *args, with_id: bool = True, after_recovery: str = "retry"):
@@ -200,7 +201,10 @@ class Session:
 
     def fetch(self, timeout_s: float) -> list:
         """Deliveries; a job already delivered (before a resubmission) has index None."""
-        deliveries = self._call("fetch", timeout_s)
+        generation = self._generation
+        last, deliveries = self._call("fetch", timeout_s, self._acked)
+        if generation == self._generation:  # not numbered by a master since replaced
+            self._acked = last
         if not deliveries:
             return deliveries
         with self._in_flight_lock:

@@ -54,11 +54,12 @@ EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estima
 class Job:
     """One submitted call and what happens to it."""
 
-    __slots__ = ("func_key", "args", "kwargs", "job_timeout", "max_retries", "on_done",
-                 "chunk_id", "index", "settled")
+    __slots__ = ("func_key", "func_name", "args", "kwargs", "job_timeout", "max_retries",
+                 "on_done", "chunk_id", "index", "settled")
 
-    def __init__(self, func_key, args, kwargs, job_timeout, max_retries, on_done):
+    def __init__(self, func_key, func_name, args, kwargs, job_timeout, max_retries, on_done):
         self.func_key = func_key
+        self.func_name = func_name
         self.args = args
         self.kwargs = kwargs
         self.job_timeout = job_timeout
@@ -163,7 +164,7 @@ class Dispatcher:
     def submit_job(self, fn, args, kwargs, on_done, job_timeout=None, max_retries=None) -> Job:
         """Queue ``fn(*args, **kwargs)``; ``on_done(ok, value)`` is called once with the outcome."""
         self.check_open()
-        job = Job(self.function_key(fn), args, kwargs,
+        job = Job(self.function_key(fn), _name_of(fn), args, kwargs,
                   self.job_timeout if job_timeout is None else job_timeout,
                   self.max_retries if max_retries is None else max_retries, on_done)
         with self._lock:
@@ -392,7 +393,10 @@ class Dispatcher:
         if seconds is not None and delivery[3] is None:
             self.record_time(func_keys, seconds, len(decoded))
         for index, ok, value in decoded:
-            self._settle(jobs[index], ok, value)
+            job = jobs[index]
+            if not ok and hasattr(value, "job"):  # a crash or a timeout: say which call
+                _rename_job(value, "%s%s" % (job.func_name, _short_repr(job.args)))
+            self._settle(job, ok, value)
         with self._lock:
             if all(job.settled for job in jobs):
                 self._routes.pop(chunk_id, None)
@@ -495,6 +499,23 @@ class Dispatcher:
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
 
 
+def _name_of(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _short_repr(args, limit: int = 60) -> str:
+    text = repr(tuple(args)) if args is not None else "(...)"
+    if text.endswith(",)"):
+        text = text[:-2] + ")"
+    return text if len(text) <= limit else text[:limit - 4] + "...)"
+
+
+def _rename_job(error, label: str) -> None:
+    """Name the failed call in a WorkerCrashedError / JobTimeoutError."""
+    error.job = label
+    error.args = (label,) + tuple(error.args[1:])
+
+
 def _argument_error(job: Job) -> SerializationError:
     try:
         serialize.dumps((job.args, job.kwargs), protocol.PICKLE_PROTOCOL)
@@ -519,6 +540,7 @@ class MapStream:
                  job_timeout=None, max_retries=None):
         self.dispatcher = dispatcher
         self.func_key = dispatcher.function_key(fn)
+        self.func_name = _name_of(fn)
         self.items = iter(items)
         self.kind = kind
         self.chunksize = chunksize
@@ -611,6 +633,8 @@ class MapStream:
             first = record[0]
             self._results_due -= len(decoded)
             for index, ok, value in decoded:
+                if not ok and hasattr(value, "job"):
+                    _rename_job(value, "%s on item %d" % (self.func_name, first + index))
                 if self.ordered:
                     self._ready[first + index] = (ok, value)
                 else:

@@ -111,15 +111,19 @@ class ClusterExecutor(Executor):
     # --- the Executor interface -----------------------------------------------------------
 
     def submit(self, fn, /, *args, **kwargs) -> ClusterFuture:
+        return self._submit(fn, args, kwargs, None, None)
+
+    def _submit(self, fn, args, kwargs, job_timeout, max_retries) -> ClusterFuture:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future = ClusterFuture(self._dispatcher)
-            future._job = self._dispatcher.submit_job(fn, args, kwargs, future._on_done)
+            future._job = self._dispatcher.submit_job(fn, args, kwargs, future._on_done,
+                                                      job_timeout, max_retries)
             return future
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
-            ordered: bool = True, job_timeout=None):
+            ordered: bool = True, job_timeout=None, max_retries=None):
         """Like ``Executor.map``, but lazy: at most a window of jobs is in flight.
 
         ``chunksize`` > 1 fixes the jobs per chunk; the default 1 lets minicw
@@ -141,7 +145,7 @@ class ClusterExecutor(Executor):
                 kind, items = protocol.CALL_STAR, zip(*iterables)
             stream = dispatch.MapStream(
                 self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
-                buffersize, ordered, timeout, job_timeout)
+                buffersize, ordered, timeout, job_timeout, max_retries)
             stream.top_up()
         return stream.results()
 
@@ -183,6 +187,11 @@ class ClusterExecutor(Executor):
 
     # --- beyond the standard Executor ----------------------------------------------------------
 
+    def with_options(self, job_timeout: float | None = None, max_retries: int | None = None):
+        """This executor with other per-job limits for the calls made through the result:
+        ``executor.with_options(job_timeout=5).submit(fn, x)``."""
+        return _WithOptions(self, job_timeout, max_retries)
+
     def kill(self, future: ClusterFuture) -> bool:
         """End the future's job even if it is running (its process is replaced).
 
@@ -206,6 +215,26 @@ class ClusterExecutor(Executor):
 
     def status(self) -> dict:
         return self._dispatcher.session.status()
+
+
+class _WithOptions:
+    """``submit``/``map``/``imap_unordered`` of an executor with other per-job limits."""
+
+    def __init__(self, executor: ClusterExecutor, job_timeout, max_retries):
+        self._executor = executor
+        self._job_timeout = job_timeout
+        self._max_retries = max_retries
+
+    def submit(self, fn, /, *args, **kwargs) -> ClusterFuture:
+        return self._executor._submit(fn, args, kwargs, self._job_timeout, self._max_retries)
+
+    def map(self, fn, *iterables, **options):
+        options.setdefault("job_timeout", self._job_timeout)
+        options.setdefault("max_retries", self._max_retries)
+        return self._executor.map(fn, *iterables, **options)
+
+    def imap_unordered(self, fn, *iterables, **options):
+        return self.map(fn, *iterables, ordered=False, **options)
 
 
 def _shutdown_at_exit() -> None:

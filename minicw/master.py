@@ -66,8 +66,8 @@ class ClientAPI:
     def submit(self, client_id, specs):
         self._scheduler.submit(client_id, specs)
 
-    def fetch(self, client_id, timeout_s):
-        return self._scheduler.fetch(client_id, timeout_s)
+    def fetch(self, client_id, timeout_s, ack=0):
+        return self._scheduler.fetch(client_id, timeout_s, ack)
 
     def cancel(self, client_id, requests):
         return self._scheduler.cancel(client_id, requests)

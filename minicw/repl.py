@@ -186,12 +186,15 @@ class MasterNode:
         """The list of arguments; each must be hashable and appear once (results are keyed by arg)."""
         self._args = check_args(args)
 
-    def execute(self) -> dict:
+    def execute(self, job_timeout: float | None = None) -> dict:
         """Run the target function on every arg across the cluster; returns {arg: result}.
 
         Raises RemoteError (type, message, arg and remote traceback) at the
-        first job that raised; the jobs still queued are cancelled and the
-        cluster stays usable.
+        first job that raised, WorkerCrashedError for a job that killed its
+        process more than ``self.max_retries`` times, JobTimeoutError (a
+        TimeoutError) for one that ran over ``job_timeout`` seconds.  Then,
+        or on Ctrl-C, the jobs still queued are cancelled and the cluster
+        stays usable.
         """
         session = self._require_session()
         if self._envir is None or self._target_name is None:
@@ -208,7 +211,8 @@ class MasterNode:
                               % transport.format_address(session.address))
         processes = sum(node["nprocs"] for node in nodes)
         window = max(16, config.IN_FLIGHT_CHUNKS_PER_PROCESS * processes)
-        return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries)
+        return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries,
+                         job_timeout)
 
     def _store_function(self, session: client.Session) -> str:
         envir_key, source_blob, _, _ = self._envir
@@ -245,7 +249,7 @@ def check_args(args) -> list:
 
 
 def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int,
-              window: int, max_retries: int) -> dict:
+              window: int, max_retries: int, job_timeout: float | None = None) -> dict:
     """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error."""
     args_by_chunk = {}
     context_key = session.context_key()
@@ -256,7 +260,7 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
             chunk_id = session.new_chunk_id()
             args_by_chunk[chunk_id] = items
             yield (chunk_id, (func_key,), len(items),
-                   protocol.pack_payload(protocol.CALL_ONE, items), None, max_retries,
+                   protocol.pack_payload(protocol.CALL_ONE, items), job_timeout, max_retries,
                    context_key)
 
     results = {}

@@ -47,11 +47,14 @@ log = logging.getLogger(__name__)
 STATE_TOKEN = 0        # lease being run, 0 when none
 STATE_POSITION = 1     # position in the lease's selection, -1 when none
 STATE_DEADLINE_NS = 2  # time.monotonic_ns() limit of the running job, 0 when none
-STATE_FIELDS = 3
+STATE_EXIT = 3         # why the process is leaving on its own (EXIT_*), 0 otherwise
+STATE_FIELDS = 4
 
 IDLE_WAIT_S = 1.0      # a process waiting for work re-checks its node this often
 FUNCTIONS_PER_PROCESS = 256  # loaded functions and contexts a process keeps
 
+# Exit reasons.  A job may call os._exit() with any code, so the node reads
+# the reason from STATE_EXIT, never from the exit code alone.
 EXIT_STOPPED = 0       # drained or told to stop
 EXIT_NODE_UNKNOWN = 3  # the master no longer knows this node, or is closing
 EXIT_MASTER_LOST = 4   # the connection to the master broke
@@ -63,6 +66,7 @@ def run_process(spec: dict) -> None:
     _exit_with_parent()
     runner = Runner(spec)
     code = runner.run()
+    runner.state[STATE_EXIT] = code
     sys.exit(code)
 
 

@@ -78,7 +78,7 @@ class Chunk:
 
 class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
-                 "deliveries", "has_deliveries", "blob_keys",
+                 "deliveries", "delivery_seq", "has_deliveries", "blob_keys",
                  "queued_jobs", "running_jobs", "done_jobs", "failed_jobs")
 
     def __init__(self, client_id, info, lock):
@@ -88,7 +88,8 @@ class ClientState:
         self.queue = deque()            # Chunk, next to lease on the left
         self.in_rotation = False
         self.chunks = {}                # chunk_id -> Chunk, queued or leased
-        self.deliveries = deque()       # Delivery tuples waiting for fetch()
+        self.deliveries = deque()       # (sequence number, Delivery) not yet acknowledged
+        self.delivery_seq = 0
         self.has_deliveries = threading.Condition(lock)
         self.blob_keys = set()
         self.queued_jobs = self.running_jobs = self.done_jobs = self.failed_jobs = 0
@@ -207,20 +208,29 @@ class Scheduler:
             self._enter_rotation(client, front=False)
             self._work_queued.notify(len(specs))
 
-    def fetch(self, client_id: int, timeout_s: float) -> list:
-        """Deliveries for this client, waiting up to ``timeout_s`` for the first."""
+    def fetch(self, client_id: int, timeout_s: float, ack: int = 0):
+        """``(last sequence number, [Delivery])``, waiting up to ``timeout_s`` for one.
+
+        Deliveries stay here until a later fetch acknowledges them (``ack``:
+        the last sequence number the client received).  A reply lost on the
+        way (its caller was interrupted, the connection broke) is therefore
+        sent again; the client drops what it has already seen.
+        """
         with self._lock:
             client = self._client(client_id)
             client.last_seen = time.monotonic()
-            if not client.deliveries and timeout_s > 0 and not self.closed:
+            deliveries = client.deliveries
+            while deliveries and deliveries[0][0] <= ack:
+                deliveries.popleft()
+            if not deliveries and timeout_s > 0 and not self.closed:
                 client.has_deliveries.wait(timeout_s)
                 client = self._client(client_id)  # it may have been dropped meanwhile
                 client.last_seen = time.monotonic()
-            if not client.deliveries:
+            if not deliveries:
                 self._check_open()
-                return []
-            count = min(len(client.deliveries), MAX_DELIVERIES_PER_FETCH)
-            return [client.deliveries.popleft() for _ in range(count)]
+                return ack, []
+            batch = list(itertools.islice(deliveries, MAX_DELIVERIES_PER_FETCH))
+            return batch[-1][0], [delivery for _, delivery in batch]
 
     def cancel(self, client_id: int, requests) -> list:
         """Cancel jobs: ``requests`` is ``[(chunk_id, indices or None)]``.
@@ -503,7 +513,8 @@ class Scheduler:
             self._rotation.append(client)
 
     def _deliver(self, client: ClientState, delivery) -> None:
-        client.deliveries.append(delivery)
+        client.delivery_seq += 1
+        client.deliveries.append((client.delivery_seq, delivery))
         client.has_deliveries.notify()
 
     def _drop_client(self, client: ClientState, why: str) -> None:

@@ -402,9 +402,10 @@ class WorkerNode:
         exit_description = describe_exit(process.exitcode)
         del self._slots[slot.index]
         slot.control.close()
-        if process.exitcode == runner.EXIT_STOPPED and draining:
+        left_on_its_own = slot.state[runner.STATE_EXIT]
+        if left_on_its_own == runner.EXIT_STOPPED and process.exitcode == 0 and draining:
             return
-        if process.exitcode in (runner.EXIT_NODE_UNKNOWN, runner.EXIT_MASTER_LOST):
+        if left_on_its_own in (runner.EXIT_NODE_UNKNOWN, runner.EXIT_MASTER_LOST):
             # The process found the master gone or this registration forgotten;
             # ask the master which, rather than respawning into the same wall.
             try:
@@ -413,9 +414,8 @@ class WorkerNode:
                 commands = [("lost",)]
             for command in commands:
                 self._post(command)
-            if not commands:
-                self._start_process(slot.index)
-            return
+            if commands:
+                return
         if reason == protocol.END_DIED:
             log.warning("worker process %d (pid %s) ended: %s", slot.index, process.pid,
                         exit_description)

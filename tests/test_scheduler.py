@@ -25,6 +25,13 @@ def spec(chunk_id, n_jobs, max_retries=2, timeout_s=None):
     return (chunk_id, ("fn",), n_jobs, b"payload", timeout_s, max_retries, None)
 
 
+def fetch(scheduler, client):
+    """Deliveries, acknowledging what was fetched before."""
+    last, deliveries = scheduler.fetch(client, 0, getattr(scheduler, "_test_ack", 0))
+    scheduler._test_ack = last
+    return deliveries
+
+
 def report(lease, start, count, results=b"r"):
     return (lease[0], start, count, results)
 
@@ -37,7 +44,7 @@ def test_lease_report_deliver_exactly_once():
     scheduler.exchange(node, 0, [report(lease, 0, 2)], 0, 0)
     scheduler.exchange(node, 0, [report(lease, 0, 2)], 0, 0)  # duplicate: dropped
     scheduler.exchange(node, 0, [report(lease, 2, 1)], 0, 0)
-    deliveries = scheduler.fetch(client, 0)
+    deliveries = fetch(scheduler, client)
     assert [(d[0], list(d[1])) for d in deliveries] == [(1, [0, 1]), (1, [2])]
     status = scheduler.status()["clients"][0]
     assert (status["queued"], status["running"], status["done"]) == (0, 0, 3)
@@ -78,7 +85,7 @@ def test_crash_retries_the_running_job_first_then_fails_it():
     scheduler.process_ended(node, 0, retry[0], 0, protocol.END_DIED, "exit code 1")
     [rest], _ = scheduler.exchange(node, 0, [], 1, 0)
     assert tuple(rest[5]) == (1, 3)
-    deliveries = scheduler.fetch(client, 0)
+    deliveries = fetch(scheduler, client)
     failure = [d for d in deliveries if d[3] is not None]
     assert failure == [(1, (2,), None, (protocol.FAIL_CRASHED, ("exit code 1", 2)))]
 
@@ -89,7 +96,7 @@ def test_timeout_and_kill_fail_only_the_running_job():
     leases, _ = scheduler.exchange(node, 0, [], 2, 0)
     first = [lease for lease in leases if lease[2] == 1][0]
     scheduler.process_ended(node, 0, first[0], 1, protocol.END_TIMED_OUT, "killed")
-    deliveries = scheduler.fetch(client, 0)
+    deliveries = fetch(scheduler, client)
     assert deliveries == [(1, (1,), None, (protocol.FAIL_TIMEOUT, 0.5))]
     # Both chunks are queued again, without charge, minus the failed job.
     requeued = []
@@ -113,7 +120,7 @@ def test_late_report_after_node_expiry_is_dropped(monkeypatch):
     assert scheduler.list_nodes() == []
     # The frozen node wakes up and reports: it is told to stop, nothing is delivered.
     assert scheduler.exchange(node, 0, [report(lease, 0, 1)], 1, 0) is None
-    assert scheduler.fetch(client, 0) == []
+    assert fetch(scheduler, client) == []
     assert scheduler.poll(node, 0) == [(protocol.CMD_REREGISTER,)]
     other = scheduler.register_node(dict(NODE_INFO))
     [again], _ = scheduler.exchange(other, 0, [], 1, 0)
@@ -140,7 +147,7 @@ def test_cancel_of_a_leased_chunk_revokes_it_and_drops_late_results():
     assert scheduler.cancel(client, [(1, None)]) == [(1, [1, 2, 3])]
     # The process hears about it with its next exchange; its late report is dropped.
     assert scheduler.exchange(node, 0, [report(lease, 1, 3)], 0, 0) == ([], (lease[0],))
-    assert [d[1] for d in scheduler.fetch(client, 0)] == [range(0, 1)]
+    assert [d[1] for d in fetch(scheduler, client)] == [range(0, 1)]
     assert scheduler.status()["clients"][0]["running"] == 0
 
 
@@ -155,7 +162,7 @@ def test_kill_queued_job_cancels_it_and_running_job_commands_its_node():
     # The node kills the process when it reaches that job and reports it.
     scheduler.exchange(node, 1, [report(lease, 0, 2)], 0, 0)
     scheduler.process_ended(node, 1, lease[0], 2, protocol.END_KILLED, "killed by signal SIGKILL")
-    deliveries = scheduler.fetch(client, 0)
+    deliveries = fetch(scheduler, client)
     assert deliveries[-1][:2] == (1, (2,))
     assert deliveries[-1][3][0] == protocol.FAIL_CANCELLED
     assert scheduler.kill(client, 1, 0) == "unknown"  # done
@@ -169,7 +176,7 @@ def test_dropped_client_revokes_its_leases_and_frees_blobs():
     assert scheduler.exchange(node, 0, [report(lease, 0, 2)], 1, 0) == ([], (lease[0],))
     assert scheduler.missing_blobs(["fn"]) == ["fn"]
     with pytest.raises(SessionExpiredError, match="does not know client"):
-        scheduler.fetch(client, 0)
+        fetch(scheduler, client)
 
 
 def test_close_wakes_waiters_and_refuses_work():
@@ -186,3 +193,18 @@ def test_unknown_function_blob_is_refused():
     scheduler, client, node = make()
     with pytest.raises(Exception, match="function blobs the master does not hold: nope"):
         scheduler.submit(client, [(1, ("nope",), 1, b"", None, 2, None)])
+
+
+def test_an_unacknowledged_fetch_is_sent_again():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 1), spec(2, 1)])
+    [first], _ = scheduler.exchange(node, 0, [], 1, 0)
+    [second], _ = scheduler.exchange(node, 1, [], 1, 0)
+    leases = [first, second]
+    scheduler.exchange(node, 0, [report(first, 0, 1)], 0, 0)
+    last, lost = scheduler.fetch(client, 0, 0)   # the reply never reached the client
+    assert [d[0] for d in lost] == [first[2]]
+    scheduler.exchange(node, 1, [report(second, 0, 1)], 0, 0)
+    again_last, again = scheduler.fetch(client, 0, 0)
+    assert [d[0] for d in again] == [leases[0][2], leases[1][2]]
+    assert scheduler.fetch(client, 0, again_last) == (again_last, [])
