@@ -31,6 +31,7 @@ under ``Dispatcher._lock``; user callbacks run outside it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
 MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
-IDLE_GAP_S = 0.002          # a submit after this long without one is sent at once
+IDLE_GAP_S = 0.0002         # a submit this long after the previous one is sent at once
 NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
 EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
 
@@ -554,8 +555,8 @@ class MapStream:
         self._cond = threading.Condition()
         self._feed_lock = threading.Lock()   # one thread pulls from ``items`` at a time
         self._in_flight = {}                 # chunk_id -> [first position, jobs not yet yielded]
-        self._ready = {}                     # position -> (ok, value), ordered mode
-        self._arrived = deque()              # (ok, value), unordered mode
+        self._ready = {}                     # first position -> (values, errors), ordered mode
+        self._arrived = deque()              # (values, errors), unordered mode
         self._next_position = 0              # next position to pull from ``items``
         self._next_to_yield = 0
         self._jobs_in_flight = 0             # submitted, not yet yielded
@@ -592,11 +593,7 @@ class MapStream:
         if self.window_jobs is not None:
             with self._cond:
                 size = max(1, min(size, self.window_jobs - self._jobs_in_flight))
-        batch = []
-        for item in self.items:
-            batch.append(item)
-            if len(batch) >= size:
-                break
+        batch = list(itertools.islice(self.items, size))
         if len(batch) < size:
             self._exhausted = True
         if not batch:
@@ -617,31 +614,63 @@ class MapStream:
     # --- arriving results (receiver thread) ----------------------------------------------------
 
     def deliver(self, delivery) -> None:
-        chunk_id, indices = delivery[0], delivery[1]
+        chunk_id, indices, results, failure = delivery
         try:
-            decoded, seconds = client.decode(delivery, self.dispatcher.session)
+            segments, seconds = self._segments_of(delivery)
         except Exception as exc:
             error = SerializationError("cannot load the results of chunk %s: %s"
                                        % (chunk_id, exc))
-            decoded, seconds = [(index, False, error) for index in indices], None
-        if seconds is not None and delivery[3] is None:
-            self.dispatcher.record_time((self.func_key,), seconds, len(decoded))
+            segments = [(index, deque([None]), {0: error}) for index in indices
+                        if index is not None]
+            seconds = None
+        count = sum(len(values) for _, values, _ in segments)
+        if seconds is not None:
+            self.dispatcher.record_time((self.func_key,), seconds, count)
         with self._cond:
             record = self._in_flight.get(chunk_id)
             if record is None:
                 return
             first = record[0]
-            self._results_due -= len(decoded)
-            for index, ok, value in decoded:
-                if not ok and hasattr(value, "job"):
-                    _rename_job(value, "%s on item %d" % (self.func_name, first + index))
+            self._results_due -= count
+            for index, values, errors in segments:
+                if errors:
+                    for offset, error in errors.items():
+                        if hasattr(error, "job"):  # a crash or a timeout: say which item
+                            _rename_job(error, "%s on item %d"
+                                        % (self.func_name, first + index + offset))
                 if self.ordered:
-                    self._ready[first + index] = (ok, value)
+                    self._ready[first + index] = (values, errors)
                 else:
-                    self._arrived.append((ok, value))
+                    self._arrived.append((values, errors))
             if not self.ordered:
-                self._retire(chunk_id, record, len(decoded))
+                self._retire(chunk_id, record, count)
             self._cond.notify_all()
+
+    def _segments_of(self, delivery):
+        """``([(first index, deque of values, {offset: error} or None)], seconds)``.
+
+        A whole run of consecutive jobs stays one segment, so results move
+        in bulk; failures and jobs rerun out of order become one-job segments.
+        """
+        chunk_id, indices, results, failure = delivery
+        if failure is not None:
+            return [(index, deque([None]), {0: client.failure_error(
+                        failure, "%s/%s" % (chunk_id, index))})
+                    for index in indices if index is not None], None
+        values, errors, seconds, notes = serialize.loads(results)
+        if notes:
+            self.dispatcher.session.warn_once(notes)
+        if errors:
+            errors = {offset: client.remote_error(description)
+                      for offset, description in errors.items()}
+        if isinstance(indices, range) and indices.step == 1:
+            return [(indices.start, deque(values), errors or None)], seconds
+        segments = []
+        for offset, (index, value) in enumerate(zip(indices, values)):
+            if index is not None:  # None: delivered before the master restarted
+                error = errors.get(offset) if errors else None
+                segments.append((index, deque([value]), {0: error} if error else None))
+        return segments, seconds
 
     def _retire(self, chunk_id, record, count: int) -> None:
         """``count`` jobs of a chunk were yielded (or handed over, unordered)."""
@@ -666,38 +695,41 @@ class MapStream:
         try:
             while True:
                 self.top_up()
-                batch = self._take()
-                if batch is _MORE:
+                segment = self._take()
+                if segment is _MORE:
                     continue
-                if batch is None:
+                if segment is None:
                     return
-                while batch:
-                    if not batch[0][0]:
-                        raise job_exception(batch.popleft()[1])
-                    # No local names the result: once the caller drops it, it is freed.
-                    yield batch.popleft()[1]
+                values, errors = segment
+                del segment
+                if errors is None:
+                    while values:
+                        # No local names the result: once the caller drops it, it is freed.
+                        yield values.popleft()
+                    continue
+                offset = 0
+                while values:
+                    if offset in errors:
+                        raise job_exception(errors[offset])
+                    offset += 1
+                    yield values.popleft()
         finally:
             self.close()
 
     def _take(self):
-        """A deque of (ok, value) ready to yield; None when all are yielded;
-        _MORE when nothing is in flight and more must be submitted."""
+        """The next segment ``(deque of values, errors)`` to yield; None when all are
+        yielded; _MORE when nothing is in flight and more must be submitted."""
         with self._cond:
             while True:
                 if self.ordered:
-                    ready = self._ready
-                    position = first = self._next_to_yield
-                    batch = deque()
-                    while position in ready:
-                        batch.append(ready.pop(position))
-                        position += 1
-                    if batch:
-                        self._next_to_yield = position
-                        self._retire_oldest(position - first)
-                        return batch
+                    segment = self._ready.pop(self._next_to_yield, None)
+                    if segment is not None:
+                        count = len(segment[0])
+                        self._next_to_yield += count
+                        self._retire_oldest(count)
+                        return segment
                 elif self._arrived:
-                    batch, self._arrived = self._arrived, deque()
-                    return batch
+                    return self._arrived.popleft()
                 if self._error is not None:
                     raise self._error
                 if not self._in_flight:
