@@ -178,14 +178,22 @@ class Session:
         self._call("put_blobs", [(key, data)], after_recovery="done")
 
     def context_key(self) -> str:
-        """The blob key of this process's current cwd and sys.path (stored when new)."""
-        described = context.describe()
-        if described[0] is None:  # our cwd was removed: keep the last one known
-            described = (self._context[0] or (None, None))[0], described[1]
-        if described != self._context[0]:
+        """The blob key of this process's current cwd and sys.path (stored when new).
+
+        Called for every batch sent, so the directory checks of
+        ``context.describe`` run only when the cwd or sys.path changed.
+        """
+        try:
+            signature = (os.getcwd(), tuple(sys.path))
+        except OSError:  # our cwd was removed: keep the last context known
+            signature = None
+        if signature is None and self._context[1] is not None:
+            return self._context[1]
+        if signature != self._context[0]:
+            described = context.describe()
             key, blob = context.make_blob(*described)
             self.put_blob(key, blob)
-            self._context = (described, key)
+            self._context = (signature, key)
         return self._context[1]
 
     def new_chunk_id(self) -> int:

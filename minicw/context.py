@@ -11,7 +11,7 @@
                                            JobContext.after_job()  after each job: undo what
                                               |                  the job changed (chdir,
                                               |                  sys.path edits)
-                                           JobContext.leave()   after the lease: back to the
+                                           JobContext.leave()   when another context comes: back to the
                                                                  process's own cwd and path
 
 This assumes a shared filesystem, as the cluster-workers ancestor did.  A
@@ -47,19 +47,29 @@ def make_blob(cwd, entries) -> tuple[str, bytes]:
 
 # --- in the worker process ---------------------------------------------------------
 
-_chdir_called = False
+class _Flags:
+    """Module state read in the runner's inner loop (one attribute lookup)."""
+    chdir_called = False
+
+
+flags = _Flags()
 _original_chdir = os.chdir
 
 
 def _tracking_chdir(path):
-    global _chdir_called
-    _chdir_called = True
+    flags.chdir_called = True
     return _original_chdir(path)
 
 
 def install_chdir_tracker() -> None:
-    """Make ``os.chdir`` record that a job called it (done once per process)."""
+    """Make ``os.chdir`` record that a job called it; remember the process's own
+    directory (done once per process, at its start)."""
+    global _home_cwd
+    _home_cwd = os.getcwd()
     os.chdir = _tracking_chdir
+
+
+_home_cwd = None   # the worker process's own working directory
 
 
 class JobContext:
@@ -85,16 +95,15 @@ class JobContext:
                                   "host %s; skipped" % (entry, host))
         self._home_cwd = None
         self._home_path = None
-        self._job_path = None
+        self.job_path = None    # sys.path while the client's jobs run
 
     def enter(self) -> None:
-        global _chdir_called
-        self._home_cwd = os.getcwd()
+        self._home_cwd = _home_cwd or os.getcwd()
         self._home_path = sys.path
         # The client's entries first, then the worker's own, without repeats.
         mine = [entry for entry in self._home_path if entry not in self.entries]
-        self._job_path = self.entries + mine
-        sys.path = list(self._job_path)
+        self.job_path = self.entries + mine
+        sys.path = list(self.job_path)
         if self.cwd is not None:
             try:
                 _original_chdir(self.cwd)
@@ -104,20 +113,30 @@ class JobContext:
                                   % (self.cwd, socket.gethostname(), exc.strerror,
                                      self._home_cwd))
                 self.cwd = None
-        _chdir_called = False
+        flags.chdir_called = False
+
+    def cwd_still_there(self) -> bool:
+        """Check, between leases, that the directory was not removed meanwhile;
+        if it was, move to the process's own directory and note it."""
+        if self.cwd is None or os.path.isdir(self.cwd):
+            return True
+        self.notes.append("the client's working directory %s does not exist on worker "
+                          "host %s any more; its jobs run in %s there"
+                          % (self.cwd, socket.gethostname(), self._home_cwd))
+        self.cwd = None
+        _original_chdir(self._home_cwd)
+        return False
 
     def after_job(self) -> None:
         """Undo a job's changes to the working directory and sys.path."""
-        global _chdir_called
-        if _chdir_called:
+        if flags.chdir_called:
             _original_chdir(self.cwd if self.cwd is not None else self._home_cwd)
-            _chdir_called = False
-        if sys.path != self._job_path:
-            sys.path = list(self._job_path)
+            flags.chdir_called = False
+        if sys.path != self.job_path:
+            sys.path = list(self.job_path)
 
     def leave(self) -> None:
-        global _chdir_called
         sys.path = self._home_path
-        if self.cwd is not None or _chdir_called:
+        if self.cwd is not None or flags.chdir_called:
             _original_chdir(self._home_cwd)
-        _chdir_called = False
+        flags.chdir_called = False

@@ -393,14 +393,23 @@ class Dispatcher:
             decoded, seconds = [(index, False, error) for index in delivery[1]], None
         if seconds is not None and delivery[3] is None:
             self.record_time(func_keys, seconds, len(decoded))
-        for index, ok, value in decoded:
-            job = jobs[index]
-            if not ok and hasattr(value, "job"):  # a crash or a timeout: say which call
-                _rename_job(value, "%s%s" % (job.func_name, _short_repr(job.args)))
-            self._settle(job, ok, value)
-        with self._lock:
+        outcomes = []
+        with self._lock:  # settle the whole delivery under one acquisition
+            for index, ok, value in decoded:
+                job = jobs[index]
+                if job.settled:
+                    continue
+                if not ok and hasattr(value, "job"):  # a crash or a timeout: say which call
+                    _rename_job(value, "%s%s" % (job.func_name, _short_repr(job.args)))
+                self._settle_locked(job)
+                outcomes.append((job.on_done, ok, value))
             if all(job.settled for job in jobs):
                 self._routes.pop(chunk_id, None)
+        for on_done, ok, value in outcomes:
+            try:
+                on_done(ok, value)
+            except Exception:
+                log.exception("a job's completion handler raised")
 
     def record_time(self, func_keys, seconds: float, count: int) -> None:
         per_job = seconds / max(1, count)
@@ -568,8 +577,14 @@ class MapStream:
     # --- feeding (consumer's thread) ---------------------------------------------------------
 
     def top_up(self) -> None:
-        """Submit chunks until the window is full or the items run out."""
+        """Submit chunks until the window is full or the items run out.
+
+        Refilling waits until half the window has come back, so chunks go
+        to the master many per call instead of one per call.
+        """
         with self._feed_lock:
+            if not self._eager and not self._half_empty():
+                return
             specs = []
             while not self._exhausted and (self._eager or self._has_room(len(specs))):
                 spec = self._next_chunk()
@@ -580,6 +595,12 @@ class MapStream:
                     specs = []
             if specs:
                 self.dispatcher.session.submit(specs)
+
+    def _half_empty(self) -> bool:
+        with self._cond:
+            if self.window_jobs is not None and self._jobs_in_flight * 2 <= self.window_jobs:
+                return True
+            return len(self._in_flight) * 2 <= self.window_chunks
 
     def _has_room(self, unsent: int) -> bool:
         with self._cond:

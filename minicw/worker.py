@@ -282,7 +282,8 @@ class WorkerNode:
             if self._drain_requested.is_set() and not draining:
                 draining = True
                 for slot in self._slots.values():
-                    slot.send(("drain",))
+                    slot.state[runner.STATE_DRAIN] = 1
+                    slot.send(("drain",))  # for a process waiting on a blob
             if draining and not self._slots:
                 return "stopped"
             waitables = [self._wake_reader]
