@@ -3,7 +3,8 @@
     caller threads                   Dispatcher                           master
     --------------                   ----------                           ------
     submit_job(fn, args) --> Job --> pending --(sender thread, or the  --submit([ChunkSpec])-->
-                                     caller itself after an idle gap)
+                                     caller itself when nothing else is
+                                     under way)
                                      packs consecutive jobs into chunks
                                      sized from measured job time
     MapStream (executor.map)  -----> its own chunks, a bounded window --submit-->
@@ -14,8 +15,8 @@
 Why batch behind a one-call API: one proxy call costs tens of microseconds,
 so a loop of ``submit()`` calls is coalesced into chunks of many jobs, and
 results come back many per message.  A lone job is never held back: the
-sender sends whatever is pending as soon as it is free, and a submit after
-an idle gap is sent straight from the caller's thread.
+sender sends whatever is pending as soon as it is free, and a submit when
+nothing else is under way is sent straight from the caller's thread.
 
 How big a chunk is: jobs of a function whose time per job is unknown go one
 per chunk (so slow jobs spread over every process at once); as results come
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 
 CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
 MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
-IDLE_GAP_S = 0.0002         # a submit this long after the previous one is sent at once
 NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
 EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
 
@@ -85,11 +85,11 @@ class Dispatcher:
         self._settled = threading.Condition(self._lock)
         self._pending = []                     # Jobs not yet packed
         self._sending = False                  # a thread is packing and sending
-        self._last_send = 0.0
         self._routes = {}                      # chunk_id -> (func_keys, [Job]) or MapStream
         self._outstanding = 0                  # jobs submitted and not settled
         self._streams = weakref.WeakSet()      # MapStreams still running
         self._func_keys = weakref.WeakKeyDictionary()  # plain function -> blob key
+        self._last_function = None             # (weakref to it, its key)
         self._job_seconds = {}                 # blob key -> estimated seconds per job
         self._node_count = (0, 0.0)            # (worker processes, when counted)
         self.broken = None                     # the error that ended the session
@@ -107,10 +107,14 @@ class Dispatcher:
 
     def function_key(self, fn) -> str:
         """The blob key of ``fn``, serializing and storing it the first time."""
+        last = self._last_function
+        if last is not None and last[0]() is fn:  # a loop submitting one function
+            return last[1]
         remembered = isinstance(fn, types.FunctionType)
         if remembered:
             key = self._func_keys.get(fn)
             if key is not None:
+                self._last_function = (weakref.ref(fn), key)
                 return key
         try:
             data = serialize.dumps(fn, protocol.PICKLE_PROTOCOL)
@@ -120,6 +124,7 @@ class Dispatcher:
         self.session.put_blob(key, blob)
         if remembered:
             self._func_keys[fn] = key
+            self._last_function = (weakref.ref(fn), key)
         return key
 
     def broadcast(self, obj) -> broadcast.Handle:
@@ -172,9 +177,10 @@ class Dispatcher:
             self.check_open()
             self._outstanding += 1
             self._pending.append(job)
-            now = time.monotonic()
-            send_here = not self._sending and now - self._last_send > IDLE_GAP_S
-            self._last_send = now
+            # A job submitted when nothing else is under way goes out from this
+            # thread at once (no wake-up of the sender); in a burst, the sender
+            # thread batches what accumulates while it is busy.
+            send_here = not self._sending and self._outstanding == 1
             if send_here:
                 self._sending = True
             else:
