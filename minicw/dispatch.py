@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
 MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
+UNKNOWN_JOBS_PER_CHUNK = 32  # jobs of an untimed function sharing a chunk in a large backlog
 NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
 EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
 
@@ -236,15 +237,22 @@ class Dispatcher:
             self._settle(job, False, exc)
 
     def _cut(self, jobs):
-        """Consecutive live jobs with equal limits, in chunks sized by estimated time."""
+        """Consecutive live jobs with equal limits, in chunks sized by estimated time.
+
+        A job of a function never timed counts as a whole chunk's work, unless
+        the batch is a large backlog: then a few of them share a chunk (at most
+        UNKNOWN_JOBS_PER_CHUNK, with several chunks per worker process left),
+        which keeps the master's memory per queued job small.
+        """
         chunk = []
         budget = 0.0
         limits = None
+        unknown_cost = CHUNK_TARGET_S / self._unknown_jobs_per_chunk(len(jobs))
         for job in jobs:
             if job.settled:
                 continue  # cancelled before it was sent
             seconds = self._job_seconds.get(job.func_key)
-            cost = CHUNK_TARGET_S if seconds is None else seconds
+            cost = unknown_cost if seconds is None else seconds
             job_limits = (job.job_timeout, job.max_retries)
             if chunk and (job_limits != limits or budget + cost > CHUNK_TARGET_S
                           or len(chunk) >= MAX_JOBS_PER_CHUNK):
@@ -255,6 +263,12 @@ class Dispatcher:
             limits = job_limits
         if chunk:
             yield chunk
+
+    def _unknown_jobs_per_chunk(self, backlog: int) -> int:
+        if backlog < 64:
+            return 1
+        processes = max(1, self.worker_processes())
+        return max(1, min(UNKNOWN_JOBS_PER_CHUNK, backlog // (8 * processes)))
 
     def _pack(self, jobs: list, context_key, failed: list):
         """A ChunkSpec for ``jobs`` (registering its route), or None if none could be packed."""

@@ -8,7 +8,8 @@ threads (see master.py).  Nothing here touches the network.
     ------             ---------                                 --------------
     submit(specs) ---> client.queue (deque of Chunk) --+
                        rotation: clients with queued   |
-                       chunks, served round robin      +-> exchange(reports, want)
+                       chunks, served fairly by job    +-> exchange(reports, want)
+                       count (_next_fair_chunk)        |
                                                        |      leases <-----------
                        leases: token -> Chunk  <-------+
     fetch()  <-------- client.deliveries  <--------------- reports (token, start, count, bytes)
@@ -47,6 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import sys
 import threading
 import time
 from collections import deque
@@ -66,8 +68,11 @@ class Chunk:
                  "context_key", "selection", "token", "holder", "done", "crashes")
 
     def __init__(self, client, spec):
-        (self.chunk_id, self.func_keys, n_jobs, self.payload,
-         self.timeout_s, self.max_retries, self.context_key) = spec
+        (self.chunk_id, func_keys, n_jobs, self.payload,
+         self.timeout_s, self.max_retries, context_key) = spec
+        # Every chunk names the same few keys: share one string of each.
+        self.func_keys = tuple(map(sys.intern, func_keys))
+        self.context_key = None if context_key is None else sys.intern(context_key)
         self.client = client
         self.selection = range(n_jobs)  # job indices still to run, in run order
         self.token = 0                  # current lease token, 0 while queued
@@ -78,7 +83,7 @@ class Chunk:
 
 class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
-                 "deliveries", "delivery_seq", "has_deliveries", "blob_keys",
+                 "deliveries", "delivery_seq", "has_deliveries", "blob_keys", "deficit",
                  "queued_jobs", "running_jobs", "done_jobs", "failed_jobs")
 
     def __init__(self, client_id, info, lock):
@@ -92,6 +97,7 @@ class ClientState:
         self.delivery_seq = 0
         self.has_deliveries = threading.Condition(lock)
         self.blob_keys = set()
+        self.deficit = 0                # jobs of credit while waiting its turn
         self.queued_jobs = self.running_jobs = self.done_jobs = self.failed_jobs = 0
 
 
@@ -405,14 +411,10 @@ class Scheduler:
         share = max(1, math.ceil(self._queued_chunks / max(1, self._live_slots)))
         leases = []
         while len(leases) < min(want, share) and self._rotation:
-            client = self._rotation.popleft()
-            chunk = client.queue.popleft()
-            if client.queue:
-                self._rotation.append(client)
-            else:
-                client.in_rotation = False
-            if not chunk.selection:
+            chunk = self._next_fair_chunk()
+            if chunk is None:
                 continue  # cancelled while queued; already uncounted
+            client = chunk.client
             self._queued_chunks -= 1
             chunk.token = next(self._tokens)
             chunk.holder = (node, slot)
@@ -425,6 +427,39 @@ class Scheduler:
             leases.append((chunk.token, client.client_id, chunk.chunk_id, chunk.func_keys,
                            chunk.payload, chunk.selection, chunk.timeout_s, chunk.context_key))
         return leases
+
+    def _next_fair_chunk(self):
+        """Take the next chunk, fair between clients by job count.
+
+        Every client with queued work earns credit at the same rate (one job
+        per job leased); the first client in rotation order whose credit
+        covers its next chunk sends it and goes to the back.  So a client of
+        one-job chunks gets as many jobs through as a client of large chunks,
+        and clients with equal chunks alternate.  Returns None for a chunk
+        that was cancelled while queued.
+        """
+        rotation = self._rotation
+        if len(rotation) > 1:
+            shortfall = min(len(client.queue[0].selection) - client.deficit
+                            for client in rotation)
+            if shortfall > 0:  # nobody can afford a chunk yet: everybody earns
+                for client in rotation:
+                    client.deficit += shortfall
+            for position, client in enumerate(rotation):
+                if client.deficit >= len(client.queue[0].selection):
+                    break
+            del rotation[position]
+        else:
+            client = rotation.popleft()
+        chunk = client.queue.popleft()
+        cost = len(chunk.selection)
+        client.deficit = max(0, client.deficit - cost)
+        if client.queue:
+            rotation.append(client)
+        else:
+            client.in_rotation = False
+            client.deficit = 0
+        return chunk if cost else None
 
     def _accept_report(self, node: NodeState, slot: int, report) -> None:
         token, start, count, results = report
