@@ -1,0 +1,270 @@
+"""What the benchmark's workers run, and the benchmark's helper child processes.
+
+``benchmarks/run.py`` puts this directory on ``sys.path``, so the functions
+below are importable everywhere they run: in this process (serial runs), in
+``multiprocessing`` workers, and in minicw worker processes (minicw sends the
+client's ``sys.path`` with its jobs).  They therefore travel by reference,
+as a user's library functions would.
+
+Two child processes are started from here (``python workloads.py ...``), each
+in a role that must not share an interpreter with the benchmark itself:
+
+    python workloads.py minimalcluster
+        minicw's ancestor, when installed: a minimalcluster MasterNode and a
+        2-process WorkerNode, driven by JSON lines on stdin (one reply line
+        per request on stdout).  Ends at EOF on stdin.
+    python workloads.py simnodes HOST PORT COUNT     (key in $MINICW_AUTHKEY)
+        COUNT simulated minicw worker nodes of one process each, as threads:
+        each registers through the ``node`` typeid and heartbeats with
+        ``poll`` as minicw.worker does, serves its process the blobs it
+        fetched once, and runs the real ``minicw.runner.Runner`` loop (lease
+        through the ``process`` typeid, decode, run, report) in a thread
+        instead of a process.  Prints ``READY node_id ...``; ends at EOF on
+        stdin.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import threading
+import time
+from multiprocessing import Pipe, connection
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(1, ROOT)  # this checkout's minicw, installed or not
+
+from minicw import config, protocol, runner, worker  # noqa: E402
+from minicw.master import connect  # noqa: E402
+
+FIRST_NUMBER = 999999999999  # the minimalcluster README's factorization inputs
+
+
+def inc(x):
+    """The no-op job: as cheap as a job can be and still return something checkable."""
+    return x + 1
+
+
+def factorize_naive(n):
+    """The minimalcluster README's factorization (trial division), prime factors of n.
+
+    As in the README except ``n // p`` for its Python 2 ``n / p``, which in
+    Python 3 would turn ``n`` into a float.
+    """
+    if n < 2:
+        return []
+    factors = []
+    p = 2
+    while True:
+        if n == 1:
+            return factors
+        r = n % p
+        if r == 0:
+            factors.append(p)
+            n = n // p
+        elif p * p >= n:
+            factors.append(n)
+            return factors
+        elif p > 2:
+            # Advance in steps of 2 over odd numbers
+            p += 2
+        else:
+            # If p == 2, get to 3
+            p += 1
+
+
+FACTORIZE_SOURCE = inspect.getsource(factorize_naive)  # for load_envir()
+INC_SOURCE = inspect.getsource(inc)
+
+
+def make_nums(count: int) -> list:
+    """``count`` numbers from 999999999999 stepping by 2 (the README's make_nums)."""
+    return list(range(FIRST_NUMBER, FIRST_NUMBER + 2 * count, 2))
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process (VmRSS in /proc/PID/status), in bytes."""
+    with open("/proc/%d/status" % pid) as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise ValueError("no VmRSS for pid %d" % pid)
+
+
+# --- minimalcluster, when installed -------------------------------------------------------
+
+def _minimalcluster_worker(host, port, authkey, nprocs):
+    from minimalcluster import WorkerNode
+    WorkerNode(host, port, authkey, nprocs, quiet=True).join_cluster()
+
+
+def serve_minimalcluster() -> int:
+    """Run minimalcluster requests from stdin: {"op": "run", ...} and {"op": "quit"}.
+
+    A run request names an environment ``source``, its ``function`` and the
+    args ``range`` [start, stop, step]; the reply gives the seconds
+    ``execute()`` took, the number of results and their sum (for checking).
+    """
+    import multiprocessing
+    import secrets
+    # minimalcluster prints its progress: replies get their own copy of stdout.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+
+    def reply(**fields):
+        replies.write(json.dumps(fields) + "\n")
+
+    try:
+        import minimalcluster
+        from minimalcluster import MasterNode
+    except ImportError as exc:
+        reply(error="not installed: %s" % exc)
+        return 1
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    authkey = secrets.token_hex(16)
+    master = MasterNode(HOST="127.0.0.1", PORT=port, AUTHKEY=authkey)
+    master.start_master_server(if_join_as_worker=False)
+    worker = multiprocessing.Process(target=_minimalcluster_worker,
+                                     args=("127.0.0.1", port, authkey, 2))
+    worker.start()  # not a daemon: minimalcluster's node starts processes of its own
+    try:
+        deadline = time.monotonic() + 30
+        while not master.list_workers():
+            if time.monotonic() > deadline:
+                reply(error="minimalcluster's worker node did not join within 30 s")
+                return 1
+        reply(ready=True, version=getattr(minimalcluster, "__version__", None) or _version())
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request["op"] == "quit":
+                break
+            master.load_envir(request["source"], from_file=False)
+            master.register_target_function(request["function"])
+            master.load_args(list(range(*request["range"])))
+            master.chunksize = request["chunksize"]
+            started = time.perf_counter()
+            result = master.execute()
+            seconds = time.perf_counter() - started
+            if result is None:
+                reply(error="execute() returned None (a job failed)")
+                continue
+            values = result.values()
+            total = sum(values) if request.get("sum") else None
+            reply(seconds=seconds, count=len(result), sum=total)
+    finally:
+        worker.terminate()
+        master.shutdown()
+    return 0
+
+
+def _version():
+    try:
+        from importlib.metadata import version
+        return version("minimalcluster")
+    except Exception:
+        return None
+
+
+# --- simulated minicw worker nodes ---------------------------------------------------------
+
+class SimNode:
+    """One simulated worker node with one process slot, as two threads and a pipe."""
+
+    def __init__(self, address, authkey: bytes):
+        self.api = connect(address, authkey).node()
+        info = {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
+                "pid": os.getpid(), "nprocs": 1, "python": worker.python_version(),
+                "platform": platform.platform(terse=True), "start_method": "simulated"}
+        self.node_id, heartbeat_timeout_s = self.api.register(info)
+        self.period_s = heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT
+        self.blobs = {}     # what this node fetched, as a node's cache holds it
+        self.control, process_end = Pipe(duplex=True)
+        state = bytearray(8 * runner.STATE_FIELDS)
+        memoryview(state).cast("q")[runner.STATE_POSITION] = -1
+        self.spec = {"node_id": self.node_id, "slot": 0, "control": process_end,
+                     "slot_state": state, "address": tuple(address), "authkey": authkey}
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        """Start the heartbeat and the process; return once the first heartbeat is through,
+        so that nodes join one after another rather than all at once."""
+        joined = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(joined,), daemon=True).start()
+        threading.Thread(target=self._run_process, daemon=True).start()
+        if not joined.wait(timeout_s):
+            raise RuntimeError("node %s: no heartbeat got through in %gs"
+                               % (self.node_id, timeout_s))
+
+    def _heartbeat(self, joined) -> None:
+        wait_s = 0.0
+        while True:
+            try:
+                commands = self.api.poll(self.node_id, wait_s)
+            except Exception:   # a node reconnects; we retry (the master keeps us for
+                time.sleep(0.5)  # the heartbeat timeout)
+                continue
+            joined.set()
+            wait_s = self.period_s
+            for command in commands:
+                if command[0] in (protocol.CMD_SHUTDOWN, protocol.CMD_REREGISTER):
+                    os._exit(0)
+
+    def _run_process(self) -> None:
+        while runner.Runner(self.spec).run() == runner.EXIT_MASTER_LOST:
+            time.sleep(0.1)  # a node replaces a process that lost the master
+
+    def answer(self) -> None:
+        """Serve one blob request of this node's process (from the node's cache)."""
+        request = self.control.recv()
+        if request[0] != "blob":
+            return
+        key = request[1]
+        data = self.blobs.get(key)
+        if data is None:
+            try:
+                data = self.blobs[key] = self.api.get_blob(key)
+            except Exception as exc:
+                self.control.send(("error", key, str(exc)))
+                return
+        self.control.send(("blob", key, data))
+
+
+def _serve_blobs(nodes) -> None:
+    by_connection = {node.control: node for node in nodes}
+    while True:
+        for ready in connection.wait(list(by_connection)):
+            by_connection[ready].answer()
+
+
+def serve_sim_nodes(host: str, port: int, count: int) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    authkey = os.environ["MINICW_AUTHKEY"].encode()
+    nodes = []
+    for _ in range(count):
+        nodes.append(SimNode((host, port), authkey))
+        nodes[-1].start()
+    threading.Thread(target=_serve_blobs, args=(nodes,), daemon=True).start()
+    print("READY " + " ".join(node.node_id for node in nodes), flush=True)
+    sys.stdin.read()   # until the benchmark closes our stdin (or ends)
+    os._exit(0)
+
+
+def main(argv) -> int:
+    if argv[:1] == ["minimalcluster"]:
+        return serve_minimalcluster()
+    if argv[:1] == ["simnodes"] and len(argv) == 4:
+        return serve_sim_nodes(argv[1], int(argv[2]), int(argv[3]))
+    print("usage: workloads.py minimalcluster | simnodes HOST PORT COUNT", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,57 @@
+"""Smoke test of the benchmark suite: one cheap workload end to end.
+
+Runs ``python benchmarks/run.py --quick --only roundtrip`` as a child process
+and checks that it prints its table and writes its JSON.  No assertion is
+made on any time or ratio: the suite reports targets, the test only checks
+that it runs.
+"""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+
+
+def run_benchmarks(*args, timeout_s=120, cwd=None):
+    """(exit code, stdout, stderr) of run.py; a run past ``timeout_s`` gets SIGTERM,
+    on which it stops every process it started, like on Ctrl-C."""
+    child = subprocess.Popen([sys.executable, RUN] + list(args), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=cwd)
+    try:
+        out, err = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        child.terminate()
+        out, err = child.communicate(timeout=60)
+        raise AssertionError("run.py took over %ds: %s" % (timeout_s, err[-2000:]))
+    return child.returncode, out, err
+
+
+def test_quick_roundtrip_prints_table_and_writes_json(tmp_path):
+    path = tmp_path / "results.json"
+    code, out, err = run_benchmarks("--quick", "--only", "roundtrip", "--json", str(path),
+                                    "--step-timeout", "30", cwd=str(tmp_path))
+    assert code == 0, out + err
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[:2] == ["workload", "case"] and header[-2:] == ["target", "result"]
+    rows = [line for line in lines if line.startswith("roundtrip ")]
+    assert rows and any(line.rstrip().endswith(("PASS", "FAIL")) for line in rows)
+    assert "raw measurements: %s" % path in out
+
+    report = json.loads(path.read_text())
+    assert report["quick"] is True and report["workloads"] == ["roundtrip"]
+    assert report["errors"] == []
+    contenders = {m["contender"] for m in report["measurements"]}
+    assert {"minicw executor", "PPE"} <= contenders
+    for measurement in report["measurements"]:
+        assert len(measurement["samples_us"]) == report["sizes"]["roundtrip"]
+    targeted = [row for row in report["rows"] if row["target"]]
+    assert targeted and all(row["result"] in ("PASS", "FAIL") for row in targeted)
+
+
+def test_unknown_workload_is_a_usage_error():
+    code, out, err = run_benchmarks("--only", "nonesuch", timeout_s=60)
+    assert code == 2
+    assert "unknown workload nonesuch" in err
