@@ -779,11 +779,7 @@ def bench_factorize(run: Run) -> list:
                                                                                   nums)
         runs = run.interleave("factorize", contenders)
 
-    for name, values in runs.items():   # efficiency of each repeat, against its own serial run
-        for repeat, measured in enumerate(values):
-            if name != "serial":
-                measured["efficiency"] = (runs["serial"][repeat]["seconds"]
-                                          / (WORKERS * measured["seconds"]))
+    _add_efficiency(run, runs)
     job_s = [statistics.median(values["job_s"][i] for values in runs["serial"])
              for i in range(count)]
     chunksize = cluster.chunksize
@@ -811,6 +807,19 @@ def bench_factorize(run: Run) -> list:
                              execute_eff, "efficiency", "minimalcluster execute()",
                              median(runs, "minimalcluster execute", "efficiency")))
     return rows
+
+
+def _add_efficiency(run: Run, runs: dict) -> None:
+    """Efficiency of each parallel measurement against the serial run of its repeat,
+    added to the results and to the raw measurements."""
+    serial_s = [values["seconds"] for values in runs["serial"]]
+    for name, values in runs.items():
+        if name != "serial":
+            for repeat, measured in enumerate(values):
+                measured["efficiency"] = serial_s[repeat] / (WORKERS * measured["seconds"])
+    for raw in run.measurements:
+        if raw["workload"] == "factorize" and raw["contender"] != "serial":
+            raw["efficiency"] = serial_s[raw["repeat"]] / (WORKERS * raw["seconds"])
 
 
 def _numbers_for(target_s: float) -> int:
