@@ -123,6 +123,13 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _default_signals() -> None:
+    """In a pool's forked worker: the default SIGINT and SIGTERM, not this script's
+    handlers (Pool.terminate() sends SIGTERM, which must end the worker quietly)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def check_interrupted() -> None:
     if _interrupted.is_set():
         raise KeyboardInterrupt
@@ -455,8 +462,9 @@ def start_cluster(stack: contextlib.ExitStack) -> tuple:
 def start_pools(stack: contextlib.ExitStack) -> tuple:
     """A warmed ProcessPoolExecutor and Pool of 2 processes (started before any
     minicw client thread exists, since both fork this process)."""
-    ppe = stack.enter_context(concurrent.futures.ProcessPoolExecutor(max_workers=WORKERS))
-    pool = stack.enter_context(multiprocessing.Pool(WORKERS))
+    ppe = stack.enter_context(concurrent.futures.ProcessPoolExecutor(
+        max_workers=WORKERS, initializer=_default_signals))
+    pool = stack.enter_context(multiprocessing.Pool(WORKERS, initializer=_default_signals))
     expect("PPE warm-up", sum(ppe.map(inc, range(10_000), chunksize=100)), 50_005_000)
     expect("Pool warm-up", sum(pool.map(inc, range(10_000))), 50_005_000)
     return ppe, pool
@@ -561,11 +569,11 @@ def bench_batched(run: Run) -> list:
                  "tasks_per_s"), "tasks/s", "PPE.map(chunksize=1000)", ppe_rate,
                  Target("ratio", ">=", 1.0)),
     ]
-    rows += minimalcluster_rows("batched", "execute(), chunksize=%d" % default_chunksize,
+    rows += minimalcluster_rows("batched", "execute(), %s" % chunk_label(default_chunksize),
                                 default, "tasks/s", runs, "minimalcluster execute",
                                 Target("ratio", ">=", 20.0))
     rows += [
-        make_row("batched", "execute(), chunksize=%d" % default_chunksize, default, "tasks/s",
+        make_row("batched", "execute(), %s" % chunk_label(default_chunksize), default, "tasks/s",
                  "PPE.map(chunksize=1000)", ppe_rate),
         make_row("batched", "best minicw", best, "tasks/s", "Pool.map (default chunks)",
                  median(runs, "Pool map", "tasks_per_s")),
@@ -785,12 +793,12 @@ def bench_factorize(run: Run) -> list:
     chunksize = cluster.chunksize
     pool_chunksize = -(-count // (WORKERS * 4))   # Pool.map's default
     bound = ("granularity bound (in-order chunks of %d on %d processes, no overhead): %.3f"
-             % (chunksize, WORKERS, _ideal_efficiency(job_s, chunksize)))
+             % (chunksize or 1, WORKERS, _ideal_efficiency(job_s, chunksize or 1)))
     execute_eff = median(runs, "minicw execute", "efficiency")
     ppe_eff = median(runs, "PPE map", "efficiency")
     serial_s = median(runs, "serial", "seconds")
     rows = [
-        make_row("factorize", "execute(), chunksize=%d, efficiency" % chunksize, execute_eff,
+        make_row("factorize", "execute(), %s, efficiency" % chunk_label(chunksize), execute_eff,
                  "efficiency", "PPE.map()", ppe_eff, Target("value", ">=", 0.95),
                  note="%d numbers, serial %.2f s; %s" % (count, serial_s, bound)),
     ]
@@ -798,12 +806,12 @@ def bench_factorize(run: Run) -> list:
         rows += [
             make_row("factorize", "executor.map(), efficiency", median(
                 runs, "minicw map", "efficiency"), "efficiency", "PPE.map()", ppe_eff),
-            make_row("factorize", "execute(), chunksize=%d, efficiency" % chunksize,
+            make_row("factorize", "execute(), %s, efficiency" % chunk_label(chunksize),
                      execute_eff, "efficiency", "Pool.map() (chunks of %d)" % pool_chunksize,
                      median(runs, "Pool map", "efficiency")),
         ]
     if "minimalcluster execute" in runs:
-        rows.append(make_row("factorize", "execute(), chunksize=%d, efficiency" % chunksize,
+        rows.append(make_row("factorize", "execute(), %s, efficiency" % chunk_label(chunksize),
                              execute_eff, "efficiency", "minimalcluster execute()",
                              median(runs, "minimalcluster execute", "efficiency")))
     return rows
@@ -850,6 +858,11 @@ def _minimal_factorize(minimal: Minimalcluster, nums) -> dict:
                             (nums[0], nums[-1] + 1, 2), 50)
     expect("minimalcluster results", reply["count"], len(nums))
     return {"seconds": reply["seconds"]}
+
+
+def chunk_label(chunksize) -> str:
+    """How execute() cut its chunks: a fixed size, or sized by minicw (None)."""
+    return "chunksize=auto" if chunksize is None else "chunksize=%d" % chunksize
 
 
 def _ideal_efficiency(job_s: list, chunksize: int) -> float:

@@ -47,11 +47,11 @@ def reconnect_timeout_s(explicit: float | None = None) -> float:
 
 
 # --- work movement ---------------------------------------------------------------
-DEFAULT_CHUNKSIZE = 50          # jobs per chunk in MasterNode.execute (the ancestor's value)
+DEFAULT_CHUNKSIZE = None        # jobs per chunk in MasterNode.execute; None sizes them (chunking.py)
 MAX_CHUNKS_PER_CALL = 16        # chunks moved by one proxy call, either direction
 PREFETCH_WORK_S = 0.02          # a worker process leases about this much work ahead
 RESULT_FLUSH_S = 0.02           # a worker process holds finished results at most this long
-IN_FLIGHT_CHUNKS_PER_PROCESS = 8  # client window: chunks submitted but not yet answered, per worker process
+IN_FLIGHT_CHUNKS_PER_PROCESS = 32  # client window: chunks submitted but not yet answered, per worker process
 DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it
 
 # --- worker nodes ------------------------------------------------------------------

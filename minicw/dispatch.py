@@ -18,9 +18,9 @@ results come back many per message.  A lone job is never held back: the
 sender sends whatever is pending as soon as it is free, and a submit when
 nothing else is under way is sent straight from the caller's thread.
 
-How big a chunk is: jobs of a function whose time per job is unknown go one
-per chunk (so slow jobs spread over every process at once); as results come
-back with their run time, fast functions get chunks of about CHUNK_TARGET_S.
+How big a chunk is: chunking.py (one job per chunk for an untimed function,
+about CHUNK_TARGET_S of work for a timed one, and a map of known length
+spread over every worker process).
 
 Functions are serialized once per session: plain functions are remembered
 (weakly) with their blob key, and a blob is sent to the master once; worker
@@ -41,16 +41,13 @@ import weakref
 from collections import deque
 from concurrent.futures import CancelledError, TimeoutError as FuturesTimeoutError
 
-from minicw import broadcast, client, config, protocol, serialize
+from minicw import broadcast, chunking, client, config, protocol, serialize
 from minicw.errors import MinicwError, SerializationError
 
 log = logging.getLogger(__name__)
 
-CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
-MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
 UNKNOWN_JOBS_PER_CHUNK = 32  # jobs of an untimed function sharing a chunk in a large backlog
 NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
-EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
 
 
 class Job:
@@ -91,7 +88,7 @@ class Dispatcher:
         self._streams = weakref.WeakSet()      # MapStreams still running
         self._func_keys = weakref.WeakKeyDictionary()  # plain function -> blob key
         self._last_function = None             # (weakref to it, its key)
-        self._job_seconds = {}                 # blob key -> estimated seconds per job
+        self._job_times = chunking.JobTimes()  # seconds per job of each function
         self._node_count = (0, 0.0)            # (worker processes, when counted)
         self.broken = None                     # the error that ended the session
         self.closed = False
@@ -140,13 +137,12 @@ class Dispatcher:
         return handle
 
     def estimate(self, func_key) -> float | None:
-        return self._job_seconds.get(func_key)
+        return self._job_times.estimate(func_key)
 
-    def jobs_per_chunk(self, func_key) -> int:
-        seconds = self._job_seconds.get(func_key)
-        if not seconds:
-            return 1 if seconds is None else MAX_JOBS_PER_CHUNK
-        return max(1, min(MAX_JOBS_PER_CHUNK, int(CHUNK_TARGET_S / seconds)))
+    def jobs_per_chunk(self, func_key, run_jobs: int | None = None) -> int:
+        """Jobs for the next chunk of ``func_key`` in a run of ``run_jobs`` (None: unknown)."""
+        processes = self.worker_processes() if run_jobs is not None else 0
+        return chunking.jobs_per_chunk(self.estimate(func_key), run_jobs, processes)
 
     def worker_processes(self) -> int:
         """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""
@@ -247,15 +243,16 @@ class Dispatcher:
         chunk = []
         budget = 0.0
         limits = None
-        unknown_cost = CHUNK_TARGET_S / self._unknown_jobs_per_chunk(len(jobs))
+        target_s = chunking.CHUNK_TARGET_S
+        unknown_cost = target_s / self._unknown_jobs_per_chunk(len(jobs))
         for job in jobs:
             if job.settled:
                 continue  # cancelled before it was sent
-            seconds = self._job_seconds.get(job.func_key)
+            seconds = self._job_times.estimate(job.func_key)
             cost = unknown_cost if seconds is None else seconds
             job_limits = (job.job_timeout, job.max_retries)
-            if chunk and (job_limits != limits or budget + cost > CHUNK_TARGET_S
-                          or len(chunk) >= MAX_JOBS_PER_CHUNK):
+            if chunk and (job_limits != limits or budget + cost > target_s
+                          or len(chunk) >= chunking.MAX_JOBS_PER_CHUNK):
                 yield chunk
                 chunk, budget = [], 0.0
             chunk.append(job)
@@ -412,7 +409,7 @@ class Dispatcher:
                                        % (chunk_id, exc))
             decoded, seconds = [(index, False, error) for index in delivery[1]], None
         if seconds is not None and delivery[3] is None:
-            self.record_time(func_keys, seconds, len(decoded))
+            self._job_times.record(func_keys, seconds, len(decoded))
         outcomes = []
         with self._lock:  # settle the whole delivery under one acquisition
             for index, ok, value in decoded:
@@ -432,11 +429,7 @@ class Dispatcher:
                 log.exception("a job's completion handler raised")
 
     def record_time(self, func_keys, seconds: float, count: int) -> None:
-        per_job = seconds / max(1, count)
-        for key in func_keys:
-            old = self._job_seconds.get(key)
-            self._job_seconds[key] = per_job if old is None else (
-                (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_job)
+        self._job_times.record(func_keys, seconds, count)
 
     def _settle(self, job: Job, ok: bool, value) -> None:
         with self._lock:
@@ -529,6 +522,14 @@ class Dispatcher:
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
 
 
+def _known_length(items) -> int | None:
+    """len(items) for a sized collection (a list, a range), None for an iterator."""
+    try:
+        return len(items)
+    except TypeError:
+        return None
+
+
 def _name_of(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
@@ -567,10 +568,11 @@ class MapStream:
 
     def __init__(self, dispatcher: Dispatcher, fn, items, kind: int, chunksize: int | None,
                  window_jobs: int | None, ordered: bool, timeout: float | None,
-                 job_timeout=None, max_retries=None):
+                 job_timeout=None, max_retries=None, length: int | None = None):
         self.dispatcher = dispatcher
         self.func_key = dispatcher.function_key(fn)
         self.func_name = _name_of(fn)
+        self.length = _known_length(items) if length is None else length  # None: unknown
         self.items = iter(items)
         self.kind = kind
         self.chunksize = chunksize
@@ -630,7 +632,7 @@ class MapStream:
             return self.window_jobs is None or self._jobs_in_flight < self.window_jobs
 
     def _next_chunk(self):
-        size = self.chunksize or self.dispatcher.jobs_per_chunk(self.func_key)
+        size = self.chunksize or self.dispatcher.jobs_per_chunk(self.func_key, self.length)
         if self.window_jobs is not None:
             with self._cond:
                 size = max(1, min(size, self.window_jobs - self._jobs_in_flight))

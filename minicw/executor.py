@@ -145,7 +145,8 @@ class ClusterExecutor(Executor):
                 kind, items = protocol.CALL_STAR, zip(*iterables)
             stream = dispatch.MapStream(
                 self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
-                buffersize, ordered, timeout, job_timeout, max_retries)
+                buffersize, ordered, timeout, job_timeout, max_retries,
+                length=_shortest_length(iterables))
             stream.top_up()
         return stream.results()
 
@@ -246,3 +247,11 @@ def _shutdown_at_exit() -> None:
 
 
 atexit.register(_shutdown_at_exit)
+
+
+def _shortest_length(iterables) -> int | None:
+    """How many calls ``map`` makes when every iterable is sized; None otherwise."""
+    try:
+        return min(len(iterable) for iterable in iterables)
+    except TypeError:
+        return None

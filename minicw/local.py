@@ -25,7 +25,7 @@ class LocalCluster(MasterNode):
     ``register_target_function``, ``load_args``, ``execute``, ``list_workers``).
     """
 
-    def __init__(self, n_workers: int | None = None, chunksize: int = config.DEFAULT_CHUNKSIZE,
+    def __init__(self, n_workers: int | None = None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
                  heartbeat_timeout_s: float | None = None):
         super().__init__(HOST="127.0.0.1", PORT=0,
                          AUTHKEY=secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES),

@@ -7,7 +7,8 @@
         are checked here, at once, and kept
     execute()
         stores the environment and the function name as blobs (once per
-        session), cuts the args into chunks of ``chunksize``, streams them
+        session), cuts the args into chunks (of ``chunksize`` args, or sized
+        from measured job times by chunking.py when it is None), streams them
         through the cluster (client.stream_results) and returns {arg: result}
 
 The master runs in its own process, not in a thread of the REPL: the REPL
@@ -19,7 +20,7 @@ import logging
 import os
 import secrets
 
-from minicw import client, config, envir, protocol, transport
+from minicw import chunking, client, config, envir, protocol, transport
 from minicw.errors import ArgsError, EnvirError, MinicwError
 
 log = logging.getLogger(__name__)
@@ -30,18 +31,22 @@ class MasterNode:
 
     ``MasterNode(HOST, PORT, AUTHKEY, chunksize)``; AUTHKEY None makes a
     random key (``self.AUTHKEY``).  HOST '' listens on every interface.
+    ``chunksize`` fixes how many args travel in one chunk; None (the
+    default) sizes chunks from the measured time per job (chunking.py):
+    one arg per chunk for slow functions, up to a thousand for fast ones.
     """
 
     def __init__(self, HOST: str = "127.0.0.1", PORT: int = config.DEFAULT_PORT,
-                 AUTHKEY=None, chunksize: int = config.DEFAULT_CHUNKSIZE):
+                 AUTHKEY=None, chunksize: int | None = config.DEFAULT_CHUNKSIZE):
         if AUTHKEY is None:
             AUTHKEY = secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES)
-        if int(chunksize) < 1:
-            raise ValueError("chunksize must be at least 1, not %r" % (chunksize,))
+        if chunksize is not None and int(chunksize) < 1:
+            raise ValueError("chunksize must be None or at least 1, not %r" % (chunksize,))
         self.HOST = HOST
         self.PORT = int(PORT)
         self.AUTHKEY = transport.as_authkey(AUTHKEY)
-        self.chunksize = int(chunksize)
+        self.chunksize = None if chunksize is None else int(chunksize)
+        self._job_times = chunking.JobTimes()  # for chunk sizes, across executes
         self.max_retries = config.DEFAULT_MAX_RETRIES
         self.heartbeat_timeout_s = None
         self.server_status = "Not started"
@@ -212,7 +217,7 @@ class MasterNode:
         processes = sum(node["nprocs"] for node in nodes)
         window = max(16, config.IN_FLIGHT_CHUNKS_PER_PROCESS * processes)
         return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries,
-                         job_timeout)
+                         job_timeout, self._job_times, processes)
 
     def _store_function(self, session: client.Session) -> str:
         envir_key, source_blob, _, _ = self._envir
@@ -248,15 +253,30 @@ def check_args(args) -> list:
     return args
 
 
-def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int,
-              window: int, max_retries: int, job_timeout: float | None = None) -> dict:
-    """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error."""
+def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int | None,
+              window: int, max_retries: int, job_timeout: float | None = None,
+              job_times: chunking.JobTimes | None = None, processes: int = 0) -> dict:
+    """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error.
+
+    Chunks hold ``chunksize`` args, or when it is None as many as
+    ``job_times`` and ``processes`` call for (chunking.jobs_per_chunk),
+    decided as each chunk is cut, so the sizes follow the timings that
+    come back.
+    """
     args_by_chunk = {}
     context_key = session.context_key()
+    job_times = chunking.JobTimes() if job_times is None else job_times
+
+    def next_size() -> int:
+        if chunksize is not None:
+            return chunksize
+        return chunking.jobs_per_chunk(job_times.estimate(func_key), len(args), processes)
 
     def chunks():
-        for start in range(0, len(args), chunksize):
-            items = args[start:start + chunksize]
+        start = 0
+        while start < len(args):
+            items = args[start:start + next_size()]
+            start += len(items)
             chunk_id = session.new_chunk_id()
             args_by_chunk[chunk_id] = items
             yield (chunk_id, (func_key,), len(items),
@@ -266,8 +286,17 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
     results = {}
     stream = client.stream_results(session, chunks(), window)
     try:
-        for chunk_id, decoded in stream:
+        for chunk_id, delivery in stream:
             items = args_by_chunk[chunk_id]
+            clean = client.decode_clean_run(delivery, session)
+            if clean is not None:
+                start, values, seconds = clean
+                results.update(zip(items[start:start + len(values)], values))
+                job_times.record((func_key,), seconds, len(values))
+                continue
+            decoded, seconds = client.decode(delivery, session)
+            if seconds is not None:
+                job_times.record((func_key,), seconds, len(decoded))
             for index, ok, value in decoded:
                 if not ok:
                     raise _with_arg(value, items[index])

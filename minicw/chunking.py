@@ -1,0 +1,64 @@
+"""How many jobs go in one chunk: the sizing policy of every client path.
+
+    worker --(results, seconds the chunk took)--> client: JobTimes.record(key, seconds, jobs)
+    client: next chunk of ``key`` <-- jobs_per_chunk(JobTimes.estimate(key), jobs left, processes)
+
+A chunk is the unit the master queues, leases and delivers, so its size
+trades two costs: every chunk pays a few proxy calls (tens of microseconds
+each), and a chunk is run by one process from start to end, so a large
+chunk of slow jobs leaves the other processes idle at the end of a run.
+Three limits decide, the smallest wins:
+
+* work: a chunk of a timed function holds about CHUNK_TARGET_S of work,
+  which amortises the per-chunk calls over many fast jobs and leaves
+  slow jobs one per chunk;
+* spread: when the number of jobs in the run is known, a chunk takes at
+  most 1 / (SPREAD_PER_PROCESS x processes) of them, so every process gets
+  work (a fixed share of the whole run, not of what is left: shrinking
+  chunks towards the end would multiply the chunks of a fast function);
+* MAX_JOBS_PER_CHUNK, which bounds the memory of one message.
+
+A function never timed goes one job per chunk until a result reports its
+time: slow jobs must not queue behind each other in one process.
+"""
+from __future__ import annotations
+
+import math
+
+CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
+MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
+SPREAD_PER_PROCESS = 2      # chunks per worker process, at least, of a run of known length
+EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
+
+
+class JobTimes:
+    """Seconds per job of each function (by blob key), a moving average of reported runs."""
+
+    def __init__(self):
+        self._seconds = {}
+
+    def estimate(self, func_key) -> float | None:
+        return self._seconds.get(func_key)
+
+    def record(self, func_keys, seconds: float, jobs: int) -> None:
+        per_job = seconds / max(1, jobs)
+        for key in func_keys:
+            old = self._seconds.get(key)
+            self._seconds[key] = per_job if old is None else (
+                (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_job)
+
+
+def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
+                   processes: int = 0) -> int:
+    """Jobs for the next chunk of a function taking ``seconds`` per job (None: untimed).
+
+    ``run_jobs`` is how many jobs the whole run has (None when unknown, as
+    for a generator); ``processes`` the worker processes connected (0 when
+    unknown).
+    """
+    if seconds is None:
+        return 1
+    size = MAX_JOBS_PER_CHUNK if seconds <= 0 else int(CHUNK_TARGET_S / seconds)
+    if run_jobs is not None and processes > 0:
+        size = min(size, math.ceil(run_jobs / (SPREAD_PER_PROCESS * processes)))
+    return max(1, min(MAX_JOBS_PER_CHUNK, size))

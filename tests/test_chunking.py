@@ -1,0 +1,95 @@
+"""Chunk sizes: the policy (chunking.py) and what it does on a real cluster."""
+import pytest
+
+from minicw import LocalCluster, MasterNode, chunking
+
+# A slow function that says which process ran it: sized chunks must spread
+# a short run of slow jobs over every process instead of one chunk of all.
+WHERE = """
+import os, time
+def where(x):
+    time.sleep(0.05)
+    return os.getpid()
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with LocalCluster(n_workers=2) as running:
+        yield running
+
+
+def test_untimed_function_goes_one_job_per_chunk():
+    assert chunking.jobs_per_chunk(None, 10_000, 2) == 1
+    assert chunking.jobs_per_chunk(None) == 1
+
+
+def test_fast_function_gets_chunks_of_about_the_target_work():
+    seconds = chunking.CHUNK_TARGET_S / 100
+    assert chunking.jobs_per_chunk(seconds) == 100
+    assert chunking.jobs_per_chunk(0.0) == chunking.MAX_JOBS_PER_CHUNK
+    assert chunking.jobs_per_chunk(1e-9) == chunking.MAX_JOBS_PER_CHUNK
+
+
+def test_slow_function_gets_one_job_per_chunk():
+    assert chunking.jobs_per_chunk(1.0, 1_000_000, 2) == 1
+
+
+def test_known_run_is_spread_over_every_process():
+    # 100 processes, 10,000 jobs: no chunk may take more than a share of the run.
+    size = chunking.jobs_per_chunk(0.0, 10_000, 100)
+    assert size == 10_000 // (chunking.SPREAD_PER_PROCESS * 100)
+    assert chunking.jobs_per_chunk(0.0, 3, 100) == 1
+
+
+def test_job_times_keep_a_moving_average():
+    times = chunking.JobTimes()
+    assert times.estimate("k") is None
+    times.record(("k",), 1.0, 10)
+    assert times.estimate("k") == pytest.approx(0.1)
+    times.record(("k",), 0.0, 10)
+    assert times.estimate("k") == pytest.approx(0.1 * (1 - chunking.EMA_WEIGHT))
+
+
+def test_master_node_takes_none_or_a_positive_chunksize():
+    assert MasterNode(chunksize=None).chunksize is None
+    assert MasterNode(chunksize=7).chunksize == 7
+    with pytest.raises(ValueError, match="chunksize must be None or at least 1"):
+        MasterNode(chunksize=0)
+
+
+def test_default_execute_spreads_slow_jobs_over_both_processes(cluster):
+    assert cluster.chunksize is None
+    cluster.load_envir(WHERE, from_file=False)
+    cluster.register_target_function("where")
+    cluster.load_args(range(8))
+    pids = cluster.execute()
+    assert sorted(pids) == list(range(8))
+    assert len(set(pids.values())) == 2
+
+
+def test_fixed_chunksize_keeps_args_together(cluster):
+    cluster.load_envir(WHERE, from_file=False)
+    cluster.register_target_function("where")
+    cluster.load_args(range(4))
+    cluster.chunksize = 4
+    try:
+        pids = cluster.execute()
+    finally:
+        cluster.chunksize = None
+    assert len(set(pids.values())) == 1
+
+
+def test_default_map_spreads_a_timed_fast_run_over_both_processes(cluster):
+    with cluster.executor() as executor:
+        assert len(list(executor.map(_pid_after, range(100)))) == 100  # now it is timed
+        counts = {}
+        for pid in executor.map(_pid_after, range(2000)):
+            counts[pid] = counts.get(pid, 0) + 1
+    assert sum(counts.values()) == 2000
+    assert len(counts) == 2
+
+
+def _pid_after(x):
+    import os
+    return os.getpid()
