@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
-MAX_JOBS_PER_CHUNK = 1024   # and never more jobs than this
+MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
 SPREAD_PER_PROCESS = 2      # chunks per worker process, at least, of a run of known length
 EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
 

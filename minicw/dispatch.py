@@ -180,7 +180,7 @@ class Dispatcher:
             send_here = not self._sending and self._outstanding == 1
             if send_here:
                 self._sending = True
-            else:
+            elif not self._sending:  # a busy sender takes this job on its next round
                 self._work.notify()
         if send_here:
             self._send_pending()
