@@ -380,6 +380,13 @@ def decode_delivery(delivery, session: Session | None = None):
 
 # --- streaming many chunks ------------------------------------------------------------------
 
+def delivered_jobs(indices) -> int:
+    """How many jobs a Delivery's indices account for (None: delivered before a restart)."""
+    if isinstance(indices, range):
+        return len(indices)
+    return len(indices) - indices.count(None)
+
+
 def stream_results(session: Session, chunks, window: int):
     """Run chunks with at most ``window`` in flight; yield ``(chunk_id, delivery)``.
 
@@ -409,7 +416,7 @@ def stream_results(session: Session, chunks, window: int):
                 chunk_id, indices = delivery[0], delivery[1]
                 if chunk_id not in remaining_by_chunk:
                     continue  # left over from an earlier, cancelled stream
-                remaining_by_chunk[chunk_id] -= sum(1 for i in indices if i is not None)
+                remaining_by_chunk[chunk_id] -= delivered_jobs(indices)
                 if remaining_by_chunk[chunk_id] <= 0:
                     del remaining_by_chunk[chunk_id]
                 yield chunk_id, delivery
