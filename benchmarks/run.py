@@ -36,7 +36,8 @@ Workloads (full size; --quick in brackets) and the issue's targets
 batched    no-op map over 1,000,000 items [200,000]; tasks/s.  minicw
            ``executor.map(chunksize=1000)`` and ``execute()`` (chunksize 1000)
            >= 1.0x ``ProcessPoolExecutor.map(chunksize=1000)``; ``execute()``
-           at its default chunksize 50 >= 20x minimalcluster's ``execute()``.
+           with its default chunk sizing >= 20x minimalcluster's
+           ``execute()`` (chunks of 50).
 submit     20,000 [5,000] ``submit()`` calls in a loop, then wait for all:
            ClusterExecutor and ClientThread >= 50,000 tasks/s and >= 7x PPE.
 roundtrip  submit one job, wait for its result, 500 [200] times: median

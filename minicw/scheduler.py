@@ -38,6 +38,11 @@ RETRIED or FAILED; ``kill`` makes a node end the process so that the lease
 ends as FAILED for that job), ``_cancel_queued``, ``_revoke`` and
 ``_drop_client`` (-> CANCELLED).
 
+Idle worker processes are served in the order they started waiting: new or
+requeued work is leased to the waiting processes first (``_hand_out``), each
+up to its fair share, before a process that comes back asking can take more.
+So a process that is slow to be scheduled is not starved by fast ones.
+
 A lease is identified by a token that is never reused.  A report under any
 token other than the chunk's current one is dropped, and so is a report from
 a node that was declared dead: a result reaches its client exactly once even
@@ -59,6 +64,19 @@ from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES_PER_FETCH = 64
+
+
+class _Waiter:
+    """A worker process blocked in ``exchange`` until work is leased to it."""
+
+    __slots__ = ("node", "slot", "want", "leases", "wake")
+
+    def __init__(self, node, slot, want, lock):
+        self.node = node
+        self.slot = slot
+        self.want = want
+        self.leases = None                       # set by _hand_out
+        self.wake = threading.Condition(lock)
 
 
 class Chunk:
@@ -126,7 +144,7 @@ class Scheduler:
     def __init__(self, heartbeat_timeout_s: float):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._lock = threading.Lock()
-        self._work_queued = threading.Condition(self._lock)
+        self._waiting = deque()         # _Waiter, oldest first
         self._clients = {}
         self._nodes = {}
         self._rotation = deque()        # ClientState with queued chunks, round robin
@@ -212,7 +230,7 @@ class Scheduler:
                 client.queued_jobs += len(chunk.selection)
             self._queued_chunks += len(specs)
             self._enter_rotation(client, front=False)
-            self._work_queued.notify(len(specs))
+            self._hand_out()
 
     def fetch(self, client_id: int, timeout_s: float, ack: int = 0):
         """``(last sequence number, [Delivery])``, waiting up to ``timeout_s`` for one.
@@ -323,7 +341,6 @@ class Scheduler:
             self._live_slots += info["nprocs"]
             log.info("node %s joined with %d processes (Python %s)", node_id,
                      info["nprocs"], info.get("python"))
-            self._work_queued.notify_all()
             return node_id
 
     def unregister_node(self, node_id: str) -> None:
@@ -372,7 +389,6 @@ class Scheduler:
                     self._end_lease(chunk, max(position, chunk.done), reason, exit_description)
                 else:
                     self._end_lease(chunk, None, reason, exit_description)
-            self._work_queued.notify_all()
 
     # --- worker processes -----------------------------------------------------------
 
@@ -391,17 +407,55 @@ class Scheduler:
                 self._accept_report(node, slot, report)
             leases = self._lease(node, slot, want) if want > 0 else []
             if not leases and want > 0 and timeout_s > 0:
-                deadline = time.monotonic() + timeout_s
-                while not leases:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._work_queued.wait(remaining)
-                    if self.closed or self._nodes.get(node_id) is not node:
-                        return None
-                    leases = self._lease(node, slot, want)
+                leases = self._wait_for_leases(node, slot, want, timeout_s)
+                if leases is None:
+                    return None
             revoked = node.revoked_by_slot.pop(slot, ())
             return leases, tuple(revoked)
+
+    def _wait_for_leases(self, node: NodeState, slot: int, want: int, timeout_s: float):
+        """Queue up as an idle process until ``_hand_out`` leases to it: its leases,
+        [] after ``timeout_s``, None when the node is gone or the master closing."""
+        waiter = _Waiter(node, slot, want, self._lock)
+        self._waiting.append(waiter)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while waiter.leases is None:
+                if self.closed or self._nodes.get(node.node_id) is not node:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return []
+                waiter.wake.wait(remaining)
+            if self.closed or self._nodes.get(node.node_id) is not node:
+                return None  # what it was handed went back to the queue with its node
+            return waiter.leases
+        finally:
+            if waiter.leases is None:
+                self._waiting.remove(waiter)
+
+    def _hand_out(self) -> None:
+        """Lease queued work to the waiting processes, oldest waiter first."""
+        while self._waiting and self._queued_chunks > 0:
+            waiter = self._waiting[0]
+            node = waiter.node
+            if self._nodes.get(node.node_id) is not node or waiter.slot not in \
+                    node.tokens_by_slot:
+                self._waiting.popleft()
+                waiter.leases = []
+                waiter.wake.notify()  # it finds its node gone and says so
+                continue
+            leases = self._lease(node, waiter.slot, waiter.want)
+            if not leases:
+                return  # what was counted queued was cancelled meanwhile
+            self._waiting.popleft()
+            waiter.leases = leases
+            waiter.wake.notify()
+
+    def _wake_waiters(self) -> None:
+        """Make every waiting process re-check its node and the master (no leases)."""
+        for waiter in self._waiting:
+            waiter.wake.notify()
 
     # --- state changes -------------------------------------------------------------------
 
@@ -527,7 +581,7 @@ class Scheduler:
         client.queued_jobs += len(selection)
         self._queued_chunks += 1
         self._enter_rotation(client, front=True)
-        self._work_queued.notify()
+        self._hand_out()
 
     def _release(self, chunk: Chunk) -> None:
         """Forget the chunk's current lease."""
@@ -587,7 +641,7 @@ class Scheduler:
                     requeued += len(chunk.selection) - chunk.done
                     self._end_lease(chunk, None, protocol.END_DIED, why)
         node.has_commands.notify_all()
-        self._work_queued.notify_all()
+        self._wake_waiters()
         level = logging.INFO if why == "left" else logging.WARNING
         log.log(level, "node %s %s; %d leased jobs queued again", node.node_id, why, requeued)
 
@@ -606,7 +660,7 @@ class Scheduler:
         """Refuse new work and wake every waiting peer with the news."""
         with self._lock:
             self.closed = True
-            self._work_queued.notify_all()
+            self._wake_waiters()
             for node in self._nodes.values():
                 node.has_commands.notify_all()
             for client in self._clients.values():

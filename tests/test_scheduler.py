@@ -4,6 +4,9 @@ No processes here: a Scheduler is driven directly, as the manager's
 connection threads would drive it.
 """
 
+import threading
+import time
+
 import pytest
 
 from minicw import protocol
@@ -187,6 +190,53 @@ def test_close_wakes_waiters_and_refuses_work():
     with pytest.raises(ClusterShutdownError):
         scheduler.submit(client, [spec(1, 1)])
     assert scheduler.wait_nodes_told(0.1)
+
+
+def _waiting_exchange(scheduler, node, slot, want, replies):
+    """Start a process's blocking exchange in a thread, as a connection thread runs it;
+    returns once the scheduler has it queued as a waiter."""
+    before = len(scheduler._waiting)
+    thread = threading.Thread(target=lambda: replies.__setitem__(
+        slot, scheduler.exchange(node, slot, [], want, 10)))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while len(scheduler._waiting) == before:
+        assert time.monotonic() < deadline, "the exchange never started waiting"
+        time.sleep(0.001)
+    return thread
+
+
+def test_waiting_processes_get_new_work_before_a_returning_one():
+    # Two idle processes wait; a third asks (without waiting) right after the
+    # submit.  The waiters were first: each gets its share before the newcomer.
+    scheduler = Scheduler(10.0)
+    client = scheduler.open_client({"hostname": "c", "pid": 2})
+    scheduler.put_blobs(client, [("fn", b"blob")])
+    node = scheduler.register_node(dict(NODE_INFO, nprocs=3))
+    replies = {}
+    threads = [_waiting_exchange(scheduler, node, slot, 16, replies) for slot in (0, 1)]
+    scheduler.submit(client, [spec(i, 1) for i in range(1, 4)])
+    late_leases, _ = scheduler.exchange(node, 2, [], 16, 0)
+    for thread in threads:
+        thread.join(5)
+    leased = {slot: [lease[2] for lease in replies[slot][0]] for slot in (0, 1)}
+    assert leased == {0: [1], 1: [2]}          # oldest waiter first, a fair share each
+    assert [lease[2] for lease in late_leases] == [3]
+    assert scheduler._waiting == type(scheduler._waiting)()
+
+
+def test_a_waiter_whose_node_is_dropped_gets_none_and_its_work_stays_queued():
+    scheduler, client, node = make()
+    replies = {}
+    thread = _waiting_exchange(scheduler, node, 0, 1, replies)
+    scheduler.unregister_node(node)
+    thread.join(5)
+    assert replies[0] is None
+    assert len(scheduler._waiting) == 0
+    scheduler.submit(client, [spec(1, 2)])
+    other = scheduler.register_node(dict(NODE_INFO))
+    [lease], _ = scheduler.exchange(other, 0, [], 1, 0)
+    assert lease[2] == 1 and list(lease[5]) == [0, 1]
 
 
 def test_unknown_function_blob_is_refused():
