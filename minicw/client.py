@@ -12,8 +12,9 @@
 
 ``stream_results`` keeps a bounded window of chunks in flight: it submits
 chunks as earlier ones complete, so memory on the client and the master stays
-proportional to the window, not to the number of jobs.  It yields decoded
-results per chunk as they arrive; on an error or an interrupt it cancels the
+proportional to the window, not to the number of jobs.  It yields the
+deliveries as they arrive (``decode`` or ``load_results`` turn them into
+results, loading each once); on an error or an interrupt it cancels the
 chunks still queued before passing the exception on.
 
 A session is used by one consumer at a time; deliveries for chunks that the
@@ -341,11 +342,23 @@ def decode(delivery, session: Session | None = None):
     if failure is not None:
         return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
                 for index in indices if index is not None], None
-    values, errors, seconds, notes = serialize.loads(results)
+    values, errors, seconds = load_results(delivery, session)
+    return pair_results(indices, values, errors), seconds
+
+
+def load_results(delivery, session: Session | None = None):
+    """``(values, errors, seconds)`` of a Delivery that carries results (no failure),
+    loaded once; notes from the workers are shown as warnings through ``session``."""
+    values, errors, seconds, notes = serialize.loads(delivery[2])
     if notes and session is not None:
         session.warn_once(notes)
+    return values, errors, seconds
+
+
+def pair_results(indices, values, errors) -> list:
+    """``[(index, ok, value_or_error)]`` of loaded results, skipping repeated jobs."""
     if not errors and None not in indices:
-        return list(zip(indices, itertools.repeat(True), values)), seconds
+        return list(zip(indices, itertools.repeat(True), values))
     decoded = []
     for position, (index, value) in enumerate(zip(indices, values)):
         description = errors.get(position) if errors else None
@@ -355,27 +368,7 @@ def decode(delivery, session: Session | None = None):
             decoded.append((index, True, value))
         else:
             decoded.append((index, False, remote_error(description)))
-    return decoded, seconds
-
-
-def decode_clean_run(delivery, session: Session | None = None):
-    """``(first index, values, seconds)`` when a Delivery is a run of consecutive
-    jobs that all succeeded, else None (then use ``decode``).  The fast path of
-    a large map: no tuple per job."""
-    chunk_id, indices, results, failure = delivery
-    if failure is not None or not isinstance(indices, range) or indices.step != 1:
-        return None
-    values, errors, seconds, notes = serialize.loads(results)
-    if errors:
-        return None
-    if notes and session is not None:
-        session.warn_once(notes)
-    return indices.start, values, seconds
-
-
-def decode_delivery(delivery, session: Session | None = None):
-    """[(index, ok, value_or_error)] for one Delivery (see ``decode``)."""
-    return decode(delivery, session)[0]
+    return decoded
 
 
 # --- streaming many chunks ------------------------------------------------------------------
@@ -391,7 +384,7 @@ def stream_results(session: Session, chunks, window: int):
     """Run chunks with at most ``window`` in flight; yield ``(chunk_id, delivery)``.
 
     ``chunks`` yields ChunkSpec tuples (their ids from ``session.new_chunk_id``).
-    A delivery (decode it with ``decode_clean_run`` or ``decode``) may hold
+    A delivery (decode it with ``decode``, or ``load_results``) may hold
     part of a chunk.  Closing the generator early (or an exception in the consumer)
     cancels every chunk still queued.
     """

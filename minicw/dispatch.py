@@ -409,7 +409,7 @@ class Dispatcher:
                                        % (chunk_id, exc))
             decoded, seconds = [(index, False, error) for index in delivery[1]], None
         if seconds is not None and delivery[3] is None:
-            self._job_times.record(func_keys, seconds, len(decoded))
+            self.record_time(func_keys, seconds, len(decoded))
         outcomes = []
         with self._lock:  # settle the whole delivery under one acquisition
             for index, ok, value in decoded:
@@ -522,14 +522,6 @@ class Dispatcher:
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
 
 
-def _known_length(items) -> int | None:
-    """len(items) for a sized collection (a list, a range), None for an iterator."""
-    try:
-        return len(items)
-    except TypeError:
-        return None
-
-
 def _name_of(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
@@ -572,7 +564,7 @@ class MapStream:
         self.dispatcher = dispatcher
         self.func_key = dispatcher.function_key(fn)
         self.func_name = _name_of(fn)
-        self.length = _known_length(items) if length is None else length  # None: unknown
+        self.length = length                 # jobs in the whole map; None: unknown
         self.items = iter(items)
         self.kind = kind
         self.chunksize = chunksize
@@ -700,9 +692,7 @@ class MapStream:
             return [(index, deque([None]), {0: client.failure_error(
                         failure, "%s/%s" % (chunk_id, index))})
                     for index in indices if index is not None], None
-        values, errors, seconds, notes = serialize.loads(results)
-        if notes:
-            self.dispatcher.session.warn_once(notes)
+        values, errors, seconds = client.load_results(delivery, self.dispatcher.session)
         if errors:
             errors = {offset: client.remote_error(description)
                       for offset, description in errors.items()}

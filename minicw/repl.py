@@ -33,7 +33,7 @@ class MasterNode:
     random key (``self.AUTHKEY``).  HOST '' listens on every interface.
     ``chunksize`` fixes how many args travel in one chunk; None (the
     default) sizes chunks from the measured time per job (chunking.py):
-    one arg per chunk for slow functions, up to a thousand for fast ones.
+    one arg per chunk for slow functions, up to 4,096 for fast ones.
     """
 
     def __init__(self, HOST: str = "127.0.0.1", PORT: int = config.DEFAULT_PORT,
@@ -288,15 +288,17 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
     try:
         for chunk_id, delivery in stream:
             items = args_by_chunk[chunk_id]
-            clean = client.decode_clean_run(delivery, session)
-            if clean is not None:
-                start, values, seconds = clean
-                results.update(zip(items[start:start + len(values)], values))
+            indices, failure = delivery[1], delivery[3]
+            if failure is not None:
+                decoded, _ = client.decode(delivery, session)
+            else:
+                values, errors, seconds = client.load_results(delivery, session)
                 job_times.record((func_key,), seconds, len(values))
-                continue
-            decoded, seconds = client.decode(delivery, session)
-            if seconds is not None:
-                job_times.record((func_key,), seconds, len(decoded))
+                if not errors and isinstance(indices, range) and indices.step == 1:
+                    # A clean run of consecutive jobs, the common case: filed in bulk.
+                    results.update(zip(items[indices.start:indices.stop], values))
+                    continue
+                decoded = client.pair_results(indices, values, errors)
             for index, ok, value in decoded:
                 if not ok:
                     raise _with_arg(value, items[index])

@@ -421,14 +421,12 @@ class Scheduler:
         deadline = time.monotonic() + timeout_s
         try:
             while waiter.leases is None:
-                if self.closed or self._nodes.get(node.node_id) is not node:
-                    return None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []
                 waiter.wake.wait(remaining)
-            if self.closed or self._nodes.get(node.node_id) is not node:
-                return None  # what it was handed went back to the queue with its node
+                if self.closed or self._nodes.get(node.node_id) is not node:
+                    return None  # anything it was handed went back with its node
             return waiter.leases
         finally:
             if waiter.leases is None:

@@ -1,4 +1,6 @@
 """Chunk sizes: the policy (chunking.py) and what it does on a real cluster."""
+import os
+
 import pytest
 
 from minicw import LocalCluster, MasterNode, chunking
@@ -91,5 +93,4 @@ def test_default_map_spreads_a_timed_fast_run_over_both_processes(cluster):
 
 
 def _pid_after(x):
-    import os
     return os.getpid()
