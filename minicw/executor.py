@@ -31,19 +31,20 @@ _live_executors = weakref.WeakSet()
 
 
 class _FutureCondition(threading.Condition):
-    """A ``threading.Condition`` over its own Lock that binds nothing per instance.
+    """A ``threading.Condition`` over its own RLock that binds nothing per instance.
 
     ``Condition.__init__`` stores five bound methods of its lock on the
-    instance, and Future's default lock is an RLock; with a future per
-    submit those are six more objects for the cyclic garbage collector per
-    job, and a submit loop spent about half its time in collections.  Here
-    the methods are the class's own, delegating to a plain Lock (no Future
-    method takes its condition twice; callbacks run outside it); waiting
-    and notifying are the standard library's code.
+    instance; with a future per submit those are five more objects for the
+    cyclic garbage collector per job, and a submit loop spent about half
+    its time in collections.  Here the methods are the class's own,
+    delegating to the RLock; waiting and notifying are the standard
+    library's code.  The lock must be re-entrant like Future's own:
+    ``concurrent.futures.wait`` holds every future's condition while it
+    calls ``cancelled()`` and ``exception()`` on the finished ones.
     """
 
     def __init__(self):  # noqa: the base's __init__ is the binding this class avoids
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._waiters = deque()
 
     def acquire(self, *args, **kwargs):
@@ -51,6 +52,15 @@ class _FutureCondition(threading.Condition):
 
     def release(self):
         self._lock.release()
+
+    def _is_owned(self):
+        return self._lock._is_owned()
+
+    def _release_save(self):
+        return self._lock._release_save()
+
+    def _acquire_restore(self, state):
+        self._lock._acquire_restore(state)
 
 
 _NO_CALLBACKS = ()

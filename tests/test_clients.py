@@ -113,6 +113,28 @@ def test_futures_work_with_wait_as_completed_and_asyncio(executor):
     assert asyncio.run(gather()) == [i * i for i in range(10)]
 
 
+
+def test_wait_first_exception_on_finished_futures_does_not_deadlock(executor):
+    # concurrent.futures.wait holds every future's condition while it asks the
+    # finished ones cancelled() and exception(): the condition must be
+    # re-entrant.  Run in a thread so a regression fails instead of hanging.
+    finished_ok = executor.submit(square, 3)
+    finished_failed = executor.submit(divide, 1, 0)
+    assert finished_ok.result(timeout=30) == 9
+    assert isinstance(finished_failed.exception(timeout=30), ZeroDivisionError)
+    outcome = {}
+
+    def wait_on_them():
+        outcome["ok_only"] = cf.wait([finished_ok], return_when=cf.FIRST_EXCEPTION)
+        outcome["with_failed"] = cf.wait([finished_ok, finished_failed],
+                                         return_when=cf.FIRST_EXCEPTION)
+    waiter = threading.Thread(target=wait_on_them, daemon=True)
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "wait(FIRST_EXCEPTION) deadlocked on a finished future"
+    assert outcome["ok_only"].done == {finished_ok} and not outcome["ok_only"].not_done
+    assert outcome["with_failed"].done == {finished_ok, finished_failed}
+
 def test_timeouts_raise_timeout_error(executor, tmp_path):
     never = str(tmp_path / "never")
     future = executor.submit(block_until_file, never, 5.0)
