@@ -210,6 +210,7 @@ class Dispatcher:
         except BaseException:
             with self._lock:
                 self._sending = False
+                self._work.notify()  # jobs queued meanwhile saw _sending and did not
             raise
 
     def _send_jobs(self, jobs: list) -> None:
@@ -224,11 +225,22 @@ class Dispatcher:
                     specs.append(spec)
             if specs:
                 self.session.submit(specs)
-        except Exception as exc:
+        except BaseException as exc:
+            # Interrupted (Ctrl-C while pickling a large argument, say): the
+            # jobs in hand fail rather than wait forever, and the interrupt goes on.
+            error = exc if isinstance(exc, Exception) else MinicwError(
+                "job submission was interrupted by %s; the job may not have reached "
+                "the master" % type(exc).__name__)
             sent = {spec[0] for spec in specs}
-            self._fail_chunks(sent, exc)
+            self._fail_chunks(sent, error)
             unsent = [job for job in jobs if job.chunk_id not in sent]
-            failed.extend((job, exc) for job in unsent)
+            failed.extend((job, error) for job in unsent)
+            if error is not exc:
+                self._settle_failed(failed)
+                raise
+        self._settle_failed(failed)
+
+    def _settle_failed(self, failed: list) -> None:
         for job, exc in failed:
             self._settle(job, False, exc)
 

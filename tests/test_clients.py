@@ -135,6 +135,39 @@ def test_wait_first_exception_on_finished_futures_does_not_deadlock(executor):
     assert outcome["ok_only"].done == {finished_ok} and not outcome["ok_only"].not_done
     assert outcome["with_failed"].done == {finished_ok, finished_failed}
 
+class InterruptsPickling:
+    """An argument whose pickling waits for a signal, then raises KeyboardInterrupt."""
+
+    def __init__(self, started, proceed):
+        self.started, self.proceed = started, proceed
+
+    def __reduce__(self):
+        self.started.set()
+        self.proceed.wait(10)
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_while_pickling_an_argument_loses_no_other_job(executor):
+    # The submitting thread is interrupted while it packs its job; a job that
+    # another thread queued meanwhile must still go out, and nothing may be
+    # left outstanding (the fixture's shutdown(wait=True) would hang).
+    started, proceed = threading.Event(), threading.Event()
+    queued_meanwhile = []
+
+    def submit_during_pickling():
+        started.wait(10)
+        queued_meanwhile.append(executor.submit(square, 7))
+        proceed.set()
+    other = threading.Thread(target=submit_during_pickling)
+    other.start()
+    with pytest.raises(KeyboardInterrupt):
+        executor.submit(square, InterruptsPickling(started, proceed))
+    other.join(10)
+    assert queued_meanwhile[0].result(timeout=10) == 49
+    assert executor.submit(square, 5).result(timeout=10) == 25
+    assert executor._dispatcher._outstanding == 0
+
+
 def test_timeouts_raise_timeout_error(executor, tmp_path):
     never = str(tmp_path / "never")
     future = executor.submit(block_until_file, never, 5.0)
