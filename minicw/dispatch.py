@@ -228,21 +228,20 @@ class Dispatcher:
         except BaseException as exc:
             # Interrupted (Ctrl-C while pickling a large argument, say): the
             # jobs in hand fail rather than wait forever, and the interrupt goes on.
-            error = exc if isinstance(exc, Exception) else MinicwError(
+            interrupt = None if isinstance(exc, Exception) else exc
+            error = exc if interrupt is None else MinicwError(
                 "job submission was interrupted by %s; the job may not have reached "
                 "the master" % type(exc).__name__)
             sent = {spec[0] for spec in specs}
             self._fail_chunks(sent, error)
             unsent = [job for job in jobs if job.chunk_id not in sent]
             failed.extend((job, error) for job in unsent)
-            if error is not exc:
-                self._settle_failed(failed)
-                raise
-        self._settle_failed(failed)
-
-    def _settle_failed(self, failed: list) -> None:
+        else:
+            interrupt = None
         for job, exc in failed:
             self._settle(job, False, exc)
+        if interrupt is not None:
+            raise interrupt
 
     def _cut(self, jobs):
         """Consecutive live jobs with equal limits, in chunks sized by estimated time.

@@ -113,7 +113,6 @@ def test_futures_work_with_wait_as_completed_and_asyncio(executor):
     assert asyncio.run(gather()) == [i * i for i in range(10)]
 
 
-
 def test_wait_first_exception_on_finished_futures_does_not_deadlock(executor):
     # concurrent.futures.wait holds every future's condition while it asks the
     # finished ones cancelled() and exception(): the condition must be
@@ -135,6 +134,7 @@ def test_wait_first_exception_on_finished_futures_does_not_deadlock(executor):
     assert outcome["ok_only"].done == {finished_ok} and not outcome["ok_only"].not_done
     assert outcome["with_failed"].done == {finished_ok, finished_failed}
 
+
 class InterruptsPickling:
     """An argument whose pickling waits for a signal, then raises KeyboardInterrupt."""
 
@@ -147,10 +147,12 @@ class InterruptsPickling:
         raise KeyboardInterrupt
 
 
-def test_ctrl_c_while_pickling_an_argument_loses_no_other_job(executor):
+def test_ctrl_c_while_pickling_an_argument_loses_no_other_job(cluster):
     # The submitting thread is interrupted while it packs its job; a job that
     # another thread queued meanwhile must still go out, and nothing may be
-    # left outstanding (the fixture's shutdown(wait=True) would hang).
+    # left outstanding.  No shutdown(wait=True) at the end: on a regression
+    # it would wait for the lost job for ever instead of failing.
+    executor = cluster.executor()
     started, proceed = threading.Event(), threading.Event()
     queued_meanwhile = []
 
@@ -160,12 +162,15 @@ def test_ctrl_c_while_pickling_an_argument_loses_no_other_job(executor):
         proceed.set()
     other = threading.Thread(target=submit_during_pickling)
     other.start()
-    with pytest.raises(KeyboardInterrupt):
-        executor.submit(square, InterruptsPickling(started, proceed))
-    other.join(10)
-    assert queued_meanwhile[0].result(timeout=10) == 49
-    assert executor.submit(square, 5).result(timeout=10) == 25
-    assert executor._dispatcher._outstanding == 0
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(square, InterruptsPickling(started, proceed))
+        other.join(10)
+        assert queued_meanwhile[0].result(timeout=10) == 49
+        assert executor.submit(square, 5).result(timeout=10) == 25
+        assert executor._dispatcher._outstanding == 0
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
 
 
 def test_timeouts_raise_timeout_error(executor, tmp_path):
