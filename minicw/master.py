@@ -26,6 +26,7 @@ import threading
 
 from minicw import config, protocol, transport
 from minicw.errors import ProtocolVersionError
+from minicw.reactor import Reactor
 from minicw.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -174,6 +175,9 @@ class Master:
             raise OSError(exc.errno, "cannot listen on %s: %s" % (
                 transport.format_address(self._requested_address), exc.strerror)) from None
         self._server.stop_event = self._stopped  # the manager's own shutdown() sets it
+        self._reactor = Reactor(self.scheduler)
+        self._server.adopter = (apis["process"], self._reactor.adopt)
+        self._reactor.start()
         self._spawn(self._server.accepter, "minicw-accept")
         self._spawn(self._reap, "minicw-reaper")
         log.info("master listening on %s", transport.format_address(self.address))
@@ -201,6 +205,7 @@ class Master:
         self.scheduler.close()
         self.scheduler.wait_nodes_told(SHUTDOWN_GRACE_S)
         self._server.close()
+        self._reactor.close()
         self._stopped.set()
         log.info("master on %s shut down", transport.format_address(self.address))
 

@@ -53,10 +53,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import queue
 import sys
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from minicw import protocol
 from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
@@ -66,17 +67,52 @@ log = logging.getLogger(__name__)
 MAX_DELIVERIES_PER_FETCH = 64
 
 
-class _Waiter:
-    """A worker process blocked in ``exchange`` until work is leased to it."""
+class Waiter:
+    """A worker process whose ``exchange`` waits until work is leased to it.
 
-    __slots__ = ("node", "slot", "want", "leases", "wake")
+    Its reply goes to ``on_reply`` exactly once, outside the lock: leases from
+    ``_hand_out``, ``([], revoked)`` when ``end_wait`` finds it still waiting,
+    None when its node is dropped or the master closes.
+    """
 
-    def __init__(self, node, slot, want, lock):
+    __slots__ = ("node", "slot", "want", "deadline", "on_reply")
+
+    def __init__(self, node, slot, want, deadline, on_reply):
         self.node = node
         self.slot = slot
         self.want = want
-        self.leases = None                       # set by _hand_out
-        self.wake = threading.Condition(lock)
+        self.deadline = deadline                 # time.monotonic() limit of the wait
+        self.on_reply = on_reply
+
+
+class _Transition:
+    """``with scheduler._changing:`` holds the lock for one state change.
+
+    Replies to waiting processes that the change settled are queued in
+    ``replies`` and sent on leaving, once the lock is released: a reply may
+    go out on a socket, and no thread should wait on the network under the
+    lock.
+    """
+
+    __slots__ = ("_lock", "replies")
+
+    def __init__(self, lock):
+        self._lock = lock
+        self.replies = []   # (on_reply, reply)
+
+    def __enter__(self):
+        self._lock.acquire()
+
+    def __exit__(self, *exc_info):
+        replies = self.replies
+        if not replies:
+            self._lock.release()
+            return
+        settled = replies[:]
+        replies.clear()
+        self._lock.release()
+        for on_reply, reply in settled:
+            on_reply(reply)
 
 
 class Chunk:
@@ -144,7 +180,9 @@ class Scheduler:
     def __init__(self, heartbeat_timeout_s: float):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._lock = threading.Lock()
-        self._waiting = deque()         # _Waiter, oldest first
+        self._changing = _Transition(self._lock)
+        self._replies = self._changing.replies
+        self._waiting = OrderedDict()   # Waiter -> None, oldest first
         self._clients = {}
         self._nodes = {}
         self._rotation = deque()        # ClientState with queued chunks, round robin
@@ -164,7 +202,7 @@ class Scheduler:
     # --- clients ------------------------------------------------------------------
 
     def open_client(self, info: dict) -> int:
-        with self._lock:
+        with self._changing:
             self._check_open()
             client_id = next(self._client_ids)
             self._clients[client_id] = ClientState(client_id, info, self._lock)
@@ -173,18 +211,18 @@ class Scheduler:
             return client_id
 
     def close_client(self, client_id: int) -> None:
-        with self._lock:
+        with self._changing:
             client = self._clients.get(client_id)
             if client is not None:
                 self._drop_client(client, "closed its session")
 
     def touch(self, client_id: int) -> None:
-        with self._lock:
+        with self._changing:
             self._client(client_id).last_seen = time.monotonic()
 
     def put_blobs(self, client_id: int, blobs) -> None:
         """Store ``[(key, bytes)]``; kept while any client that put them is connected."""
-        with self._lock:
+        with self._changing:
             client = self._client(client_id)
             for key, data in blobs:
                 self._blobs.setdefault(key, data)
@@ -193,11 +231,11 @@ class Scheduler:
                 client.blob_keys.add(key)
 
     def missing_blobs(self, keys) -> list:
-        with self._lock:
+        with self._changing:
             return [key for key in keys if key not in self._blobs]
 
     def get_blob(self, key: str) -> bytes:
-        with self._lock:
+        with self._changing:
             try:
                 data = self._blobs[key]
             except KeyError:
@@ -208,13 +246,13 @@ class Scheduler:
 
     def blob_transfers(self, keys) -> dict:
         """{key: (times put, times fetched by nodes)} for blobs the master holds."""
-        with self._lock:
+        with self._changing:
             return {key: tuple(self._blob_transfers[key]) for key in keys
                     if key in self._blob_transfers}
 
     def submit(self, client_id: int, specs) -> None:
         """Queue chunks: ``specs`` is a list of protocol ChunkSpec tuples."""
-        with self._lock:
+        with self._changing:
             self._check_open()
             client = self._client(client_id)
             client.last_seen = time.monotonic()
@@ -240,7 +278,7 @@ class Scheduler:
         way (its caller was interrupted, the connection broke) is therefore
         sent again; the client drops what it has already seen.
         """
-        with self._lock:
+        with self._changing:
             client = self._client(client_id)
             client.last_seen = time.monotonic()
             deliveries = client.deliveries
@@ -265,7 +303,7 @@ class Scheduler:
         process skips or abandons it and its late results are dropped.
         Returns ``[(chunk_id, cancelled indices)]``.
         """
-        with self._lock:
+        with self._changing:
             client = self._client(client_id)
             outcome = []
             for chunk_id, indices in requests:
@@ -285,7 +323,7 @@ class Scheduler:
         is told to die when it runs that job; the job then fails as
         cancelled) or "unknown" (it is done or was never submitted).
         """
-        with self._lock:
+        with self._changing:
             client = self._client(client_id)
             chunk = client.chunks.get(chunk_id)
             if chunk is None:
@@ -334,7 +372,7 @@ class Scheduler:
     # --- worker nodes -----------------------------------------------------------------
 
     def register_node(self, info: dict) -> str:
-        with self._lock:
+        with self._changing:
             self._check_open()
             node_id = "%s:%s#%d" % (info["hostname"], info["pid"], next(self._node_serials))
             self._nodes[node_id] = NodeState(node_id, info, self._lock)
@@ -344,14 +382,14 @@ class Scheduler:
             return node_id
 
     def unregister_node(self, node_id: str) -> None:
-        with self._lock:
+        with self._changing:
             node = self._nodes.get(node_id)
             if node is not None:
                 self._drop_node(node, "left")
 
     def poll(self, node_id: str, timeout_s: float) -> list:
         """A node's heartbeat: wait up to ``timeout_s`` for commands and return them."""
-        with self._lock:
+        with self._changing:
             node = self._nodes.get(node_id)
             if node is None:
                 return [(protocol.CMD_REREGISTER,)]
@@ -374,7 +412,7 @@ class Scheduler:
 
         ``token``/``position`` say which job it was running (0/-1: none known).
         """
-        with self._lock:
+        with self._changing:
             node = self._nodes.get(node_id)
             if node is None:
                 return
@@ -397,9 +435,25 @@ class Scheduler:
 
         Waits up to ``timeout_s`` when nothing is queued.  Returns ``(leases,
         revoked_tokens)``, or None when the process must stop (its node is not
-        registered any more, or the master is closing).
+        registered any more, or the master is closing).  This is the blocking
+        form of ``start_exchange`` (the master's event loop uses that one).
         """
-        with self._lock:
+        replies = queue.SimpleQueue()
+        reply = self.start_exchange(node_id, slot, reports, want, timeout_s, replies.put)
+        if not isinstance(reply, Waiter):
+            return reply
+        try:
+            return replies.get(timeout=max(0.0, reply.deadline - time.monotonic()))
+        except queue.Empty:
+            self.end_wait(reply)
+            return replies.get()
+
+    def start_exchange(self, node_id: str, slot: int, reports, want: int, timeout_s: float,
+                       on_reply):
+        """``exchange`` without blocking: its reply, or a waiter whose reply will
+        be passed to ``on_reply`` (from whichever thread settles it, never under
+        the lock).  Whoever holds a waiter calls ``end_wait`` at its deadline."""
+        with self._changing:
             node = self._nodes.get(node_id)
             if node is None or self.closed or slot not in node.tokens_by_slot:
                 return None
@@ -407,53 +461,51 @@ class Scheduler:
                 self._accept_report(node, slot, report)
             leases = self._lease(node, slot, want) if want > 0 else []
             if not leases and want > 0 and timeout_s > 0:
-                leases = self._wait_for_leases(node, slot, want, timeout_s)
-                if leases is None:
-                    return None
-            revoked = node.revoked_by_slot.pop(slot, ())
-            return leases, tuple(revoked)
+                waiter = Waiter(node, slot, want, time.monotonic() + timeout_s, on_reply)
+                self._waiting[waiter] = None
+                return waiter
+            return self._reply(node, slot, leases)
 
-    def _wait_for_leases(self, node: NodeState, slot: int, want: int, timeout_s: float):
-        """Queue up as an idle process until ``_hand_out`` leases to it: its leases,
-        [] after ``timeout_s``, None when the node is gone or the master closing."""
-        waiter = _Waiter(node, slot, want, self._lock)
-        self._waiting.append(waiter)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while waiter.leases is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return []
-                waiter.wake.wait(remaining)
+    def end_wait(self, waiter: Waiter) -> None:
+        """The waiter's time is up (or its process went away): reply ``([],
+        revoked)`` to it unless it was settled already."""
+        with self._changing:
+            if self._waiting.pop(waiter, False) is None:
+                node = waiter.node
                 if self.closed or self._nodes.get(node.node_id) is not node:
-                    return None  # anything it was handed went back with its node
-            return waiter.leases
-        finally:
-            if waiter.leases is None:
-                self._waiting.remove(waiter)
+                    self._settle(waiter, None)
+                else:
+                    self._settle(waiter, self._reply(node, waiter.slot, []))
+
+    def _reply(self, node: NodeState, slot: int, leases: list) -> tuple:
+        return leases, tuple(node.revoked_by_slot.pop(slot, ()))
+
+    def _settle(self, waiter: Waiter, reply) -> None:
+        """Queue ``reply`` for a waiter already taken out of ``_waiting``."""
+        self._replies.append((waiter.on_reply, reply))
 
     def _hand_out(self) -> None:
         """Lease queued work to the waiting processes, oldest waiter first."""
-        while self._waiting and self._queued_chunks > 0:
-            waiter = self._waiting[0]
+        waiting = self._waiting
+        while waiting and self._queued_chunks > 0:
+            waiter = next(iter(waiting))
             node = waiter.node
             if self._nodes.get(node.node_id) is not node or waiter.slot not in \
                     node.tokens_by_slot:
-                self._waiting.popleft()
-                waiter.leases = []
-                waiter.wake.notify()  # it finds its node gone and says so
+                waiting.popitem(last=False)
+                self._settle(waiter, None)
                 continue
             leases = self._lease(node, waiter.slot, waiter.want)
             if not leases:
                 return  # what was counted queued was cancelled meanwhile
-            self._waiting.popleft()
-            waiter.leases = leases
-            waiter.wake.notify()
+            waiting.popitem(last=False)
+            self._settle(waiter, self._reply(node, waiter.slot, leases))
 
-    def _wake_waiters(self) -> None:
-        """Make every waiting process re-check its node and the master (no leases)."""
-        for waiter in self._waiting:
-            waiter.wake.notify()
+    def _stop_waiters(self, node=None) -> None:
+        """Reply None to the waiting processes of ``node`` (all, when None)."""
+        for waiter in [w for w in self._waiting if node is None or w.node is node]:
+            del self._waiting[waiter]
+            self._settle(waiter, None)
 
     # --- state changes -------------------------------------------------------------------
 
@@ -639,7 +691,7 @@ class Scheduler:
                     requeued += len(chunk.selection) - chunk.done
                     self._end_lease(chunk, None, protocol.END_DIED, why)
         node.has_commands.notify_all()
-        self._wake_waiters()
+        self._stop_waiters(node)
         level = logging.INFO if why == "left" else logging.WARNING
         log.log(level, "node %s %s; %d leased jobs queued again", node.node_id, why, requeued)
 
@@ -647,7 +699,7 @@ class Scheduler:
 
     def expire(self) -> None:
         """Drop nodes and clients silent for longer than the heartbeat timeout."""
-        with self._lock:
+        with self._changing:
             limit = time.monotonic() - self.heartbeat_timeout_s
             for node in [n for n in self._nodes.values() if n.last_seen < limit]:
                 self._drop_node(node, "missed its heartbeats for %gs" % self.heartbeat_timeout_s)
@@ -656,9 +708,9 @@ class Scheduler:
 
     def close(self) -> None:
         """Refuse new work and wake every waiting peer with the news."""
-        with self._lock:
+        with self._changing:
             self.closed = True
-            self._wake_waiters()
+            self._stop_waiters()
             for node in self._nodes.values():
                 node.has_commands.notify_all()
             for client in self._clients.values():
@@ -667,7 +719,7 @@ class Scheduler:
     def wait_nodes_told(self, timeout_s: float) -> bool:
         """After close(): wait until every node has received CMD_SHUTDOWN."""
         deadline = time.monotonic() + timeout_s
-        with self._lock:
+        with self._changing:
             while not set(self._nodes) <= self._told_shutdown:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -692,11 +744,11 @@ class Scheduler:
 
     def list_nodes(self) -> list:
         """One record per live worker node."""
-        with self._lock:
+        with self._changing:
             return [self._node_record(node) for node in self._nodes.values()]
 
     def status(self) -> dict:
-        with self._lock:
+        with self._changing:
             return {
                 "nodes": [self._node_record(node) for node in self._nodes.values()],
                 "clients": [{

@@ -185,6 +185,30 @@ class _Server(managers.Server):
     def __init__(self, registry, address, authkey, serializer):
         super().__init__(registry, address, authkey, serializer)
         self.closing = threading.Event()
+        self.adopter = None   # (object, adopt(conn, first_request)): see accept_connection
+
+    def accept_connection(self, conn, name):
+        """Serve a proxy's connection: in this thread, as the standard Server does,
+        unless its first request is for ``adopter``'s object, whose connections
+        are handed to ``adopt`` (the master's event loop) with that request."""
+        threading.current_thread().name = name
+        conn.send(("#RETURN", None))
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            sys.exit(0)  # how serve_client ends a connection; handle_request closes it
+        if self.adopter is not None:
+            adopted, adopt = self.adopter
+            ident = request[0] if isinstance(request, tuple) and request else None
+            with self.mutex:
+                try:
+                    target = self.id_to_obj.get(ident, (None,))[0]
+                except TypeError:  # garbage: serve_client answers it with an error
+                    target = None
+            if target is adopted:
+                adopt(conn, request)
+                sys.exit(0)
+        self.serve_client(_Replay(conn, request))
 
     def accepter(self):
         while not self.closing.is_set():
@@ -247,6 +271,22 @@ class _Server(managers.Server):
             self.listener.close()
         except OSError:
             pass
+
+
+class _Replay:
+    """A connection whose first ``recv`` returns a request already received."""
+
+    def __init__(self, conn, request):
+        self._conn = conn
+        self._first = [request]
+        self.send = conn.send
+        self.close = conn.close
+        self.fileno = conn.fileno
+
+    def recv(self):
+        if self._first:
+            return self._first.pop()
+        return self._conn.recv()
 
 
 managers.listener_client.setdefault(SERIALIZER, (_Listener, _manager_client))

@@ -1,0 +1,334 @@
+"""The master's event loop: one thread serves every worker-process connection.
+
+A worker process's only call is ``exchange`` (report results, lease more
+work), and most of its calls wait for work.  Under the manager's own model
+every connection has a thread, so each exchange wakes one of hundreds of
+threads and hands the GIL around; with 200 nodes that alone costs the
+master more than the jobs do.  Here the connection thread that
+authenticated a process hands the connection over after its first
+request, and one loop serves them all:
+
+    worker process                       master
+    --------------                       ------
+    proxy.exchange(...) --frame-->  selector --> _Channel.inbox --> Scheduler.start_exchange
+                                                                        |           |
+                        <--frame--  _Channel.outbox <-- reply <---------+      a _Waiter
+                                          ^                                     (no work yet)
+                                          |                                         |
+                      post(): other threads (a client's submit, a node      settled by whoever
+                      ending, shutdown) settle waiters; the loop sends      leases to it, or by
+                                                                           end_wait at its deadline
+
+Frames are the ``multiprocessing.connection`` wire format (a 4-byte
+big-endian length, or -1 and an 8-byte length; then a pickle), so a
+process's ordinary ``BaseProxy`` talks to this loop exactly as it would to
+``Server.serve_client``; replies are ``('#RETURN', value)`` or
+``('#ERROR', exception)``.  Sockets are non-blocking: a stopped process
+whose reply does not fit its socket buffer holds only its own bytes in
+``outbox``, never the loop.  Only the loop thread reads, writes or closes a
+channel's socket; other threads reach it through ``post``.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections import deque
+from multiprocessing.reduction import ForkingPickler
+
+from minicw.scheduler import Waiter
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 18          # bytes asked of one recv()
+SMALL_FRAME = 1 << 16        # header and body of a frame this small go in one send()
+_HEADER = struct.Struct("!i")
+_LONG_HEADER = struct.Struct("!Q")
+
+
+def frame(obj) -> list:
+    """``obj`` pickled and framed as ``Connection.send`` would: [header, body]."""
+    body = ForkingPickler.dumps(obj)
+    size = len(body)
+    if size > 0x7FFFFFFF:
+        header = _HEADER.pack(-1) + _LONG_HEADER.pack(size)
+    else:
+        header = _HEADER.pack(size)
+    if size <= SMALL_FRAME:
+        return [header + body]
+    return [header, body]
+
+
+def take_frames(buffer: bytearray) -> list:
+    """Remove and return the complete frames at the start of ``buffer``."""
+    frames = []
+    offset = 0
+    end = len(buffer)
+    while end - offset >= 4:
+        size = _HEADER.unpack_from(buffer, offset)[0]
+        start = offset + 4
+        if size == -1:
+            if end - offset < 12:
+                break
+            size = _LONG_HEADER.unpack_from(buffer, start)[0]
+            start += 8
+        elif size < 0:
+            raise ValueError("bad frame length %d" % size)
+        if end - start < size:
+            break
+        frames.append(bytes(buffer[start:start + size]))
+        offset = start + size
+    if offset:
+        del buffer[:offset]
+    return frames
+
+
+class _Channel:
+    """One worker process's connection, as the loop sees it."""
+
+    __slots__ = ("sock", "peer", "inbox", "outbox", "waiter", "closed")
+
+    def __init__(self, sock: socket.socket, peer: str):
+        self.sock = sock
+        self.peer = peer
+        self.inbox = bytearray()      # bytes received, not yet a whole frame
+        self.outbox = deque()         # bytes (or memoryviews) still to send
+        self.waiter = None            # the Scheduler waiter of its pending exchange
+        self.closed = False
+
+
+class Reactor:
+    """Serves ``exchange`` for every adopted connection in one thread."""
+
+    def __init__(self, scheduler):
+        self._scheduler = scheduler
+        self._selector = selectors.DefaultSelector()
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._selector.register(self._wake_recv, selectors.EVENT_READ, None)
+        self._posted = []                      # (channel or None, reply or (sock, request))
+        self._post_lock = threading.Lock()
+        self._wake_sent = False
+        self._deadlines = []                   # heap of (deadline, seq, channel, waiter)
+        self._seq = itertools.count()
+        self._channels = set()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="minicw-reactor", daemon=True)
+        self._loop_ident = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def adopt(self, conn, request) -> None:
+        """Take over ``conn`` (a served manager connection) whose first request,
+        already received, is ``request``.  Called from the connection's thread."""
+        sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        conn.close()
+        sock.setblocking(False)
+        self._post(None, (sock, request))
+
+    def close(self) -> None:
+        """Stop once the last connection has gone (processes leave on their own
+        after the master closes: their next exchange returns None)."""
+        self._closing = True
+        self._wake()
+
+    # --- other threads -> the loop ---------------------------------------------------------
+
+    def _post(self, channel, item) -> None:
+        with self._post_lock:
+            self._posted.append((channel, item))
+            if self._wake_sent:
+                return
+            self._wake_sent = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_send.send(b"\0")
+        except OSError:  # the loop has gone, or its pipe is full (it is awake then)
+            pass
+
+    def _replier(self, channel):
+        """The ``on_reply`` of a channel's pending exchange."""
+        def on_reply(reply):
+            if threading.get_ident() == self._loop_ident:
+                self._answer(channel, reply)
+            else:
+                self._post(channel, reply)
+        return on_reply
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._loop_ident = threading.get_ident()
+        try:
+            while not (self._closing and not self._channels):
+                for key, events in self._selector.select(self._timeout()):
+                    channel = key.data
+                    if channel is None:
+                        self._take_posted()
+                        continue
+                    if events & selectors.EVENT_WRITE:
+                        self._flush(channel)
+                    if events & selectors.EVENT_READ and not channel.closed:
+                        self._receive(channel)
+                self._expire_waits()
+        except Exception:  # pragma: no cover - a bug here must not pass silently
+            log.exception("the master's process loop failed")
+        finally:
+            for channel in list(self._channels):
+                self._drop(channel)
+            self._selector.close()
+            self._wake_recv.close()
+            self._wake_send.close()
+
+    def _timeout(self):
+        if not self._deadlines:
+            return None
+        return max(0.0, self._deadlines[0][0] - time.monotonic())
+
+    def _take_posted(self) -> None:
+        try:
+            while self._wake_recv.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._post_lock:
+            posted, self._posted = self._posted, []
+            self._wake_sent = False
+        for channel, item in posted:
+            if channel is None:
+                self._add(*item)
+            else:
+                self._answer(channel, item)
+
+    def _add(self, sock: socket.socket, request) -> None:
+        try:
+            peer = "%s:%s" % sock.getpeername()[:2]
+        except OSError:
+            peer = "?"
+        channel = _Channel(sock, peer)
+        self._channels.add(channel)
+        self._selector.register(sock, selectors.EVENT_READ, channel)
+        self._handle(channel, request)
+
+    def _receive(self, channel: _Channel) -> None:
+        try:
+            data = channel.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(channel)
+            return
+        channel.inbox += data
+        try:
+            frames = take_frames(channel.inbox)
+        except ValueError as exc:
+            log.warning("dropped worker process connection from %s: %s", channel.peer, exc)
+            self._drop(channel)
+            return
+        for body in frames:
+            if channel.closed:
+                return
+            try:
+                request = ForkingPickler.loads(body)
+            except Exception as exc:
+                log.warning("dropped worker process connection from %s: unreadable "
+                            "request (%s)", channel.peer, exc)
+                self._drop(channel)
+                return
+            self._handle(channel, request)
+
+    def _handle(self, channel: _Channel, request) -> None:
+        if channel.waiter is not None:
+            # A request while one waits: its caller gave up on the last one.
+            # The old exchange ends now (its reply is never read: the caller's
+            # proxy expects one reply per request, so it is dropped here).
+            waiter, channel.waiter = channel.waiter, None
+            self._scheduler.end_wait(waiter)
+        try:
+            _, method, args, kwds = request
+            if method != "exchange":
+                raise AttributeError("a worker process connection serves only exchange(), "
+                                     "not %r" % (method,))
+            reply = self._scheduler.start_exchange(*args, on_reply=self._replier(channel),
+                                                   **kwds)
+        except Exception as exc:
+            self._send(channel, ("#ERROR", exc))
+            return
+        if isinstance(reply, Waiter):
+            channel.waiter = reply
+            heapq.heappush(self._deadlines, (reply.deadline, next(self._seq), channel, reply))
+        else:
+            self._send(channel, ("#RETURN", reply))
+
+    def _answer(self, channel: _Channel, reply) -> None:
+        """The settled reply of the channel's pending exchange."""
+        if channel.waiter is None:
+            return  # superseded by a newer request, or the channel closed
+        channel.waiter = None
+        self._send(channel, ("#RETURN", reply))
+
+    def _expire_waits(self) -> None:
+        deadlines = self._deadlines
+        now = time.monotonic()
+        while deadlines and deadlines[0][0] <= now:
+            _, _, channel, waiter = heapq.heappop(deadlines)
+            if channel.waiter is waiter:
+                self._scheduler.end_wait(waiter)   # replies through _answer, or did already
+
+    # --- sending ---------------------------------------------------------------------------
+
+    def _send(self, channel: _Channel, message) -> None:
+        if channel.closed:
+            return
+        try:
+            parts = frame(message)
+        except Exception as exc:
+            parts = frame(("#ERROR", TypeError("the master could not pickle its reply: %s"
+                                               % exc)))
+        was_empty = not channel.outbox
+        channel.outbox.extend(parts)
+        if was_empty:
+            self._flush(channel)
+
+    def _flush(self, channel: _Channel) -> None:
+        outbox = channel.outbox
+        try:
+            while outbox:
+                data = outbox[0]
+                sent = channel.sock.send(data)
+                if sent < len(data):
+                    outbox[0] = memoryview(data)[sent:]
+                    break
+                outbox.popleft()
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._drop(channel)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if outbox else 0)
+        if self._selector.get_key(channel.sock).events != events:
+            self._selector.modify(channel.sock, events, channel)
+
+    def _drop(self, channel: _Channel) -> None:
+        if channel.closed:
+            return
+        channel.closed = True
+        self._channels.discard(channel)
+        waiter, channel.waiter = channel.waiter, None
+        if waiter is not None:
+            self._scheduler.end_wait(waiter)
+        try:
+            self._selector.unregister(channel.sock)
+        except (KeyError, ValueError):
+            pass
+        channel.sock.close()
