@@ -13,9 +13,13 @@ Three limits decide, the smallest wins:
   which amortises the per-chunk calls over many fast jobs and leaves
   slow jobs one per chunk;
 * spread: when the number of jobs in the run is known, a chunk takes at
-  most 1 / (SPREAD_PER_PROCESS x processes) of them, so every process gets
-  work (a fixed share of the whole run, not of what is left: shrinking
-  chunks towards the end would multiply the chunks of a fast function);
+  most 1 / spread_chunks(processes) of them: one chunk for every process,
+  so every process gets work, and as many again (up to MAX_SPARE_CHUNKS)
+  for the first to finish, so the end of the run is balanced.  A fixed
+  share of the whole run, not of what is left: shrinking chunks towards
+  the end would multiply the chunks of a fast function.  The spares are
+  capped because on a large cluster each one costs a round of calls on the
+  master while balancing a tail that is already short;
 * MAX_JOBS_PER_CHUNK, which bounds the memory of one message.
 
 A function never timed goes one job per chunk until a result reports its
@@ -27,7 +31,8 @@ import math
 
 CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
 MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
-SPREAD_PER_PROCESS = 2      # chunks per worker process, at least, of a run of known length
+SPREAD_PER_PROCESS = 2      # chunks per worker process of a run of known length ...
+MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process
 EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
 
 
@@ -60,5 +65,10 @@ def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
         return 1
     size = MAX_JOBS_PER_CHUNK if seconds <= 0 else int(CHUNK_TARGET_S / seconds)
     if run_jobs is not None and processes > 0:
-        size = min(size, math.ceil(run_jobs / (SPREAD_PER_PROCESS * processes)))
+        size = min(size, math.ceil(run_jobs / spread_chunks(processes)))
     return max(1, min(MAX_JOBS_PER_CHUNK, size))
+
+
+def spread_chunks(processes: int) -> int:
+    """Into how many chunks, at least, a run of known length is cut."""
+    return processes + min((SPREAD_PER_PROCESS - 1) * processes, MAX_SPARE_CHUNKS)

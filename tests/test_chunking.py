@@ -38,10 +38,18 @@ def test_slow_function_gets_one_job_per_chunk():
 
 
 def test_known_run_is_spread_over_every_process():
-    # 100 processes, 10,000 jobs: no chunk may take more than a share of the run.
-    size = chunking.jobs_per_chunk(0.0, 10_000, 100)
-    assert size == 10_000 // (chunking.SPREAD_PER_PROCESS * 100)
+    # 10 processes, 10,000 jobs: no chunk may take more than a share of the run.
+    size = chunking.jobs_per_chunk(0.0, 10_000, 10)
+    assert size == 10_000 // (chunking.SPREAD_PER_PROCESS * 10)
     assert chunking.jobs_per_chunk(0.0, 3, 100) == 1
+
+
+def test_a_large_cluster_gets_one_chunk_per_process_and_a_few_spares():
+    # 200 processes: one chunk each and MAX_SPARE_CHUNKS more, not two each.
+    assert chunking.spread_chunks(200) == 200 + chunking.MAX_SPARE_CHUNKS
+    assert chunking.spread_chunks(2) == 2 * chunking.SPREAD_PER_PROCESS
+    size = chunking.jobs_per_chunk(0.0, 100_000, 200)
+    assert size == -(-100_000 // (200 + chunking.MAX_SPARE_CHUNKS))
 
 
 def test_job_times_keep_a_moving_average():
