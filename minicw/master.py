@@ -32,6 +32,8 @@ from minicw.scheduler import Scheduler
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE_S = 1.0  # how long shutdown waits for every node to hear about it
+DEFERRED_PREFIX = "start_"  # an API method that may wait takes on_reply and may return a
+                            # Waiter (see reactor.py)
 
 
 def _check_protocol(info: dict, role: str) -> None:
@@ -67,8 +69,8 @@ class ClientAPI:
     def submit(self, client_id, specs):
         self._scheduler.submit(client_id, specs)
 
-    def fetch(self, client_id, timeout_s, ack=0):
-        return self._scheduler.fetch(client_id, timeout_s, ack)
+    def start_fetch(self, on_reply, client_id, timeout_s, ack=0):
+        return self._scheduler.start_fetch(client_id, timeout_s, ack, on_reply)
 
     def cancel(self, client_id, requests):
         return self._scheduler.cancel(client_id, requests)
@@ -100,8 +102,8 @@ class NodeAPI:
     def unregister(self, node_id):
         self._scheduler.unregister_node(node_id)
 
-    def poll(self, node_id, timeout_s):
-        return self._scheduler.poll(node_id, timeout_s)
+    def start_poll(self, on_reply, node_id, timeout_s):
+        return self._scheduler.start_poll(node_id, timeout_s, on_reply)
 
     def get_blob(self, key):
         return self._scheduler.get_blob(key)
@@ -116,13 +118,20 @@ class ProcessAPI:
     def __init__(self, scheduler: Scheduler):
         self._scheduler = scheduler
 
-    def exchange(self, node_id, slot, reports, want, timeout_s):
-        return self._scheduler.exchange(node_id, slot, reports, want, timeout_s)
+    def start_exchange(self, on_reply, node_id, slot, reports, want, timeout_s):
+        return self._scheduler.start_exchange(node_id, slot, reports, want, timeout_s,
+                                              on_reply)
 
 
-CLIENT_METHODS = tuple(name for name in vars(ClientAPI) if not name.startswith("_"))
-NODE_METHODS = tuple(name for name in vars(NodeAPI) if not name.startswith("_"))
-PROCESS_METHODS = tuple(name for name in vars(ProcessAPI) if not name.startswith("_"))
+def _methods(api_class) -> tuple:
+    """The method names a peer calls: ``start_x`` (a call that may wait) is ``x``."""
+    return tuple(name[len(DEFERRED_PREFIX):] if name.startswith(DEFERRED_PREFIX) else name
+                 for name in vars(api_class) if not name.startswith("_"))
+
+
+CLIENT_METHODS = _methods(ClientAPI)
+NODE_METHODS = _methods(NodeAPI)
+PROCESS_METHODS = _methods(ProcessAPI)
 
 
 class MasterManager(transport.Manager):
@@ -175,8 +184,8 @@ class Master:
             raise OSError(exc.errno, "cannot listen on %s: %s" % (
                 transport.format_address(self._requested_address), exc.strerror)) from None
         self._server.stop_event = self._stopped  # the manager's own shutdown() sets it
-        self._reactor = Reactor(self.scheduler)
-        self._server.adopter = (apis["process"], self._reactor.adopt)
+        self._reactor = Reactor(self.scheduler, DEFERRED_PREFIX)
+        self._server.adopter = (tuple(apis.values()), self._reactor.adopt)
         self._reactor.start()
         self._spawn(self._server.accepter, "minicw-accept")
         self._spawn(self._reap, "minicw-reaper")
@@ -204,6 +213,7 @@ class Master:
             return
         self.scheduler.close()
         self.scheduler.wait_nodes_told(SHUTDOWN_GRACE_S)
+        self._reactor.flush(SHUTDOWN_GRACE_S)  # the news is in the sockets before we exit
         self._server.close()
         self._reactor.close()
         self._stopped.set()

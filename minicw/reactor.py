@@ -41,7 +41,7 @@ import time
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
 
-from minicw.scheduler import Waiter
+from minicw.scheduler import Failure, Waiter
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,21 @@ def take_frames(buffer: bytearray) -> list:
     return frames
 
 
+def _message(reply) -> tuple:
+    if isinstance(reply, Failure):
+        return ("#ERROR", reply.error)
+    return ("#RETURN", reply)
+
+
 class _Channel:
     """One worker process's connection, as the loop sees it."""
 
-    __slots__ = ("sock", "peer", "inbox", "outbox", "waiter", "closed")
+    __slots__ = ("sock", "peer", "api", "inbox", "outbox", "waiter", "closed")
 
-    def __init__(self, sock: socket.socket, peer: str):
+    def __init__(self, sock: socket.socket, peer: str, api):
         self.sock = sock
         self.peer = peer
+        self.api = api                # the role API object its proxy was made for
         self.inbox = bytearray()      # bytes received, not yet a whole frame
         self.outbox = deque()         # bytes (or memoryviews) still to send
         self.waiter = None            # the Scheduler waiter of its pending exchange
@@ -105,8 +112,9 @@ class _Channel:
 class Reactor:
     """Serves ``exchange`` for every adopted connection in one thread."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, deferred_prefix: str):
         self._scheduler = scheduler
+        self._deferred_prefix = deferred_prefix   # api.<prefix>name(on_reply, ...) may wait
         self._selector = selectors.DefaultSelector()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
@@ -124,13 +132,23 @@ class Reactor:
     def start(self) -> None:
         self._thread.start()
 
-    def adopt(self, conn, request) -> None:
-        """Take over ``conn`` (a served manager connection) whose first request,
-        already received, is ``request``.  Called from the connection's thread."""
+    def adopt(self, conn, request, api) -> None:
+        """Take over ``conn`` (a served manager connection for ``api``) whose
+        first request, already received, is ``request``.  Called from the
+        connection's thread."""
         sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
         conn.close()
         sock.setblocking(False)
-        self._post(None, (sock, request))
+        self._post(None, (sock, request, api))
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait until the loop has sent (into the sockets) every reply posted
+        before this call; False after ``timeout_s``."""
+        if not self._thread.is_alive():
+            return False
+        sent = threading.Event()
+        self._post(None, sent)
+        return sent.wait(timeout_s)
 
     def close(self) -> None:
         """Stop once the last connection has gone (processes leave on their own
@@ -203,17 +221,19 @@ class Reactor:
             posted, self._posted = self._posted, []
             self._wake_sent = False
         for channel, item in posted:
-            if channel is None:
-                self._add(*item)
-            else:
+            if channel is not None:
                 self._answer(channel, item)
+            elif isinstance(item, threading.Event):
+                item.set()   # flush(): everything posted before it is handled
+            else:
+                self._add(*item)
 
-    def _add(self, sock: socket.socket, request) -> None:
+    def _add(self, sock: socket.socket, request, api) -> None:
         try:
             peer = "%s:%s" % sock.getpeername()[:2]
         except OSError:
             peer = "?"
-        channel = _Channel(sock, peer)
+        channel = _Channel(sock, peer, api)
         self._channels.add(channel)
         self._selector.register(sock, selectors.EVENT_READ, channel)
         self._handle(channel, request)
@@ -256,11 +276,12 @@ class Reactor:
             self._scheduler.end_wait(waiter)
         try:
             _, method, args, kwds = request
-            if method != "exchange":
-                raise AttributeError("a worker process connection serves only exchange(), "
-                                     "not %r" % (method,))
-            reply = self._scheduler.start_exchange(*args, on_reply=self._replier(channel),
-                                                   **kwds)
+            call = self._method(channel.api, method)
+            if call is None:
+                reply = getattr(channel.api, self._deferred_prefix + method)(
+                    self._replier(channel), *args, **kwds)
+            else:
+                reply = call(*args, **kwds)
         except Exception as exc:
             self._send(channel, ("#ERROR", exc))
             return
@@ -268,14 +289,24 @@ class Reactor:
             channel.waiter = reply
             heapq.heappush(self._deadlines, (reply.deadline, next(self._seq), channel, reply))
         else:
-            self._send(channel, ("#RETURN", reply))
+            self._send(channel, _message(reply))
+
+    def _method(self, api, method):
+        """The api's method ``method`` (None: its deferred form is to be called)."""
+        if not isinstance(method, str) or method.startswith("_"):
+            raise AttributeError("%r is not a method of the master" % (method,))
+        call = getattr(api, method, None)
+        if call is None and not hasattr(api, self._deferred_prefix + method):
+            raise AttributeError("the master has no method %r for this connection"
+                                 % (method,))
+        return call
 
     def _answer(self, channel: _Channel, reply) -> None:
         """The settled reply of the channel's pending exchange."""
         if channel.waiter is None:
             return  # superseded by a newer request, or the channel closed
         channel.waiter = None
-        self._send(channel, ("#RETURN", reply))
+        self._send(channel, _message(reply))
 
     def _expire_waits(self) -> None:
         deadlines = self._deadlines

@@ -68,42 +68,62 @@ MAX_DELIVERIES_PER_FETCH = 64
 
 
 class Waiter:
-    """A worker process whose ``exchange`` waits until work is leased to it.
+    """A call that waits in the master: a process's ``exchange`` until work is
+    leased to it, a client's ``fetch`` until a delivery, a node's ``poll``
+    until a command.
 
-    Its reply goes to ``on_reply`` exactly once, outside the lock: leases from
-    ``_hand_out``, ``([], revoked)`` when ``end_wait`` finds it still waiting,
-    None when its node is dropped or the master closes.
+    Its reply goes to ``on_reply`` exactly once, outside the lock: from the
+    state change that settles it, or from ``end_wait`` at its deadline.  A
+    reply that is an error comes as a ``Failure``.
     """
 
-    __slots__ = ("node", "slot", "want", "deadline", "on_reply")
+    __slots__ = ("kind", "owner", "slot", "want", "deadline", "on_reply")
 
-    def __init__(self, node, slot, want, deadline, on_reply):
-        self.node = node
-        self.slot = slot
-        self.want = want
-        self.deadline = deadline                 # time.monotonic() limit of the wait
+    def __init__(self, kind, owner, deadline, on_reply, slot=0, want=0):
+        self.kind = kind            # WAIT_LEASE, WAIT_FETCH or WAIT_POLL
+        self.owner = owner          # its NodeState or ClientState
+        self.slot = slot            # WAIT_LEASE: the process's slot
+        self.want = want            # WAIT_LEASE: chunks asked for; WAIT_FETCH: the ack
+        self.deadline = deadline    # time.monotonic() limit of the wait
         self.on_reply = on_reply
+
+
+WAIT_LEASE, WAIT_FETCH, WAIT_POLL = "lease", "fetch", "poll"
+
+
+class Failure:
+    """The reply of a waiting call that ends in an error."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 class _Transition:
     """``with scheduler._changing:`` holds the lock for one state change.
 
-    Replies to waiting processes that the change settled are queued in
-    ``replies`` and sent on leaving, once the lock is released: a reply may
-    go out on a socket, and no thread should wait on the network under the
-    lock.
+    Waiting calls that the change settled are answered on leaving: fetches
+    of clients that got deliveries are answered while the lock is still
+    held (one reply carries every delivery of the change), then the lock is
+    released and the replies are passed on.  A reply may go out on a socket,
+    and no thread should wait on the network under the lock.
     """
 
-    __slots__ = ("_lock", "replies")
+    __slots__ = ("_lock", "replies", "fed_clients", "_answer_fetches")
 
-    def __init__(self, lock):
+    def __init__(self, lock, answer_fetches):
         self._lock = lock
-        self.replies = []   # (on_reply, reply)
+        self.replies = []        # (on_reply, reply)
+        self.fed_clients = []    # ClientState with waiting fetches and new deliveries
+        self._answer_fetches = answer_fetches
 
     def __enter__(self):
         self._lock.acquire()
 
     def __exit__(self, *exc_info):
+        if self.fed_clients:
+            self._answer_fetches()
         replies = self.replies
         if not replies:
             self._lock.release()
@@ -137,10 +157,10 @@ class Chunk:
 
 class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
-                 "deliveries", "delivery_seq", "has_deliveries", "blob_keys", "deficit",
+                 "deliveries", "delivery_seq", "fetches", "blob_keys", "deficit",
                  "queued_jobs", "running_jobs", "done_jobs", "failed_jobs")
 
-    def __init__(self, client_id, info, lock):
+    def __init__(self, client_id, info):
         self.client_id = client_id
         self.info = info
         self.last_seen = time.monotonic()
@@ -149,7 +169,7 @@ class ClientState:
         self.chunks = {}                # chunk_id -> Chunk, queued or leased
         self.deliveries = deque()       # (sequence number, Delivery) not yet acknowledged
         self.delivery_seq = 0
-        self.has_deliveries = threading.Condition(lock)
+        self.fetches = deque()          # Waiter of its fetches waiting for a delivery
         self.blob_keys = set()
         self.deficit = 0                # jobs of credit while waiting its turn
         self.queued_jobs = self.running_jobs = self.done_jobs = self.failed_jobs = 0
@@ -157,16 +177,16 @@ class ClientState:
 
 class NodeState:
     __slots__ = ("node_id", "info", "last_seen", "tokens_by_slot", "revoked_by_slot",
-                 "commands", "has_commands", "jobs_done")
+                 "commands", "poll", "jobs_done")
 
-    def __init__(self, node_id, info, lock):
+    def __init__(self, node_id, info):
         self.node_id = node_id
         self.info = info
         self.last_seen = time.monotonic()
         self.tokens_by_slot = {slot: set() for slot in range(info["nprocs"])}
         self.revoked_by_slot = {}       # slot -> tokens its process must skip
         self.commands = []
-        self.has_commands = threading.Condition(lock)
+        self.poll = None                # Waiter of its heartbeat waiting for a command
         self.jobs_done = 0
 
     @property
@@ -180,8 +200,9 @@ class Scheduler:
     def __init__(self, heartbeat_timeout_s: float):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._lock = threading.Lock()
-        self._changing = _Transition(self._lock)
+        self._changing = _Transition(self._lock, self._answer_fetches)
         self._replies = self._changing.replies
+        self._fed_clients = self._changing.fed_clients
         self._waiting = OrderedDict()   # Waiter -> None, oldest first
         self._clients = {}
         self._nodes = {}
@@ -205,7 +226,7 @@ class Scheduler:
         with self._changing:
             self._check_open()
             client_id = next(self._client_ids)
-            self._clients[client_id] = ClientState(client_id, info, self._lock)
+            self._clients[client_id] = ClientState(client_id, info)
             log.info("client %d connected from %s (pid %s)", client_id,
                      info.get("hostname"), info.get("pid"))
             return client_id
@@ -276,8 +297,13 @@ class Scheduler:
         Deliveries stay here until a later fetch acknowledges them (``ack``:
         the last sequence number the client received).  A reply lost on the
         way (its caller was interrupted, the connection broke) is therefore
-        sent again; the client drops what it has already seen.
+        sent again; the client drops what it has already seen.  The blocking
+        form of ``start_fetch``.
         """
+        return self._blocking(self.start_fetch, client_id, timeout_s, ack)
+
+    def start_fetch(self, client_id: int, timeout_s: float, ack: int, on_reply):
+        """``fetch`` without blocking: its reply, or a Waiter (see start_exchange)."""
         with self._changing:
             client = self._client(client_id)
             client.last_seen = time.monotonic()
@@ -285,14 +311,27 @@ class Scheduler:
             while deliveries and deliveries[0][0] <= ack:
                 deliveries.popleft()
             if not deliveries and timeout_s > 0 and not self.closed:
-                client.has_deliveries.wait(timeout_s)
-                client = self._client(client_id)  # it may have been dropped meanwhile
+                waiter = Waiter(WAIT_FETCH, client, time.monotonic() + timeout_s, on_reply,
+                                want=ack)
+                client.fetches.append(waiter)
+                return waiter
+            return self._fetch_reply(client, ack)
+
+    def _fetch_reply(self, client: ClientState, ack: int):
+        if not client.deliveries:
+            self._check_open()
+            return ack, []
+        batch = list(itertools.islice(client.deliveries, MAX_DELIVERIES_PER_FETCH))
+        return batch[-1][0], [delivery for _, delivery in batch]
+
+    def _answer_fetches(self) -> None:
+        """Answer the oldest waiting fetch of every client that got deliveries."""
+        for client in self._fed_clients:
+            if client.fetches and client.deliveries:
+                waiter = client.fetches.popleft()
                 client.last_seen = time.monotonic()
-            if not deliveries:
-                self._check_open()
-                return ack, []
-            batch = list(itertools.islice(deliveries, MAX_DELIVERIES_PER_FETCH))
-            return batch[-1][0], [delivery for _, delivery in batch]
+                self._settle(waiter, self._fetch_reply(client, waiter.want))
+        self._fed_clients.clear()
 
     def cancel(self, client_id: int, requests) -> list:
         """Cancel jobs: ``requests`` is ``[(chunk_id, indices or None)]``.
@@ -338,7 +377,7 @@ class Scheduler:
                 return "unknown"
             node, slot = chunk.holder
             node.commands.append((protocol.CMD_KILL, slot, chunk.token, position))
-            node.has_commands.notify_all()
+            self._answer_poll(node)
             return "killing"
 
     def _cancel_queued(self, chunk: Chunk, indices) -> list:
@@ -375,7 +414,7 @@ class Scheduler:
         with self._changing:
             self._check_open()
             node_id = "%s:%s#%d" % (info["hostname"], info["pid"], next(self._node_serials))
-            self._nodes[node_id] = NodeState(node_id, info, self._lock)
+            self._nodes[node_id] = NodeState(node_id, info)
             self._live_slots += info["nprocs"]
             log.info("node %s joined with %d processes (Python %s)", node_id,
                      info["nprocs"], info.get("python"))
@@ -388,23 +427,40 @@ class Scheduler:
                 self._drop_node(node, "left")
 
     def poll(self, node_id: str, timeout_s: float) -> list:
-        """A node's heartbeat: wait up to ``timeout_s`` for commands and return them."""
+        """A node's heartbeat: wait up to ``timeout_s`` for commands and return them.
+        The blocking form of ``start_poll``."""
+        return self._blocking(self.start_poll, node_id, timeout_s)
+
+    def start_poll(self, node_id: str, timeout_s: float, on_reply):
+        """``poll`` without blocking: its reply, or a Waiter (see start_exchange)."""
         with self._changing:
             node = self._nodes.get(node_id)
             if node is None:
                 return [(protocol.CMD_REREGISTER,)]
             node.last_seen = time.monotonic()
-            if not node.commands and not self.closed:
-                node.has_commands.wait(timeout_s)
-            node.last_seen = time.monotonic()
-            if self.closed:
-                self._told_shutdown.add(node_id)
-                self._all_told.notify_all()
-                return [(protocol.CMD_SHUTDOWN,)]
-            if self._nodes.get(node_id) is not node:
-                return [(protocol.CMD_REREGISTER,)]
-            commands, node.commands = node.commands, []
-            return commands
+            if node.commands or self.closed or timeout_s <= 0:
+                return self._poll_reply(node)
+            if node.poll is not None:  # a poll still waiting: its node gave up on it
+                self._answer_poll(node)
+            node.poll = Waiter(WAIT_POLL, node, time.monotonic() + timeout_s, on_reply)
+            return node.poll
+
+    def _poll_reply(self, node: NodeState) -> list:
+        node.last_seen = time.monotonic()
+        if self.closed:
+            self._told_shutdown.add(node.node_id)
+            self._all_told.notify_all()
+            return [(protocol.CMD_SHUTDOWN,)]
+        if self._nodes.get(node.node_id) is not node:
+            return [(protocol.CMD_REREGISTER,)]
+        commands, node.commands = node.commands, []
+        return commands
+
+    def _answer_poll(self, node: NodeState) -> None:
+        """Answer the node's waiting heartbeat, if any, with its commands now."""
+        waiter, node.poll = node.poll, None
+        if waiter is not None:
+            self._settle(waiter, self._poll_reply(node))
 
     def process_ended(self, node_id: str, slot: int, token: int, position: int,
                       reason: str, exit_description: str) -> None:
@@ -435,24 +491,19 @@ class Scheduler:
 
         Waits up to ``timeout_s`` when nothing is queued.  Returns ``(leases,
         revoked_tokens)``, or None when the process must stop (its node is not
-        registered any more, or the master is closing).  This is the blocking
-        form of ``start_exchange`` (the master's event loop uses that one).
+        registered any more, or the master is closing).  The blocking form of
+        ``start_exchange``.
         """
-        replies = queue.SimpleQueue()
-        reply = self.start_exchange(node_id, slot, reports, want, timeout_s, replies.put)
-        if not isinstance(reply, Waiter):
-            return reply
-        try:
-            return replies.get(timeout=max(0.0, reply.deadline - time.monotonic()))
-        except queue.Empty:
-            self.end_wait(reply)
-            return replies.get()
+        return self._blocking(self.start_exchange, node_id, slot, reports, want, timeout_s)
 
     def start_exchange(self, node_id: str, slot: int, reports, want: int, timeout_s: float,
                        on_reply):
-        """``exchange`` without blocking: its reply, or a waiter whose reply will
-        be passed to ``on_reply`` (from whichever thread settles it, never under
-        the lock).  Whoever holds a waiter calls ``end_wait`` at its deadline."""
+        """``exchange`` without blocking, as the master's event loop calls it.
+
+        Returns the reply, or a Waiter: its reply will be passed to
+        ``on_reply`` (from whichever thread settles it, never under the
+        lock), and whoever holds it calls ``end_wait`` at its deadline.
+        """
         with self._changing:
             node = self._nodes.get(node_id)
             if node is None or self.closed or slot not in node.tokens_by_slot:
@@ -461,27 +512,54 @@ class Scheduler:
                 self._accept_report(node, slot, report)
             leases = self._lease(node, slot, want) if want > 0 else []
             if not leases and want > 0 and timeout_s > 0:
-                waiter = Waiter(node, slot, want, time.monotonic() + timeout_s, on_reply)
+                waiter = Waiter(WAIT_LEASE, node, time.monotonic() + timeout_s, on_reply,
+                                slot=slot, want=want)
                 self._waiting[waiter] = None
                 return waiter
-            return self._reply(node, slot, leases)
+            return self._lease_reply(node, slot, leases)
 
     def end_wait(self, waiter: Waiter) -> None:
-        """The waiter's time is up (or its process went away): reply ``([],
-        revoked)`` to it unless it was settled already."""
+        """The waiter's time is up, or its caller went away: answer it with
+        what there is now, unless it was answered already."""
         with self._changing:
-            if self._waiting.pop(waiter, False) is None:
-                node = waiter.node
-                if self.closed or self._nodes.get(node.node_id) is not node:
-                    self._settle(waiter, None)
-                else:
-                    self._settle(waiter, self._reply(node, waiter.slot, []))
+            owner = waiter.owner
+            if waiter.kind == WAIT_LEASE:
+                if self._waiting.pop(waiter, False) is None:
+                    self._settle(waiter, None if self.closed or self._nodes.get(
+                        owner.node_id) is not owner else self._lease_reply(
+                            owner, waiter.slot, []))
+            elif waiter.kind == WAIT_POLL:
+                if owner.poll is waiter:
+                    self._answer_poll(owner)
+            elif waiter in owner.fetches:
+                owner.fetches.remove(waiter)
+                try:
+                    self._client(owner.client_id)
+                    owner.last_seen = time.monotonic()
+                    reply = self._fetch_reply(owner, waiter.want)
+                except MinicwError as exc:
+                    reply = Failure(exc)
+                self._settle(waiter, reply)
 
-    def _reply(self, node: NodeState, slot: int, leases: list) -> tuple:
+    def _blocking(self, start, *args):
+        """Call a ``start_*`` method and wait for its reply in this thread."""
+        replies = queue.SimpleQueue()
+        reply = start(*args, replies.put)
+        if isinstance(reply, Waiter):
+            try:
+                reply = replies.get(timeout=max(0.0, reply.deadline - time.monotonic()))
+            except queue.Empty:
+                self.end_wait(reply)
+                reply = replies.get()
+        if isinstance(reply, Failure):
+            raise reply.error
+        return reply
+
+    def _lease_reply(self, node: NodeState, slot: int, leases: list) -> tuple:
         return leases, tuple(node.revoked_by_slot.pop(slot, ()))
 
     def _settle(self, waiter: Waiter, reply) -> None:
-        """Queue ``reply`` for a waiter already taken out of ``_waiting``."""
+        """Queue ``reply`` for a waiter already taken out of its queue."""
         self._replies.append((waiter.on_reply, reply))
 
     def _hand_out(self) -> None:
@@ -489,7 +567,7 @@ class Scheduler:
         waiting = self._waiting
         while waiting and self._queued_chunks > 0:
             waiter = next(iter(waiting))
-            node = waiter.node
+            node = waiter.owner
             if self._nodes.get(node.node_id) is not node or waiter.slot not in \
                     node.tokens_by_slot:
                 waiting.popitem(last=False)
@@ -499,11 +577,11 @@ class Scheduler:
             if not leases:
                 return  # what was counted queued was cancelled meanwhile
             waiting.popitem(last=False)
-            self._settle(waiter, self._reply(node, waiter.slot, leases))
+            self._settle(waiter, self._lease_reply(node, waiter.slot, leases))
 
     def _stop_waiters(self, node=None) -> None:
-        """Reply None to the waiting processes of ``node`` (all, when None)."""
-        for waiter in [w for w in self._waiting if node is None or w.node is node]:
+        """Answer None to the waiting processes of ``node`` (all, when None)."""
+        for waiter in [w for w in self._waiting if node is None or w.owner is node]:
             del self._waiting[waiter]
             self._settle(waiter, None)
 
@@ -654,7 +732,8 @@ class Scheduler:
     def _deliver(self, client: ClientState, delivery) -> None:
         client.delivery_seq += 1
         client.deliveries.append((client.delivery_seq, delivery))
-        client.has_deliveries.notify()
+        if client.fetches:
+            self._fed_clients.append(client)
 
     def _drop_client(self, client: ClientState, why: str) -> None:
         del self._clients[client.client_id]
@@ -676,9 +755,23 @@ class Scheduler:
                     del self._blob_owners[key]
                     self._blobs.pop(key, None)
                     self._blob_transfers.pop(key, None)
-        client.has_deliveries.notify_all()
+        self._fail_fetches(client, self._unknown_client(client.client_id))
         log.info("client %d %s; %d queued and %d running jobs dropped", client.client_id,
                  why, client.queued_jobs, client.running_jobs)
+
+    def _fail_fetches(self, client: ClientState, error) -> None:
+        """Answer every waiting fetch of the client: with ``error``, or (None)
+        with what a fetch gets now."""
+        while client.fetches:
+            waiter = client.fetches.popleft()
+            if error is None:
+                try:
+                    reply = self._fetch_reply(client, waiter.want)
+                except MinicwError as exc:
+                    reply = Failure(exc)
+            else:
+                reply = Failure(error)
+            self._settle(waiter, reply)
 
     def _drop_node(self, node: NodeState, why: str) -> None:
         del self._nodes[node.node_id]
@@ -690,7 +783,7 @@ class Scheduler:
                 if chunk is not None:
                     requeued += len(chunk.selection) - chunk.done
                     self._end_lease(chunk, None, protocol.END_DIED, why)
-        node.has_commands.notify_all()
+        self._answer_poll(node)
         self._stop_waiters(node)
         level = logging.INFO if why == "left" else logging.WARNING
         log.log(level, "node %s %s; %d leased jobs queued again", node.node_id, why, requeued)
@@ -712,9 +805,9 @@ class Scheduler:
             self.closed = True
             self._stop_waiters()
             for node in self._nodes.values():
-                node.has_commands.notify_all()
+                self._answer_poll(node)
             for client in self._clients.values():
-                client.has_deliveries.notify_all()
+                self._fail_fetches(client, None)
 
     def wait_nodes_told(self, timeout_s: float) -> bool:
         """After close(): wait until every node has received CMD_SHUTDOWN."""
@@ -734,13 +827,15 @@ class Scheduler:
     def _client(self, client_id: int) -> ClientState:
         client = self._clients.get(client_id)
         if client is None:
-            self._check_open()
-            raise SessionExpiredError(
-                "the master does not know client %d: it closed the session or "
-                "heard nothing from it for %gs" % (client_id, self.heartbeat_timeout_s))
+            raise self._unknown_client(client_id)
         return client
 
-    # --- views ---------------------------------------------------------------------------
+    def _unknown_client(self, client_id: int) -> MinicwError:
+        if self.closed:
+            return ClusterShutdownError("the master is shutting down")
+        return SessionExpiredError(
+            "the master does not know client %d: it closed the session or "
+            "heard nothing from it for %gs" % (client_id, self.heartbeat_timeout_s))
 
     def list_nodes(self) -> list:
         """One record per live worker node."""

@@ -185,12 +185,14 @@ class _Server(managers.Server):
     def __init__(self, registry, address, authkey, serializer):
         super().__init__(registry, address, authkey, serializer)
         self.closing = threading.Event()
-        self.adopter = None   # (object, adopt(conn, first_request)): see accept_connection
+        self.adopter = None   # (objects, adopt(conn, first_request, object)): see
+                              # accept_connection
 
     def accept_connection(self, conn, name):
         """Serve a proxy's connection: in this thread, as the standard Server does,
-        unless its first request is for ``adopter``'s object, whose connections
-        are handed to ``adopt`` (the master's event loop) with that request."""
+        unless its first request is for one of ``adopter``'s objects, whose
+        connections are handed to ``adopt`` (the master's event loop) with that
+        request and the object."""
         threading.current_thread().name = name
         conn.send(("#RETURN", None))
         try:
@@ -205,8 +207,8 @@ class _Server(managers.Server):
                     target = self.id_to_obj.get(ident, (None,))[0]
                 except TypeError:  # garbage: serve_client answers it with an error
                     target = None
-            if target is adopted:
-                adopt(conn, request)
+            if any(target is candidate for candidate in adopted):
+                adopt(conn, request, target)
                 sys.exit(0)
         self.serve_client(_Replay(conn, request))
 
