@@ -89,7 +89,9 @@ class JobContext:
         self.entries = []
         for entry in entries:
             if os.path.isdir(entry):
-                self.entries.append(entry)
+                # Interned, so that checking sys.path after every job compares
+                # strings by identity even when several runners share a process.
+                self.entries.append(sys.intern(entry))
             else:
                 self.notes.append("the client's sys.path entry %s does not exist on worker "
                                   "host %s; skipped" % (entry, host))
