@@ -125,6 +125,8 @@ class Reactor:
         self._deadlines = []                   # heap of (deadline, seq, channel, waiter)
         self._seq = itertools.count()
         self._channels = set()
+        self._settled = []                     # (channel, reply) settled by the loop itself,
+                                               # answered after the request that settled them
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="minicw-reactor", daemon=True)
         self._loop_ident = None
@@ -173,10 +175,10 @@ class Reactor:
             pass
 
     def _replier(self, channel):
-        """The ``on_reply`` of a channel's pending exchange."""
+        """The ``on_reply`` of a channel's waiting call."""
         def on_reply(reply):
             if threading.get_ident() == self._loop_ident:
-                self._answer(channel, reply)
+                self._settled.append((channel, reply))
             else:
                 self._post(channel, reply)
         return on_reply
@@ -197,6 +199,7 @@ class Reactor:
                     if events & selectors.EVENT_READ and not channel.closed:
                         self._receive(channel)
                 self._expire_waits()
+                self._answer_settled()
         except Exception:  # pragma: no cover - a bug here must not pass silently
             log.exception("the master's process loop failed")
         finally:
@@ -290,6 +293,17 @@ class Reactor:
             heapq.heappush(self._deadlines, (reply.deadline, next(self._seq), channel, reply))
         else:
             self._send(channel, _message(reply))
+        # The caller first: a client's submit is answered before the leases it
+        # handed out, so the client goes on packing while processes get work.
+        self._answer_settled()
+
+    def _answer_settled(self) -> None:
+        settled = self._settled
+        while settled:
+            batch = settled[:]
+            settled.clear()
+            for channel, reply in batch:
+                self._answer(channel, reply)
 
     def _method(self, api, method):
         """The api's method ``method`` (None: its deferred form is to be called)."""
