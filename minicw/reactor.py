@@ -39,8 +39,9 @@ import struct
 import threading
 import time
 from collections import deque
-from multiprocessing.reduction import ForkingPickler
+import pickle
 
+from minicw.protocol import PICKLE_PROTOCOL
 from minicw.scheduler import Failure, Waiter
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ _LONG_HEADER = struct.Struct("!Q")
 
 
 def frame(obj) -> list:
-    """``obj`` pickled and framed as ``Connection.send`` would: [header, body]."""
-    body = ForkingPickler.dumps(obj)
+    """``obj`` pickled and framed as ``Connection.send`` would: [header, body].
+    (Plain pickle: a reply holds no object that needs multiprocessing's reducers.)"""
+    body = pickle.dumps(obj, PICKLE_PROTOCOL)
     size = len(body)
     if size > 0x7FFFFFFF:
         header = _HEADER.pack(-1) + _LONG_HEADER.pack(size)
@@ -94,10 +96,19 @@ def _message(reply) -> tuple:
     return ("#RETURN", reply)
 
 
+def _frames(inbox: bytearray, data: bytes) -> list:
+    """The whole frames of what came in: ``inbox`` (kept between reads) then ``data``."""
+    if not inbox and len(data) > 4 and _HEADER.unpack_from(data)[0] == len(data) - 4:
+        return [memoryview(data)[4:]]   # the common case: exactly one whole frame
+    inbox += data
+    return take_frames(inbox)
+
+
 class _Channel:
     """One worker process's connection, as the loop sees it."""
 
-    __slots__ = ("sock", "peer", "api", "inbox", "outbox", "waiter", "closed")
+    __slots__ = ("sock", "peer", "api", "inbox", "outbox", "writing", "waiter", "on_reply",
+                 "closed")
 
     def __init__(self, sock: socket.socket, peer: str, api):
         self.sock = sock
@@ -105,7 +116,9 @@ class _Channel:
         self.api = api                # the role API object its proxy was made for
         self.inbox = bytearray()      # bytes received, not yet a whole frame
         self.outbox = deque()         # bytes (or memoryviews) still to send
-        self.waiter = None            # the Scheduler waiter of its pending exchange
+        self.writing = False          # registered for EVENT_WRITE (outbox not empty)
+        self.waiter = None            # the Scheduler Waiter of its call that waits
+        self.on_reply = None          # what settles that call
         self.closed = False
 
 
@@ -125,6 +138,7 @@ class Reactor:
         self._deadlines = []                   # heap of (deadline, seq, channel, waiter)
         self._seq = itertools.count()
         self._channels = set()
+        self._methods = {}                     # (id(api), name) -> _method()'s answer
         self._settled = []                     # (channel, reply) settled by the loop itself,
                                                # answered after the request that settled them
         self._closing = False
@@ -237,6 +251,7 @@ class Reactor:
         except OSError:
             peer = "?"
         channel = _Channel(sock, peer, api)
+        channel.on_reply = self._replier(channel)
         self._channels.add(channel)
         self._selector.register(sock, selectors.EVENT_READ, channel)
         self._handle(channel, request)
@@ -251,21 +266,20 @@ class Reactor:
         if not data:
             self._drop(channel)
             return
-        channel.inbox += data
         try:
-            frames = take_frames(channel.inbox)
+            frames = _frames(channel.inbox, data)
         except ValueError as exc:
-            log.warning("dropped worker process connection from %s: %s", channel.peer, exc)
+            log.warning("dropped the connection from %s: %s", channel.peer, exc)
             self._drop(channel)
             return
         for body in frames:
             if channel.closed:
                 return
             try:
-                request = ForkingPickler.loads(body)
+                request = pickle.loads(body)
             except Exception as exc:
-                log.warning("dropped worker process connection from %s: unreadable "
-                            "request (%s)", channel.peer, exc)
+                log.warning("dropped the connection from %s: unreadable request (%s)",
+                            channel.peer, exc)
                 self._drop(channel)
                 return
             self._handle(channel, request)
@@ -279,10 +293,9 @@ class Reactor:
             self._scheduler.end_wait(waiter)
         try:
             _, method, args, kwds = request
-            call = self._method(channel.api, method)
-            if call is None:
-                reply = getattr(channel.api, self._deferred_prefix + method)(
-                    self._replier(channel), *args, **kwds)
+            call, deferred = self._method(channel.api, method)
+            if deferred:
+                reply = call(channel.on_reply, *args, **kwds)
             else:
                 reply = call(*args, **kwds)
         except Exception as exc:
@@ -305,15 +318,23 @@ class Reactor:
             for channel, reply in batch:
                 self._answer(channel, reply)
 
-    def _method(self, api, method):
-        """The api's method ``method`` (None: its deferred form is to be called)."""
+    def _method(self, api, method) -> tuple:
+        """``(bound method, whether it is the deferred form taking on_reply)``."""
+        found = self._methods.get((id(api), method))
+        if found is not None:
+            return found
         if not isinstance(method, str) or method.startswith("_"):
             raise AttributeError("%r is not a method of the master" % (method,))
         call = getattr(api, method, None)
-        if call is None and not hasattr(api, self._deferred_prefix + method):
-            raise AttributeError("the master has no method %r for this connection"
-                                 % (method,))
-        return call
+        found = (call, False)
+        if call is None:
+            call = getattr(api, self._deferred_prefix + method, None)
+            if call is None:
+                raise AttributeError("the master has no method %r for this connection"
+                                     % (method,))
+            found = (call, True)
+        self._methods[(id(api), method)] = found
+        return found
 
     def _answer(self, channel: _Channel, reply) -> None:
         """The settled reply of the channel's pending exchange."""
@@ -360,8 +381,10 @@ class Reactor:
         except OSError:
             self._drop(channel)
             return
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if outbox else 0)
-        if self._selector.get_key(channel.sock).events != events:
+        writing = bool(outbox)
+        if writing != channel.writing:
+            channel.writing = writing
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
             self._selector.modify(channel.sock, events, channel)
 
     def _drop(self, channel: _Channel) -> None:
