@@ -35,6 +35,7 @@ it for their listener and for every proxy connection.
 from __future__ import annotations
 
 import logging
+import pickle
 import socket
 import struct
 import sys
@@ -43,6 +44,7 @@ from multiprocessing import connection, managers
 from multiprocessing import AuthenticationError
 
 from minicw import config
+from minicw.protocol import PICKLE_PROTOCOL
 from minicw.errors import (
     AuthkeyMismatchError, HandshakeTimeoutError, MasterConnectionError,
     MasterHostUnknownError, MasterNotListeningError,
@@ -322,6 +324,20 @@ def private_proxy_type(name: str, exposed) -> type:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self._tls = managers.util.ForkAwareLocal()
+
+        def _callmethod(self, methodname, args=(), kwds={}):
+            # BaseProxy's call, less its per-message Pickler object and its
+            # '#PROXY' replies (no minicw method returns a proxy).
+            try:
+                conn = self._tls.connection
+            except AttributeError:
+                self._connect()
+                conn = self._tls.connection
+            conn.send_bytes(pickle.dumps((self._id, methodname, args, kwds), PICKLE_PROTOCOL))
+            kind, result = pickle.loads(conn.recv_bytes())
+            if kind == "#RETURN":
+                return result
+            raise managers.convert_to_error(kind, result)
 
     PrivateProxy.__name__ = PrivateProxy.__qualname__ = name
     return PrivateProxy
