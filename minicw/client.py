@@ -154,9 +154,8 @@ class Session:
             self._api.put_blobs(self.client_id, blobs[start:start + 16])
         with self._in_flight_lock:
             specs = [record[0] for record in self._in_flight.values()]
-        step = config.MAX_CHUNKS_PER_CALL * 4
-        for start in range(0, len(specs), step):
-            self._api.submit(self.client_id, specs[start:start + step])
+        for batch in submit_batches(specs):
+            self._api.submit(self.client_id, batch)
 
     def _keep_alive(self) -> None:
         while not self._closed.wait(self.heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT):
@@ -204,9 +203,8 @@ class Session:
         with self._in_flight_lock:
             for spec in specs:
                 self._in_flight[spec[0]] = [spec, spec[2], None]
-        step = config.MAX_CHUNKS_PER_CALL * 4
-        for start in range(0, len(specs), step):
-            self._call("submit", specs[start:start + step], after_recovery="done")
+        for batch in submit_batches(specs):
+            self._call("submit", batch, after_recovery="done")
 
     def fetch(self, timeout_s: float) -> list:
         """Deliveries; a job already delivered (before a resubmission) has index None."""
@@ -297,6 +295,19 @@ class Session:
             self._api.goodbye(self.client_id)
         except Exception as exc:
             log.debug("goodbye failed: %s", exc)
+
+
+def submit_batches(specs: list):
+    """``specs`` cut into the batches of one submit call each: up to about
+    SUBMIT_BYTES_PER_CALL of payloads (a chunk larger than that goes alone)."""
+    start, size = 0, 0
+    for end, spec in enumerate(specs):
+        if size and size + len(spec[3]) > config.SUBMIT_BYTES_PER_CALL:
+            yield specs[start:end]
+            start, size = end, 0
+        size += len(spec[3])
+    if start < len(specs):
+        yield specs[start:]
 
 
 def _discard_connection(api) -> None:

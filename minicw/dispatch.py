@@ -596,6 +596,7 @@ class MapStream:
         self._jobs_in_flight = 0             # submitted, not yet yielded
         self._results_due = 0                # submitted, result not yet arrived
         self._exhausted = False
+        self._submitted = False              # the first chunks have gone
         self._error = None                   # the session broke
         self._eager = False                  # shutdown: submit everything now
 
@@ -605,21 +606,30 @@ class MapStream:
         """Submit chunks until the window is full or the items run out.
 
         Refilling waits until half the window has come back, so chunks go
-        to the master many per call instead of one per call.
+        to the master many per call instead of one per call.  The first
+        FIRST_SUBMIT_CHUNKS go at once, so work starts while the rest are
+        packed; the rest go in calls of about SUBMIT_BYTES_PER_CALL.
         """
         with self._feed_lock:
             if not self._eager and not self._half_empty():
                 return
-            specs = []
+            specs, size = [], 0
             while not self._exhausted and (self._eager or self._has_room(len(specs))):
                 spec = self._next_chunk()
-                if spec is not None:
-                    specs.append(spec)
-                if len(specs) >= config.MAX_CHUNKS_PER_CALL * 4:
-                    self.dispatcher.session.submit(specs)
-                    specs = []
+                if spec is None:
+                    continue
+                specs.append(spec)
+                size += len(spec[3])
+                if size >= config.SUBMIT_BYTES_PER_CALL or (
+                        not self._submitted and len(specs) >= config.FIRST_SUBMIT_CHUNKS):
+                    self._submit(specs)
+                    specs, size = [], 0
             if specs:
-                self.dispatcher.session.submit(specs)
+                self._submit(specs)
+
+    def _submit(self, specs: list) -> None:
+        self.dispatcher.session.submit(specs)
+        self._submitted = True
 
     def _half_empty(self) -> bool:
         with self._cond:

@@ -523,3 +523,34 @@ def test_unpicklable_argument_fails_only_its_job(executor):
     with pytest.raises(minicw.SerializationError, match="arguments"):
         bad.result(10)
     assert good.result(10) == 9
+
+
+def _fast_then_slow(x, marker):
+    # Jobs 0-1999 take no time, 2000-2029 take 2 ms each, job 2030 waits (up
+    # to 10 s) for the client to have seen a result: it can only if the
+    # results of the chunk's first jobs were sent before the chunk ended.
+    if 2000 <= x < 2030:
+        time.sleep(0.002)
+    if x == 2030:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return os.path.exists(marker)
+    return x
+
+
+def test_a_long_chunk_sends_its_first_results_before_it_ends(solo, tmp_path):
+    # One chunk of 2031 jobs on one process.  The fast start makes the
+    # process read its clock rarely; the slow jobs after it must still make
+    # it flush within a few jobs, as RESULT_FLUSH_S promises.
+    marker = str(tmp_path / "seen")
+    jobs = 2031
+    with solo.executor() as executor:
+        # Warm-up: the function is loaded before the chunk that is watched.
+        assert list(executor.map(_fast_then_slow, range(3), [marker] * 3)) == [0, 1, 2]
+        results = executor.map(_fast_then_slow, range(jobs), [marker] * jobs, chunksize=jobs)
+        first = next(results)
+        open(marker, "w").close()
+        rest = list(results)
+    assert first == 0
+    assert rest == list(range(1, 2030)) + [True]
