@@ -11,7 +11,9 @@ Three limits decide, the smallest wins:
 
 * work: a chunk of a timed function holds about CHUNK_TARGET_S of work,
   which amortises the per-chunk calls over many fast jobs and leaves
-  slow jobs one per chunk;
+  slow jobs one per chunk (measured times include waits for a busy CPU,
+  so the target is set well above a chunk's fixed cost: a few noisy
+  timings must not cut a run into many more chunks than it needs);
 * spread: when the number of jobs in the run is known, a chunk takes at
   most 1 / spread_chunks(processes) of them: one chunk for every process,
   so every process gets work, and as many again (up to MAX_SPARE_CHUNKS)
@@ -29,28 +31,38 @@ from __future__ import annotations
 
 import math
 
-CHUNK_TARGET_S = 0.005      # a chunk of a fast function holds about this much work
+CHUNK_TARGET_S = 0.02       # a chunk of a fast function holds about this much work
 MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
 SPREAD_PER_PROCESS = 2      # chunks per worker process of a run of known length ...
 MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process
-EMA_WEIGHT = 0.3            # weight of the newest timing in a function's estimate
+EMA_WEIGHT = 0.3            # how much of a function's timings each new report displaces
 
 
 class JobTimes:
-    """Seconds per job of each function (by blob key), a moving average of reported runs."""
+    """Seconds per job of each function (by blob key), from reported runs.
+
+    Each report adds its seconds and its jobs to sums that decay by
+    EMA_WEIGHT per report; the estimate is their ratio.  So a chunk counts by
+    its jobs: a chunk of one job, whose time is mostly the fixed cost of a
+    chunk or a wait for a busy CPU, barely moves an estimate built on chunks
+    of hundreds (left to an unweighted average, such outliers made the next
+    chunks small, and small chunks then measured as slow again).
+    """
 
     def __init__(self):
-        self._seconds = {}
+        self._sums = {}   # key -> (decayed seconds, decayed jobs)
 
     def estimate(self, func_key) -> float | None:
-        return self._seconds.get(func_key)
+        sums = self._sums.get(func_key)
+        return None if sums is None else sums[0] / sums[1]
 
     def record(self, func_keys, seconds: float, jobs: int) -> None:
-        per_job = seconds / max(1, jobs)
+        jobs = max(1, jobs)
+        keep = 1 - EMA_WEIGHT
         for key in func_keys:
-            old = self._seconds.get(key)
-            self._seconds[key] = per_job if old is None else (
-                (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_job)
+            old = self._sums.get(key)
+            self._sums[key] = (seconds, jobs) if old is None else (
+                keep * old[0] + seconds, keep * old[1] + jobs)
 
 
 def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,

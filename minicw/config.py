@@ -49,8 +49,8 @@ def reconnect_timeout_s(explicit: float | None = None) -> float:
 # --- work movement ---------------------------------------------------------------
 DEFAULT_CHUNKSIZE = None        # jobs per chunk in MasterNode.execute; None sizes them (chunking.py)
 MAX_CHUNKS_PER_CALL = 16        # chunks moved by one proxy call to or from a worker process
-FIRST_SUBMIT_CHUNKS = 64        # a stream sends its first chunks after this many, so work
-                                # starts while the rest are packed ...
+FIRST_SUBMIT_S = 0.005          # a stream sends its first chunks after packing this long, so
+                                # work starts while the rest are packed ...
 SUBMIT_BYTES_PER_CALL = 1 << 20  # ... and later ones about this many payload bytes per call
                                 # (under load every call waits milliseconds for its reply)
 PREFETCH_WORK_S = 0.02          # a worker process leases about this much work ahead

@@ -576,6 +576,10 @@ class MapStream:
         self.func_key = dispatcher.function_key(fn)
         self.func_name = _name_of(fn)
         self.length = length                 # jobs in the whole map; None: unknown
+        # A range, list or tuple of single arguments is cut by slicing: no
+        # per-item work here, and a range travels as a range.
+        self._sequence = items if kind == protocol.CALL_ONE and type(items) in (
+            range, list, tuple) else None
         self.items = iter(items)
         self.kind = kind
         self.chunksize = chunksize
@@ -606,14 +610,18 @@ class MapStream:
         """Submit chunks until the window is full or the items run out.
 
         Refilling waits until half the window has come back, so chunks go
-        to the master many per call instead of one per call.  The first
-        FIRST_SUBMIT_CHUNKS go at once, so work starts while the rest are
-        packed; the rest go in calls of about SUBMIT_BYTES_PER_CALL.
+        to the master many per call instead of one per call.  What was
+        packed in the first FIRST_SUBMIT_S goes at once, so work starts
+        while the rest are packed (by time, not by count: once workers on
+        this machine are busy, packing gets a fraction of a CPU, so a small
+        first call would leave them waiting for the next); the rest go in
+        calls of about SUBMIT_BYTES_PER_CALL.
         """
         with self._feed_lock:
             if not self._eager and not self._half_empty():
                 return
             specs, size = [], 0
+            first_by = time.perf_counter() + config.FIRST_SUBMIT_S
             while not self._exhausted and (self._eager or self._has_room(len(specs))):
                 spec = self._next_chunk()
                 if spec is None:
@@ -621,7 +629,7 @@ class MapStream:
                 specs.append(spec)
                 size += len(spec[3])
                 if size >= config.SUBMIT_BYTES_PER_CALL or (
-                        not self._submitted and len(specs) >= config.FIRST_SUBMIT_CHUNKS):
+                        not self._submitted and time.perf_counter() >= first_by):
                     self._submit(specs)
                     specs, size = [], 0
             if specs:
@@ -649,7 +657,10 @@ class MapStream:
         if self.window_jobs is not None:
             with self._cond:
                 size = max(1, min(size, self.window_jobs - self._jobs_in_flight))
-        batch = list(itertools.islice(self.items, size))
+        if self._sequence is not None:
+            batch = self._sequence[self._next_position:self._next_position + size]
+        else:
+            batch = list(itertools.islice(self.items, size))
         if len(batch) < size:
             self._exhausted = True
         if not batch:

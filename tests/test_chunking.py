@@ -52,13 +52,32 @@ def test_a_large_cluster_gets_one_chunk_per_process_and_a_few_spares():
     assert size == -(-100_000 // (200 + chunking.MAX_SPARE_CHUNKS))
 
 
-def test_job_times_keep_a_moving_average():
+def test_job_times_keep_a_moving_average_weighted_by_jobs():
     times = chunking.JobTimes()
     assert times.estimate("k") is None
     times.record(("k",), 1.0, 10)
     assert times.estimate("k") == pytest.approx(0.1)
+    keep = 1 - chunking.EMA_WEIGHT
     times.record(("k",), 0.0, 10)
-    assert times.estimate("k") == pytest.approx(0.1 * (1 - chunking.EMA_WEIGHT))
+    assert times.estimate("k") == pytest.approx(keep * 1.0 / (keep * 10 + 10))
+
+
+def test_a_one_job_chunk_that_waited_barely_moves_an_estimate():
+    # 400-job chunks at 1 us a job, then one job that took 10 ms (its
+    # process waited for the CPU): the next chunks stay large.
+    times = chunking.JobTimes()
+    for _ in range(5):
+        times.record(("k",), 400e-6, 400)
+    times.record(("k",), 0.01, 1)
+    assert times.estimate("k") < 20e-6     # an unweighted average gave 3 ms
+    assert chunking.jobs_per_chunk(times.estimate("k"), 100_000, 200) == 432
+
+
+def test_a_function_that_got_slower_is_believed_at_once():
+    times = chunking.JobTimes()
+    times.record(("k",), 1e-3, 1000)         # 1 us a job
+    times.record(("k",), 1.0, 100)           # now 10 ms a job
+    assert times.estimate("k") > 1e-3
 
 
 def test_master_node_takes_none_or_a_positive_chunksize():
