@@ -7,14 +7,18 @@
                      typeids:  "client"  -> ClientAPI  --\\
                                "node"    -> NodeAPI    ---> one Scheduler (scheduler.py)
                                "process" -> ProcessAPI --/
-                     threads:  accepter, one per connection (the manager's),
-                               the reaper (expires silent nodes and clients)
+                     threads:  accepter; one per new connection for the handshake and
+                               the manager's create/incref/decref requests; the event
+                               loop (reactor.py) that serves every proxy's calls; the
+                               reaper (expires silent nodes and clients)
 
 Each role reaches the master only through its own typeid, so a client cannot
 call a node's methods by mistake.  The API classes are thin: each method is
-one Scheduler transition; all blocking waits (a process waiting for work, a
-client waiting for results, a node's heartbeat long-poll) happen inside the
-Scheduler on conditions, never in sleep loops.
+one Scheduler transition.  A call that may wait (a process waiting for work,
+a client waiting for results, a node's heartbeat long-poll) is a
+``start_<name>`` method: it returns its reply, or a Waiter that the state
+change which settles it answers later through the event loop; nothing
+blocks a thread, and nothing sleeps in a loop.
 
 ``python -m minicw.master`` runs one (see cli.py); ``Master`` can also run
 inside any process (``start()`` / ``shutdown()``), as the tests do.

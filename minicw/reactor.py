@@ -1,32 +1,39 @@
-"""The master's event loop: one thread serves every worker-process connection.
+"""The master's event loop: one thread serves every proxy connection.
 
-A worker process's only call is ``exchange`` (report results, lease more
-work), and most of its calls wait for work.  Under the manager's own model
-every connection has a thread, so each exchange wakes one of hundreds of
-threads and hands the GIL around; with 200 nodes that alone costs the
-master more than the jobs do.  Here the connection thread that
-authenticated a process hands the connection over after its first
-request, and one loop serves them all:
+Under the manager's own model every connection has a thread, and a call
+that waits (a worker process waiting for work, a client waiting for
+results, a node's heartbeat) parks that thread on a condition.  With 200
+nodes that is 400 threads, and every job handed out wakes one of them and
+passes the GIL around; the master then spent more time switching threads
+than the jobs took.  Here the thread that authenticated a connection
+(transport._Server) hands it over after reading its first request, and one
+loop serves them all:
 
-    worker process                       master
-    --------------                       ------
-    proxy.exchange(...) --frame-->  selector --> _Channel.inbox --> Scheduler.start_exchange
-                                                                        |           |
-                        <--frame--  _Channel.outbox <-- reply <---------+      a _Waiter
-                                          ^                                     (no work yet)
-                                          |                                         |
-                      post(): other threads (a client's submit, a node      settled by whoever
-                      ending, shutdown) settle waiters; the loop sends      leases to it, or by
-                                                                           end_wait at its deadline
+    peer (any role)                      master
+    ---------------                      ------
+    proxy.method(...) --frame-->  selector --> _Channel.inbox --> api.method(...)
+                                                               or api.start_method(on_reply, ...)
+                      <--frame--  _Channel.outbox <-- reply <------+          |
+                                       ^                                  a Waiter
+                                       |                                      |
+              the loop itself, or post() from another thread        settled by the state
+              (the reaper, a shutdown), answers a Waiter            change that ends it, or
+                                                                    by end_wait at its deadline
 
 Frames are the ``multiprocessing.connection`` wire format (a 4-byte
-big-endian length, or -1 and an 8-byte length; then a pickle), so a
-process's ordinary ``BaseProxy`` talks to this loop exactly as it would to
+big-endian length, or -1 and an 8-byte length; then a pickle), so the
+peers' ordinary manager proxies talk to this loop exactly as they would to
 ``Server.serve_client``; replies are ``('#RETURN', value)`` or
-``('#ERROR', exception)``.  Sockets are non-blocking: a stopped process
-whose reply does not fit its socket buffer holds only its own bytes in
+``('#ERROR', exception)``.  Sockets are non-blocking: a peer that stops
+reading (a stopped process, a slow link) holds only its own bytes in
 ``outbox``, never the loop.  Only the loop thread reads, writes or closes a
-channel's socket; other threads reach it through ``post``.
+channel's socket; other threads reach it through ``_post``.  Answers the
+loop settles while it handles a request go out after that request's own
+reply, so a client's submit is answered before the leases it handed out.
+
+One selector serves every connection: DefaultSelector is epoll or kqueue on
+Linux and macOS; on Windows it is select(), which CPython limits to 512
+sockets, so a Windows master serves about 250 worker processes.
 """
 from __future__ import annotations
 
@@ -105,7 +112,7 @@ def _frames(inbox: bytearray, data: bytes) -> list:
 
 
 class _Channel:
-    """One worker process's connection, as the loop sees it."""
+    """One peer's connection, as the loop sees it."""
 
     __slots__ = ("sock", "peer", "api", "inbox", "outbox", "writing", "waiter", "on_reply",
                  "closed")
@@ -123,7 +130,7 @@ class _Channel:
 
 
 class Reactor:
-    """Serves ``exchange`` for every adopted connection in one thread."""
+    """Serves the calls of every adopted connection in one thread."""
 
     def __init__(self, scheduler, deferred_prefix: str):
         self._scheduler = scheduler
@@ -167,8 +174,8 @@ class Reactor:
         return sent.wait(timeout_s)
 
     def close(self) -> None:
-        """Stop once the last connection has gone (processes leave on their own
-        after the master closes: their next exchange returns None)."""
+        """Stop once the last connection has gone (peers leave on their own
+        after the master closes: it answers their next call with the news)."""
         self._closing = True
         self._wake()
 
@@ -215,7 +222,7 @@ class Reactor:
                 self._expire_waits()
                 self._answer_settled()
         except Exception:  # pragma: no cover - a bug here must not pass silently
-            log.exception("the master's process loop failed")
+            log.exception("the master's event loop failed")
         finally:
             for channel in list(self._channels):
                 self._drop(channel)
@@ -287,7 +294,7 @@ class Reactor:
     def _handle(self, channel: _Channel, request) -> None:
         if channel.waiter is not None:
             # A request while one waits: its caller gave up on the last one.
-            # The old exchange ends now (its reply is never read: the caller's
+            # The old call ends now (its reply is never read: the caller's
             # proxy expects one reply per request, so it is dropped here).
             waiter, channel.waiter = channel.waiter, None
             self._scheduler.end_wait(waiter)
@@ -337,7 +344,7 @@ class Reactor:
         return found
 
     def _answer(self, channel: _Channel, reply) -> None:
-        """The settled reply of the channel's pending exchange."""
+        """The settled reply of the channel's waiting call."""
         if channel.waiter is None:
             return  # superseded by a newer request, or the channel closed
         channel.waiter = None

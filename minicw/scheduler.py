@@ -1,8 +1,13 @@
 """The master's state: clients, their chunks, leases, worker nodes, blobs.
 
 Everything the master knows lives in one ``Scheduler`` behind one lock; every
-method is a complete transition, called from the manager's per-connection
-threads (see master.py).  Nothing here touches the network.
+method is a complete transition, called from the master's event loop (and
+its reaper and shutdown; see master.py).  Nothing here touches the network.
+A call that may wait (``start_exchange``, ``start_fetch``, ``start_poll``)
+returns its reply or a ``Waiter``; the transition that settles a Waiter
+queues its reply, and the reply is handed to the Waiter's ``on_reply`` once
+the lock is released (``_Transition``).  ``exchange``, ``fetch`` and
+``poll`` are the same calls blocking in the caller's thread.
 
     client             Scheduler                                 worker process
     ------             ---------                                 --------------
