@@ -11,9 +11,11 @@ Three limits decide, the smallest wins:
 
 * work: a chunk of a timed function holds about CHUNK_TARGET_S of work,
   which amortises the per-chunk calls over many fast jobs and leaves
-  slow jobs one per chunk (measured times include waits for a busy CPU,
-  so the target is set well above a chunk's fixed cost: a few noisy
-  timings must not cut a run into many more chunks than it needs);
+  slow jobs (about half the target or more) one per chunk.  Measured
+  times include waits for a busy CPU, so the target is well above a
+  chunk's fixed cost, and JobTimes discounts small reports far above
+  the estimate: noisy timings must not cut a run into many more chunks
+  than it needs;
 * spread: when the number of jobs in the run is known, a chunk takes at
   most 1 / spread_chunks(processes) of them: one chunk for every process,
   so every process gets work, and as many again (up to MAX_SPARE_CHUNKS)
@@ -31,11 +33,13 @@ from __future__ import annotations
 
 import math
 
-CHUNK_TARGET_S = 0.02       # a chunk of a fast function holds about this much work
+CHUNK_TARGET_S = 0.01       # a chunk of a fast function holds about this much work
 MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
 SPREAD_PER_PROCESS = 2      # chunks per worker process of a run of known length ...
 MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process
 EMA_WEIGHT = 0.3            # how much of a function's timings each new report displaces
+SMALL_REPORT_SHARE = 4      # a report of under 1/4 of the jobs behind an estimate ...
+OUTLIER_FACTOR = 4.0        # ... counts as at most 4 times the estimate
 
 
 class JobTimes:
@@ -46,7 +50,8 @@ class JobTimes:
     its jobs: a chunk of one job, whose time is mostly the fixed cost of a
     chunk or a wait for a busy CPU, barely moves an estimate built on chunks
     of hundreds (left to an unweighted average, such outliers made the next
-    chunks small, and small chunks then measured as slow again).
+    chunks small, and small chunks then measured as slow again).  A small
+    report far slower than the estimate is believed only in part.
     """
 
     def __init__(self):
@@ -61,8 +66,17 @@ class JobTimes:
         keep = 1 - EMA_WEIGHT
         for key in func_keys:
             old = self._sums.get(key)
-            self._sums[key] = (seconds, jobs) if old is None else (
-                keep * old[0] + seconds, keep * old[1] + jobs)
+            if old is None:
+                self._sums[key] = (seconds, jobs)
+                continue
+            old_seconds, old_jobs = old
+            if jobs * SMALL_REPORT_SHARE < old_jobs:
+                # A report of a few jobs (the part of a chunk sent early, right
+                # after its process lost the CPU for a while) counts as at most
+                # OUTLIER_FACTOR times the estimate; a report of a whole chunk
+                # is believed at once, so a function that got slower is seen.
+                seconds = min(seconds, OUTLIER_FACTOR * jobs * old_seconds / old_jobs)
+            self._sums[key] = (keep * old_seconds + seconds, keep * old_jobs + jobs)
 
 
 def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
