@@ -149,6 +149,7 @@ class Reactor:
         self._settled = []                     # (channel, reply) settled by the loop itself,
                                                # answered after the request that settled them
         self._closing = False
+        self._ended = False                    # the loop has returned: nothing is posted
         self._thread = threading.Thread(target=self._run, name="minicw-reactor", daemon=True)
         self._loop_ident = None
 
@@ -162,16 +163,14 @@ class Reactor:
         sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
         conn.close()
         sock.setblocking(False)
-        self._post(None, (sock, request, api))
+        if not self._post(None, (sock, request, api)):
+            sock.close()  # the loop has ended (the master shut down): the peer sees EOF
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the loop has sent (into the sockets) every reply posted
         before this call; False after ``timeout_s``."""
-        if not self._thread.is_alive():
-            return False
         sent = threading.Event()
-        self._post(None, sent)
-        return sent.wait(timeout_s)
+        return self._post(None, sent) and sent.wait(timeout_s)
 
     def close(self) -> None:
         """Stop once the last connection has gone (peers leave on their own
@@ -181,13 +180,17 @@ class Reactor:
 
     # --- other threads -> the loop ---------------------------------------------------------
 
-    def _post(self, channel, item) -> None:
+    def _post(self, channel, item) -> bool:
+        """Hand ``item`` to the loop; False when the loop has ended."""
         with self._post_lock:
+            if self._ended:
+                return False
             self._posted.append((channel, item))
             if self._wake_sent:
-                return
+                return True
             self._wake_sent = True
         self._wake()
+        return True
 
     def _wake(self) -> None:
         try:
@@ -224,6 +227,12 @@ class Reactor:
         except Exception:  # pragma: no cover - a bug here must not pass silently
             log.exception("the master's event loop failed")
         finally:
+            with self._post_lock:
+                self._ended = True
+                posted, self._posted = self._posted, []
+            for channel, item in posted:
+                if channel is None and isinstance(item, tuple):
+                    item[0].close()   # adopted too late
             for channel in list(self._channels):
                 self._drop(channel)
             self._selector.close()

@@ -10,12 +10,16 @@ through ``multiprocessing.managers`` proxies, over TCP::
                (both sides prove the authkey,        (its own thread, under a receive
                 under a receive timeout)              timeout, so a silent or garbage
                                                       peer costs one thread briefly)
-    proxy.method(args)  --(ident, name, args)--->   Server.serve_client -> api.method
+    proxy.method(args)  --(ident, name, args)--->   _Server.accept_connection reads the
+                                                    first call: for an ``adopter`` object
+                                                    the connection goes to the master's
+                                                    event loop (reactor.py), otherwise to
+                                                    Server.serve_client -> api.method
                         <--('#RETURN', value)----   or ('#ERROR', exc): the exception
                                                     keeps its type on the caller side
 
-Three things differ from the standard library's defaults, and this module is
-the only place that knows:
+What differs from the standard library's defaults, and this module is the
+only place that knows:
 
 * TCP_NODELAY on both ends.  Manager messages over about 16 KB go out as a
   header and a body; without it Nagle's algorithm meets the peer's delayed ACK
@@ -27,6 +31,12 @@ the only place that knows:
 * Connection failures become the errors of ``minicw.errors`` that say which
   host and port and what went wrong: unknown host, nothing listening, wrong
   key, silent peer.
+* Served connections can be handed to another server loop after their first
+  call (``_Server.adopter``), which is how the master serves every proxy from
+  one thread.
+* Calls on minicw's private proxies are pickled with plain pickle, without
+  a Pickler object per message (none of them carries a multiprocessing
+  object).
 
 The transport registers itself in ``multiprocessing.managers.listener_client``
 under the serializer name ``"minicw"``; managers created with that name use
