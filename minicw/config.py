@@ -54,7 +54,8 @@ FIRST_SUBMIT_S = 0.005          # a stream sends its first chunks after packing 
 SUBMIT_BYTES_PER_CALL = 1 << 20  # ... and later ones about this many payload bytes per call
                                 # (under load every call waits milliseconds for its reply)
 PREFETCH_WORK_S = 0.02          # a worker process leases about this much work ahead
-RESULT_FLUSH_S = 0.02           # a worker process holds finished results at most this long
+RESULT_FLUSH_S = 0.02           # a worker process holds finished results about this long at most
+                                # (see runner.MAX_CLOCK_STRIDE)
 IN_FLIGHT_CHUNKS_PER_PROCESS = 32  # client window: chunks submitted but not yet answered, per worker process
 DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it
 

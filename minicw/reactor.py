@@ -43,6 +43,7 @@ import logging
 import selectors
 import socket
 import struct
+import sys
 import threading
 import time
 from collections import deque
@@ -54,6 +55,9 @@ from minicw.scheduler import Failure, Waiter
 log = logging.getLogger(__name__)
 
 READ_SIZE = 1 << 18          # bytes asked of one recv()
+MAX_SELECT_S = 60.0          # the loop looks at its deadlines at least this often
+STALE_DEADLINES = 1024       # answered calls' deadlines kept before the heap is pruned
+WINDOWS_MAX_CHANNELS = 500   # select() on Windows takes at most 512 sockets
 SMALL_FRAME = 1 << 16        # header and body of a frame this small go in one send()
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
@@ -90,7 +94,8 @@ def take_frames(buffer: bytearray) -> list:
             raise ValueError("bad frame length %d" % size)
         if end - start < size:
             break
-        frames.append(bytes(buffer[start:start + size]))
+        with memoryview(buffer) as view:   # one copy of the body, not two
+            frames.append(bytes(view[start:start + size]))
         offset = start + size
     if offset:
         del buffer[:offset]
@@ -115,7 +120,7 @@ class _Channel:
     """One peer's connection, as the loop sees it."""
 
     __slots__ = ("sock", "peer", "api", "inbox", "outbox", "writing", "waiter", "on_reply",
-                 "closed")
+                 "backlog", "closed")
 
     def __init__(self, sock: socket.socket, peer: str, api):
         self.sock = sock
@@ -126,6 +131,7 @@ class _Channel:
         self.writing = False          # registered for EVENT_WRITE (outbox not empty)
         self.waiter = None            # the Scheduler Waiter of its call that waits
         self.on_reply = None          # what settles that call
+        self.backlog = deque()        # requests that came while a call waited, in order
         self.closed = False
 
 
@@ -138,11 +144,13 @@ class Reactor:
         self._selector = selectors.DefaultSelector()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
         self._selector.register(self._wake_recv, selectors.EVENT_READ, None)
         self._posted = []                      # (channel or None, reply or (sock, request))
         self._post_lock = threading.Lock()
         self._wake_sent = False
         self._deadlines = []                   # heap of (deadline, seq, channel, waiter)
+        self._live_waits = 0                   # channels whose call waits
         self._seq = itertools.count()
         self._channels = set()
         self._methods = {}                     # (id(api), name) -> _method()'s answer
@@ -167,8 +175,9 @@ class Reactor:
             sock.close()  # the loop has ended (the master shut down): the peer sees EOF
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until the loop has sent (into the sockets) every reply posted
-        before this call; False after ``timeout_s``."""
+        """Wait until the loop has handled every reply posted before this call
+        (written into its socket, or queued for a peer that is not reading);
+        False after ``timeout_s``."""
         sent = threading.Event()
         return self._post(None, sent) and sent.wait(timeout_s)
 
@@ -218,10 +227,15 @@ class Reactor:
                     if channel is None:
                         self._take_posted()
                         continue
-                    if events & selectors.EVENT_WRITE:
-                        self._flush(channel)
-                    if events & selectors.EVENT_READ and not channel.closed:
-                        self._receive(channel)
+                    try:
+                        if events & selectors.EVENT_WRITE:
+                            self._flush(channel)
+                        if events & selectors.EVENT_READ and not channel.closed:
+                            self._receive(channel)
+                    except Exception:  # a bug met by one peer must not stop the master
+                        log.exception("dropped the connection from %s after an error",
+                                      channel.peer)
+                        self._drop(channel)
                 self._expire_waits()
                 self._answer_settled()
         except Exception:  # pragma: no cover - a bug here must not pass silently
@@ -239,10 +253,10 @@ class Reactor:
             self._wake_recv.close()
             self._wake_send.close()
 
-    def _timeout(self):
+    def _timeout(self) -> float:
         if not self._deadlines:
-            return None
-        return max(0.0, self._deadlines[0][0] - time.monotonic())
+            return MAX_SELECT_S
+        return min(MAX_SELECT_S, max(0.0, self._deadlines[0][0] - time.monotonic()))
 
     def _take_posted(self) -> None:
         try:
@@ -266,6 +280,12 @@ class Reactor:
             peer = "%s:%s" % sock.getpeername()[:2]
         except OSError:
             peer = "?"
+        if sys.platform == "win32" and len(self._channels) >= WINDOWS_MAX_CHANNELS:
+            log.error("refused the connection from %s: a master on Windows serves at most %d "
+                      "connections (select() limit); run the master on Linux or macOS for "
+                      "more worker processes", peer, WINDOWS_MAX_CHANNELS)
+            sock.close()
+            return
         channel = _Channel(sock, peer, api)
         channel.on_reply = self._replier(channel)
         self._channels.add(channel)
@@ -302,11 +322,11 @@ class Reactor:
 
     def _handle(self, channel: _Channel, request) -> None:
         if channel.waiter is not None:
-            # A request while one waits: its caller gave up on the last one.
-            # The old call ends now (its reply is never read: the caller's
-            # proxy expects one reply per request, so it is dropped here).
-            waiter, channel.waiter = channel.waiter, None
-            self._scheduler.end_wait(waiter)
+            # Calls on one connection are answered in order, as the manager's
+            # own server does: a request that comes while a call waits (its
+            # caller gave up on that one) waits its turn.
+            channel.backlog.append(request)
+            return
         try:
             _, method, args, kwds = request
             call, deferred = self._method(channel.api, method)
@@ -319,7 +339,8 @@ class Reactor:
             return
         if isinstance(reply, Waiter):
             channel.waiter = reply
-            heapq.heappush(self._deadlines, (reply.deadline, next(self._seq), channel, reply))
+            self._live_waits += 1
+            self._add_deadline(channel, reply)
         else:
             self._send(channel, _message(reply))
         # The caller first: a client's submit is answered before the leases it
@@ -339,7 +360,7 @@ class Reactor:
         found = self._methods.get((id(api), method))
         if found is not None:
             return found
-        if not isinstance(method, str) or method.startswith("_"):
+        if not isinstance(method, str) or method.startswith(("_", self._deferred_prefix)):
             raise AttributeError("%r is not a method of the master" % (method,))
         call = getattr(api, method, None)
         found = (call, False)
@@ -355,9 +376,20 @@ class Reactor:
     def _answer(self, channel: _Channel, reply) -> None:
         """The settled reply of the channel's waiting call."""
         if channel.waiter is None:
-            return  # superseded by a newer request, or the channel closed
+            return  # the channel closed meanwhile
         channel.waiter = None
+        self._live_waits -= 1
         self._send(channel, _message(reply))
+        while channel.backlog and channel.waiter is None and not channel.closed:
+            self._handle(channel, channel.backlog.popleft())
+
+    def _add_deadline(self, channel: _Channel, waiter: Waiter) -> None:
+        deadlines = self._deadlines
+        if len(deadlines) > 2 * self._live_waits + STALE_DEADLINES:
+            # Most entries are of calls answered before their deadline: keep the live ones.
+            deadlines[:] = [entry for entry in deadlines if entry[2].waiter is entry[3]]
+            heapq.heapify(deadlines)
+        heapq.heappush(deadlines, (waiter.deadline, next(self._seq), channel, waiter))
 
     def _expire_waits(self) -> None:
         deadlines = self._deadlines
@@ -410,7 +442,11 @@ class Reactor:
         self._channels.discard(channel)
         waiter, channel.waiter = channel.waiter, None
         if waiter is not None:
-            self._scheduler.end_wait(waiter)
+            self._scheduler.cancel_wait(waiter)  # nobody to answer: take nothing for it
+            self._live_waits -= 1
+        channel.inbox = bytearray()
+        channel.outbox.clear()
+        channel.backlog.clear()
         try:
             self._selector.unregister(channel.sock)
         except (KeyError, ValueError):

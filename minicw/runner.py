@@ -16,7 +16,9 @@ how long recent chunks took: one call per many fast chunks, one call per
 chunk when chunks are slow (so slow work never sits in a busy process's
 queue while another process idles).  Results of a chunk are reported with
 the next exchange; a long chunk flushes partial results every RESULT_FLUSH_S
-so callers see results as they are produced.
+so callers see results as they are produced (the clock is read every few
+jobs, so when jobs turn slow after a fast start a flush may wait for up to
+MAX_CLOCK_STRIDE of them).
 
 Before each job the process writes its position into ``slot_state``; when
 the process dies, the node reads which job was running, so the master can
@@ -195,7 +197,8 @@ class Runner:
         # a measurable share of a no-op job.  The clock, which costs more than
         # a no-op job, is read every ``stride`` jobs: about CLOCK_CHECKS_PER_FLUSH
         # times per RESULT_FLUSH_S at the pace seen so far, and at least every
-        # MAX_CLOCK_STRIDE jobs.
+        # MAX_CLOCK_STRIDE jobs.  So results wait at most RESULT_FLUSH_S, or,
+        # when jobs turn slow after a fast start, at most MAX_CLOCK_STRIDE jobs.
         state = self.state
         timeout_ns = int(timeout_s * 1e9) if timeout_s else 0
         perf_counter = time.perf_counter
@@ -207,7 +210,7 @@ class Runner:
         errors = None
         start = 0
         flush_at = started + config.RESULT_FLUSH_S
-        check_at = 1   # the position after which the clock is read next
+        check_at = 0   # the position after which the clock is read next
         for position, index in enumerate(selection):
             state[STATE_POSITION] = position
             if timeout_ns:

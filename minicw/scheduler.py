@@ -546,6 +546,19 @@ class Scheduler:
                     reply = Failure(exc)
                 self._settle(waiter, reply)
 
+    def cancel_wait(self, waiter: Waiter) -> None:
+        """The waiter's caller is gone: forget it without answering, and without
+        taking anything for it (commands and deliveries stay for the next call)."""
+        with self._changing:
+            owner = waiter.owner
+            if waiter.kind == WAIT_LEASE:
+                self._waiting.pop(waiter, None)
+            elif waiter.kind == WAIT_POLL:
+                if owner.poll is waiter:
+                    owner.poll = None
+            elif waiter in owner.fetches:
+                owner.fetches.remove(waiter)
+
     def _blocking(self, start, *args):
         """Call a ``start_*`` method and wait for its reply in this thread."""
         replies = queue.SimpleQueue()

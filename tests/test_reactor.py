@@ -136,3 +136,41 @@ def test_an_unknown_method_is_an_error_for_that_call_only(master):
     kind, error = conn.recv()
     assert kind == "#ERROR" and "no method 'no_such_method'" in str(error)
     assert client.list_nodes() == []
+
+
+def test_calls_on_one_connection_are_answered_in_order(master):
+    # A caller that gave up on a waiting exchange and calls again on the same
+    # connection gets the first call's reply first and the second's after it;
+    # the work handed to the first call is not lost.
+    node_id, _ = connect(master.address, KEY).node().register(_node_info())
+    process = connect(master.address, KEY).process()
+    conn = _served(process, "exchange", node_id, 0, [], 0, 0)
+    conn.send((process._id, "exchange", (node_id, 0, [], 1, 30.0), {}))
+    _until(lambda: len(master.scheduler._waiting) == 1)
+    conn.send((process._id, "exchange", (node_id, 0, [], 1, 0), {}))
+    assert not conn.poll(0.3)            # the second call waits its turn
+    client = connect(master.address, KEY).client()
+    client_id, _ = client.hello({"protocol": protocol.PROTOCOL_VERSION, "hostname": "t",
+                                 "pid": 1})
+    client.put_blobs(client_id, [("fn", b"f")])
+    client.submit(client_id, [(1, ("fn",), 3, b"payload", None, 2, None)])
+    assert conn.poll(10)
+    kind, (leases, _) = conn.recv()      # the first call's reply: the chunk
+    assert kind == "#RETURN" and [lease[2] for lease in leases] == [1]
+    assert conn.poll(10)
+    assert conn.recv() == ("#RETURN", ([], ()))   # then the second call's
+    assert master.scheduler._waiting == type(master.scheduler._waiting)()
+
+
+def test_an_absurd_timeout_fails_nobody(master):
+    # A fetch asking to wait 1e300 s waits (the loop looks at it every
+    # MAX_SELECT_S); every other peer, new or old, is still served.
+    client = connect(master.address, KEY).client()
+    client_id, _ = client.hello({"protocol": protocol.PROTOCOL_VERSION, "hostname": "t",
+                                 "pid": 1})
+    conn = _served(client, "touch", client_id)
+    conn.send((client._id, "fetch", (client_id, 1e300, 0), {}))
+    assert not conn.poll(0.3)
+    assert connect(master.address, KEY).client().list_nodes() == []
+    node = connect(master.address, KEY).node()
+    assert node.register(_node_info())[0].startswith("test:1#")

@@ -258,3 +258,23 @@ def test_an_unacknowledged_fetch_is_sent_again():
     again_last, again = scheduler.fetch(client, 0, 0)
     assert [d[0] for d in again] == [leases[0][2], leases[1][2]]
     assert scheduler.fetch(client, 0, again_last) == (again_last, [])
+
+
+def test_a_cancelled_wait_takes_nothing_from_the_next_call():
+    # A node's heartbeat and a client's fetch wait; their callers go away
+    # (cancel_wait).  The kill command and the delivery that come next stay
+    # for the next poll and fetch, and nobody is answered for the old calls.
+    scheduler, client, node = make()
+    answered = []
+    poll = scheduler.start_poll(node, 10, answered.append)
+    fetch = scheduler.start_fetch(client, 10, 0, answered.append)
+    scheduler.cancel_wait(poll)
+    scheduler.cancel_wait(fetch)
+    scheduler.submit(client, [spec(1, 2)])
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    assert scheduler.kill(client, 1, 1) == "killing"
+    scheduler.exchange(node, 0, [report(lease, 0, 1)], 0, 0)
+    assert answered == []
+    assert scheduler.poll(node, 0) == [(protocol.CMD_KILL, 0, lease[0], 1)]
+    last, deliveries = scheduler.fetch(client, 0, 0)
+    assert [d[0] for d in deliveries] == [1]
