@@ -27,9 +27,11 @@ peers' ordinary manager proxies talk to this loop exactly as they would to
 ``('#ERROR', exception)``.  Sockets are non-blocking: a peer that stops
 reading (a stopped process, a slow link) holds only its own bytes in
 ``outbox``, never the loop.  Only the loop thread reads, writes or closes a
-channel's socket; other threads reach it through ``_post``.  Answers the
-loop settles while it handles a request go out after that request's own
-reply, so a client's submit is answered before the leases it handed out.
+channel's socket; other threads reach it through ``_post``.  Calls on one
+connection are answered in order (a request that comes while a call waits
+waits in ``backlog``).  Answers the loop settles while it handles a request
+go out after that request's own reply, so a client's submit is answered
+before the leases it handed out.
 
 One selector serves every connection: DefaultSelector is epoll or kqueue on
 Linux and macOS; on Windows it is select(), which CPython limits to 512
