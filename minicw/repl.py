@@ -233,8 +233,14 @@ def launch_master(host, port, authkey, heartbeat_timeout_s=None):
     return launch.start_master(host, port, authkey, heartbeat_timeout_s)
 
 
-def check_args(args) -> list:
-    """The args as a list; ArgsError naming the first unhashable or repeated one."""
+def check_args(args):
+    """The args as a list; ArgsError naming the first unhashable or repeated one.
+
+    A range stays a range: its items are distinct ints, and its chunks travel
+    as ranges (a few bytes each, whatever their length).
+    """
+    if isinstance(args, range):
+        return args
     if isinstance(args, (str, bytes)) or not hasattr(args, "__iter__"):
         raise ArgsError("load_args() takes a list of arguments, not %s" % type(args).__name__)
     args = list(args)

@@ -36,6 +36,19 @@ def test_hundred_thousand_args(cluster):
     assert all(result[x] == x * x for x in range(100_000))
 
 
+def test_a_range_of_args_travels_as_ranges(cluster):
+    # Its chunks are ranges on the wire (a few bytes each), and the results
+    # are keyed by its ints as for a list.
+    from minicw import protocol, repl
+    args = range(10, 5010, 5)
+    assert repl.check_args(args) is args
+    assert len(protocol.pack_payload(protocol.CALL_ONE, args[:1000])) < 200
+    cluster.load_envir("def square(x):\n    return x * x\n", from_file=False)
+    cluster.register_target_function("square")
+    cluster.load_args(args)
+    assert cluster.execute() == {x: x * x for x in args}
+
+
 def test_list_workers_reports_the_node(cluster):
     [node] = cluster.list_workers()
     assert node["nprocs"] == 2
