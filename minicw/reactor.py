@@ -63,20 +63,40 @@ WINDOWS_MAX_CHANNELS = 500   # select() on Windows takes at most 512 sockets
 SMALL_FRAME = 1 << 16        # header and body of a frame this small go in one send()
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
+_LONG_HEADER_LE = struct.Struct("<Q")   # pickle's BINBYTES8 length
 
 
 def frame(obj) -> list:
-    """``obj`` pickled and framed as ``Connection.send`` would: [header, body].
+    """``obj`` pickled and framed as ``Connection.send`` would: [header, body...].
     (Plain pickle: a reply holds no object that needs multiprocessing's reducers.)"""
+    if type(obj) is tuple and len(obj) == 2 and type(obj[1]) is bytes \
+            and len(obj[1]) > SMALL_FRAME and obj[0] == "#RETURN":
+        return _bytes_reply_frame(obj[1])
     body = pickle.dumps(obj, PICKLE_PROTOCOL)
-    size = len(body)
-    if size > 0x7FFFFFFF:
-        header = _HEADER.pack(-1) + _LONG_HEADER.pack(size)
-    else:
-        header = _HEADER.pack(size)
-    if size <= SMALL_FRAME:
+    header = _header(len(body))
+    if len(body) <= SMALL_FRAME:
         return [header + body]
     return [header, body]
+
+
+def _header(size: int) -> bytes:
+    if size > 0x7FFFFFFF:
+        return _HEADER.pack(-1) + _LONG_HEADER.pack(size)
+    return _HEADER.pack(size)
+
+
+# ('#RETURN', <bytes>) spelled in pickle opcodes: PROTO 5, SHORT_BINUNICODE
+# '#RETURN', BINBYTES8 <length> ... then TUPLE2 and STOP after the bytes.
+_BYTES_REPLY_HEAD = b"\x80\x05\x8c\x07#RETURN\x8e"
+_BYTES_REPLY_TAIL = b"\x86."
+
+
+def _bytes_reply_frame(data: bytes) -> list:
+    """The frame of ``('#RETURN', data)`` around ``data`` itself, not a copy: a
+    large blob (broadcast data, an environment) costs the loop no pickling."""
+    head = _BYTES_REPLY_HEAD + _LONG_HEADER_LE.pack(len(data))
+    size = len(head) + len(data) + len(_BYTES_REPLY_TAIL)
+    return [_header(size) + head, memoryview(data), _BYTES_REPLY_TAIL]
 
 
 def take_frames(buffer: bytearray) -> list:
