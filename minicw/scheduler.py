@@ -463,9 +463,9 @@ class Scheduler:
 
     def _answer_poll(self, node: NodeState) -> None:
         """Answer the node's waiting heartbeat, if any, with its commands now."""
-        waiter, node.poll = node.poll, None
-        if waiter is not None:
-            self._settle(waiter, self._poll_reply(node))
+        waiter = node.poll
+        if waiter is not None and self._unhook(waiter):
+            self._settle(waiter, self._reply_now(waiter))
 
     def process_ended(self, node_id: str, slot: int, token: int, position: int,
                       reason: str, exit_description: str) -> None:
@@ -524,40 +524,48 @@ class Scheduler:
             return self._lease_reply(node, slot, leases)
 
     def end_wait(self, waiter: Waiter) -> None:
-        """The waiter's time is up, or its caller went away: answer it with
-        what there is now, unless it was answered already."""
+        """The waiter's time is up: answer it with what there is now, unless it
+        was answered already."""
         with self._changing:
-            owner = waiter.owner
-            if waiter.kind == WAIT_LEASE:
-                if self._waiting.pop(waiter, False) is None:
-                    self._settle(waiter, None if self.closed or self._nodes.get(
-                        owner.node_id) is not owner else self._lease_reply(
-                            owner, waiter.slot, []))
-            elif waiter.kind == WAIT_POLL:
-                if owner.poll is waiter:
-                    self._answer_poll(owner)
-            elif waiter in owner.fetches:
-                owner.fetches.remove(waiter)
-                try:
-                    self._client(owner.client_id)
-                    owner.last_seen = time.monotonic()
-                    reply = self._fetch_reply(owner, waiter.want)
-                except MinicwError as exc:
-                    reply = Failure(exc)
-                self._settle(waiter, reply)
+            if self._unhook(waiter):
+                self._settle(waiter, self._reply_now(waiter))
 
     def cancel_wait(self, waiter: Waiter) -> None:
         """The waiter's caller is gone: forget it without answering, and without
         taking anything for it (commands and deliveries stay for the next call)."""
         with self._changing:
-            owner = waiter.owner
-            if waiter.kind == WAIT_LEASE:
-                self._waiting.pop(waiter, None)
-            elif waiter.kind == WAIT_POLL:
-                if owner.poll is waiter:
-                    owner.poll = None
-            elif waiter in owner.fetches:
-                owner.fetches.remove(waiter)
+            self._unhook(waiter)
+
+    def _unhook(self, waiter: Waiter) -> bool:
+        """Take a waiter out of its queue; False when it was answered already."""
+        owner = waiter.owner
+        if waiter.kind == WAIT_LEASE:
+            return self._waiting.pop(waiter, False) is None
+        if waiter.kind == WAIT_POLL:
+            if owner.poll is not waiter:
+                return False
+            owner.poll = None
+            return True
+        if waiter not in owner.fetches:
+            return False
+        owner.fetches.remove(waiter)
+        return True
+
+    def _reply_now(self, waiter: Waiter):
+        """What a waiter taken out of its queue is answered with, as things are."""
+        owner = waiter.owner
+        if waiter.kind == WAIT_LEASE:
+            if self.closed or self._nodes.get(owner.node_id) is not owner:
+                return None
+            return self._lease_reply(owner, waiter.slot, [])
+        if waiter.kind == WAIT_POLL:
+            return self._poll_reply(owner)
+        try:
+            self._client(owner.client_id)
+            owner.last_seen = time.monotonic()
+            return self._fetch_reply(owner, waiter.want)
+        except MinicwError as exc:
+            return Failure(exc)
 
     def _blocking(self, start, *args):
         """Call a ``start_*`` method and wait for its reply in this thread."""
@@ -782,14 +790,7 @@ class Scheduler:
         with what a fetch gets now."""
         while client.fetches:
             waiter = client.fetches.popleft()
-            if error is None:
-                try:
-                    reply = self._fetch_reply(client, waiter.want)
-                except MinicwError as exc:
-                    reply = Failure(exc)
-            else:
-                reply = Failure(error)
-            self._settle(waiter, reply)
+            self._settle(waiter, self._reply_now(waiter) if error is None else Failure(error))
 
     def _drop_node(self, node: NodeState, why: str) -> None:
         del self._nodes[node.node_id]

@@ -142,3 +142,14 @@ def pytest_sessionfinish(session, exitstatus):
         if left:
             print("\nconftest: killed leftover processes %s" % sorted(left), file=sys.stderr)
             session.exitstatus = 1
+
+
+@pytest.fixture
+def master():
+    """A Master in this process on 127.0.0.1, a free port, a 3 s heartbeat timeout."""
+    from minicw.master import Master
+    from tests.helpers import KEY
+    running = Master("127.0.0.1", 0, KEY, heartbeat_timeout_s=3)
+    running.start()
+    yield running
+    running.shutdown()

@@ -10,18 +10,10 @@ import time
 import pytest
 
 from minicw import protocol, reactor, worker
-from minicw.master import Master, connect
+from minicw.master import connect
 from tests.helpers import KEY
 
 BIG = 64 << 20   # more than loopback socket buffers hold, so the reply must wait in outbox
-
-
-@pytest.fixture
-def master():
-    running = Master("127.0.0.1", 0, KEY, heartbeat_timeout_s=3)
-    running.start()
-    yield running
-    running.shutdown()
 
 
 def _node_info(nprocs=1):
@@ -96,7 +88,7 @@ def test_a_peer_that_stops_reading_a_large_reply_blocks_nobody(master):
     conn = _served(node, "register", _node_info())
     # Ask for the blob and read nothing, as a stopped process would.
     conn.send((node._id, "get_blob", ("big",), {}))
-    time.sleep(0.2)
+    _until(lambda: any(channel.outbox for channel in master._reactor._channels))
     others = connect(master.address, KEY).client()
     answers = []
     served = threading.Thread(target=lambda: answers.extend(

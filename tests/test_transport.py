@@ -10,16 +10,8 @@ from minicw.errors import (
     AuthkeyMismatchError, HandshakeTimeoutError, MasterHostUnknownError,
     MasterNotListeningError,
 )
-from minicw.master import Master, connect
+from minicw.master import connect
 from tests.helpers import KEY, start_master, start_worker
-
-
-@pytest.fixture
-def master():
-    running = Master("127.0.0.1", 0, KEY, heartbeat_timeout_s=3)
-    running.start()
-    yield running
-    running.shutdown()
 
 
 def _free_port():
