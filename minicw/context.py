@@ -18,9 +18,10 @@ This assumes a shared filesystem, as the cluster-workers ancestor did.  A
 directory that does not exist on the worker is skipped, and reported once
 per context as a note that travels back to the client with the results.
 
-Undoing a job's ``os.chdir`` must cost nothing for the millions of jobs that
-never call it: the process wraps ``os.chdir`` once so that a call raises a
-flag, and only then is the directory restored.
+Undoing a job's changes must cost nothing for the millions of jobs that
+make none: the process wraps ``os.chdir`` once so that a call raises a flag,
+and sys.path is a TrackedPath that raises the same flag when edited in place;
+after a job the runner reads the flag and checks sys.path by identity.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def make_blob(cwd, entries) -> tuple[str, bytes]:
 
 class _Flags:
     """Module state read in the runner's inner loop (one attribute lookup)."""
+    touched = False        # a job called os.chdir or edited sys.path in place
     chdir_called = False
 
 
@@ -57,8 +59,40 @@ _original_chdir = os.chdir
 
 
 def _tracking_chdir(path):
-    flags.chdir_called = True
+    flags.chdir_called = flags.touched = True
     return _original_chdir(path)
+
+
+def _edits(name):
+    edit = getattr(list, name)
+
+    def tracked(self, *args, **kwargs):
+        flags.touched = True
+        return edit(self, *args, **kwargs)
+    tracked.__name__ = name
+    return tracked
+
+
+class TrackedPath(list):
+    """sys.path while a client's jobs run: a list that raises ``flags.touched``
+    when it is edited in place.
+
+    The runner checks after every job whether sys.path changed.  Comparing
+    the lists entry by entry cost a sixth of a no-op job; with this, the
+    check is a flag and an identity test (a job that rebinds sys.path is seen
+    by identity).
+    """
+    for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append",
+                  "extend", "insert", "pop", "remove", "clear", "sort", "reverse"):
+        locals()[_name] = _edits(_name)
+    del _name
+
+    def reset(self, entries) -> None:
+        """Hold ``entries`` again, without raising the flag."""
+        list.__setitem__(self, slice(None), entries)
+
+    def __reduce__(self):   # a job that returns sys.path returns a plain list
+        return list, (list(self),)
 
 
 def install_chdir_tracker() -> None:
@@ -97,15 +131,17 @@ class JobContext:
                                   "host %s; skipped" % (entry, host))
         self._home_cwd = None
         self._home_path = None
-        self.job_path = None    # sys.path while the client's jobs run
+        self._job_entries = None
+        self.job_path = None    # sys.path while the client's jobs run (a TrackedPath)
 
     def enter(self) -> None:
         self._home_cwd = _home_cwd or os.getcwd()
         self._home_path = sys.path
         # The client's entries first, then the worker's own, without repeats.
         mine = [entry for entry in self._home_path if entry not in self.entries]
-        self.job_path = self.entries + mine
-        sys.path = list(self.job_path)
+        self._job_entries = self.entries + mine
+        self.job_path = TrackedPath(self._job_entries)
+        sys.path = self.job_path
         if self.cwd is not None:
             try:
                 _original_chdir(self.cwd)
@@ -115,7 +151,7 @@ class JobContext:
                                   % (self.cwd, socket.gethostname(), exc.strerror,
                                      self._home_cwd))
                 self.cwd = None
-        flags.chdir_called = False
+        flags.chdir_called = flags.touched = False
 
     def cwd_still_there(self) -> bool:
         """Check, between leases, that the directory was not removed meanwhile;
@@ -134,11 +170,12 @@ class JobContext:
         if flags.chdir_called:
             _original_chdir(self.cwd if self.cwd is not None else self._home_cwd)
             flags.chdir_called = False
-        if sys.path != self.job_path:
-            sys.path = list(self.job_path)
+        self.job_path.reset(self._job_entries)
+        sys.path = self.job_path
+        flags.touched = False
 
     def leave(self) -> None:
         sys.path = self._home_path
         if self.cwd is not None or flags.chdir_called:
             _original_chdir(self._home_cwd)
-        flags.chdir_called = False
+        flags.chdir_called = flags.touched = False

@@ -222,7 +222,7 @@ class Runner:
                 if errors is None:
                     errors = {}
                 errors[position - start] = protocol.describe_exception(exc, skip_frames=1)
-            if job_path is not None and (flags.chdir_called or sys.path != job_path):
+            if job_path is not None and (flags.touched or sys.path is not job_path):
                 job_context.after_job()
             if position < check_at or position == last:
                 continue

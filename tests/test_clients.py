@@ -457,6 +457,48 @@ def test_jobs_run_in_the_clients_cwd_with_its_sys_path(solo, tmp_path, monkeypat
         assert list(executor.map(lambda _: os.getcwd(), range(5))) == [str(workdir)] * 5
 
 
+PATH_EDITS = {
+    "append": lambda path: path.append("/edited"),
+    "insert": lambda path: path.insert(0, "/edited"),
+    "setitem": lambda path: path.__setitem__(0, "/edited"),
+    "slice": lambda path: path.__setitem__(slice(None), ["/edited"]),
+    "delitem": lambda path: path.__delitem__(0),
+    "iadd": lambda path: path.__iadd__(["/edited"]),
+    "pop": lambda path: path.pop(),
+    "remove": lambda path: path.remove(path[0]),
+    "clear": lambda path: path.clear(),
+    "sort": lambda path: path.sort(key=len),
+    "reverse": lambda path: path.reverse(),
+    "rebind": lambda path: setattr(sys, "path", ["/edited"]),
+}
+
+
+def edit_path_then_look(edit):
+    """Edit sys.path the way named (None: only look); return sys.path as a job saw it."""
+    if edit is not None:
+        PATH_EDITS[edit](sys.path)
+    return list(sys.path)
+
+
+def current_path():
+    return sys.path
+
+
+def test_every_kind_of_sys_path_edit_is_undone_before_the_next_job(solo):
+    # In-place edits are seen through a flag, not by comparing the lists, so
+    # each kind of edit is checked: the job after it must see the path intact.
+    steps = [None] + [step for edit in PATH_EDITS for step in (edit, None)]
+    with solo.executor() as executor:
+        seen = list(executor.map(edit_path_then_look, steps, chunksize=len(steps)))
+        returned = executor.submit(current_path).result(20)
+    intact = seen[0]
+    assert "/edited" not in intact and len(intact) > 1
+    for position, (edit, path) in enumerate(zip(steps, seen)):
+        if edit is None:
+            assert path == intact, "the job after %r saw %r" % (steps[position - 1], path)
+    assert type(returned) is list and returned == intact  # sys.path itself, returned
+
+
 def test_missing_cwd_on_the_worker_is_skipped_with_one_warning(solo, tmp_path, monkeypatch):
     doomed = tmp_path / "doomed"
     doomed.mkdir()
