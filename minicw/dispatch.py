@@ -53,12 +53,12 @@ NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
 class Job:
     """One submitted call and what happens to it."""
 
-    __slots__ = ("func_key", "func_name", "args", "kwargs", "job_timeout", "max_retries",
+    __slots__ = ("func_key", "fn", "args", "kwargs", "job_timeout", "max_retries",
                  "on_done", "chunk_id", "index", "settled")
 
-    def __init__(self, func_key, func_name, args, kwargs, job_timeout, max_retries, on_done):
+    def __init__(self, func_key, fn, args, kwargs, job_timeout, max_retries, on_done):
         self.func_key = func_key
-        self.func_name = func_name
+        self.fn = fn                  # for naming it in a failure (rare: named then)
         self.args = args
         self.kwargs = kwargs
         self.job_timeout = job_timeout
@@ -167,7 +167,7 @@ class Dispatcher:
     def submit_job(self, fn, args, kwargs, on_done, job_timeout=None, max_retries=None) -> Job:
         """Queue ``fn(*args, **kwargs)``; ``on_done(ok, value)`` is called once with the outcome."""
         self.check_open()
-        job = Job(self.function_key(fn), _name_of(fn), args, kwargs,
+        job = Job(self.function_key(fn), fn, args, kwargs,
                   self.job_timeout if job_timeout is None else job_timeout,
                   self.max_retries if max_retries is None else max_retries, on_done)
         with self._lock:
@@ -428,7 +428,7 @@ class Dispatcher:
                 if job.settled:
                     continue
                 if not ok and hasattr(value, "job"):  # a crash or a timeout: say which call
-                    _rename_job(value, "%s%s" % (job.func_name, _short_repr(job.args)))
+                    _rename_job(value, "%s%s" % (_name_of(job.fn), _short_repr(job.args)))
                 self._settle_locked(job)
                 outcomes.append((job.on_done, ok, value))
             if all(job.settled for job in jobs):
@@ -454,7 +454,7 @@ class Dispatcher:
 
     def _settle_locked(self, job: Job) -> None:
         job.settled = True
-        job.args = job.kwargs = None  # free the arguments now
+        job.fn = job.args = job.kwargs = None  # free the function and arguments now
         self._outstanding -= 1
         if self._outstanding == 0:
             self._settled.notify_all()

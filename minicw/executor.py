@@ -18,6 +18,7 @@ master does not tell clients when a job starts.
 """
 from __future__ import annotations
 
+import _thread
 import atexit
 import threading
 import weakref
@@ -30,6 +31,11 @@ from minicw.errors import RemoteError
 _live_executors = weakref.WeakSet()
 
 
+# The C re-entrant lock itself: threading.RLock is a Python function around it.
+_RLock = getattr(_thread, "RLock", threading.RLock)
+_NO_WAITERS = ()   # a condition's waiters until a thread first waits on it
+
+
 class _FutureCondition(threading.Condition):
     """A ``threading.Condition`` over its own RLock that binds nothing per instance.
 
@@ -38,14 +44,18 @@ class _FutureCondition(threading.Condition):
     cyclic garbage collector per job, and a submit loop spent about half
     its time in collections.  Here the methods are the class's own,
     delegating to the RLock; waiting and notifying are the standard
-    library's code.  The lock must be re-entrant like Future's own:
+    library's code.  The queue of waiting threads is made when the first
+    thread waits: most futures are never waited on one by one
+    (``concurrent.futures.wait`` and ``as_completed`` use the future's own
+    waiter list), so most notifications find nobody and return at once.
+    The lock must be re-entrant like Future's own:
     ``concurrent.futures.wait`` holds every future's condition while it
     calls ``cancelled()`` and ``exception()`` on the finished ones.
     """
 
     def __init__(self):  # noqa: the base's __init__ is the binding this class avoids
-        self._lock = threading.RLock()
-        self._waiters = deque()
+        self._lock = _RLock()
+        self._waiters = _NO_WAITERS
 
     def acquire(self, *args, **kwargs):
         return self._lock.acquire(*args, **kwargs)
@@ -61,6 +71,18 @@ class _FutureCondition(threading.Condition):
 
     def _acquire_restore(self, state):
         self._lock._acquire_restore(state)
+
+    def wait(self, timeout=None):
+        if self._waiters is _NO_WAITERS:
+            self._waiters = deque()
+        return super().wait(timeout)
+
+    def notify(self, n=1):
+        if self._waiters or not self._is_owned():  # the base raises when not owned
+            super().notify(n)
+
+    def notify_all(self):
+        self.notify(len(self._waiters))
 
 
 _NO_CALLBACKS = ()
