@@ -31,55 +31,43 @@ from minicw.errors import RemoteError
 _live_executors = weakref.WeakSet()
 
 
-# The C re-entrant lock itself: threading.RLock is a Python function around it.
-_RLock = getattr(_thread, "RLock", threading.RLock)
 _NO_WAITERS = ()   # a condition's waiters until a thread first waits on it
 
 
-class _FutureCondition(threading.Condition):
-    """A ``threading.Condition`` over its own RLock that binds nothing per instance.
+class _FutureCondition(_thread.RLock):
+    """A future's condition: the C re-entrant lock itself, waited on and notified
+    with the standard library's Condition methods.
 
-    ``Condition.__init__`` stores five bound methods of its lock on the
-    instance; with a future per submit those are five more objects for the
-    cyclic garbage collector per job, and a submit loop spent about half
-    its time in collections.  Here the methods are the class's own,
-    delegating to the RLock; waiting and notifying are the standard
-    library's code.  The queue of waiting threads is made when the first
-    thread waits: most futures are never waited on one by one
-    (``concurrent.futures.wait`` and ``as_completed`` use the future's own
-    waiter list), so most notifications find nobody and return at once.
-    The lock must be re-entrant like Future's own:
+    ``threading.Condition`` wraps a lock and stores five bound methods of it
+    on the instance; with a future per submit those were five more objects
+    for the cyclic garbage collector per job, and a submit loop spent about
+    half its time in collections.  Condition's wait and notify need only
+    ``_is_owned``, ``_release_save`` and ``_acquire_restore``, which the C
+    lock has, so here they run on the lock itself, and entering or leaving
+    the condition is the lock's own C code.  The queue of waiting threads
+    is made when the first thread waits: most futures are never waited on
+    one by one (``concurrent.futures.wait`` and ``as_completed`` use the
+    future's own waiter list), so most notifications find nobody and return
+    at once.  The lock must be re-entrant like Future's own:
     ``concurrent.futures.wait`` holds every future's condition while it
     calls ``cancelled()`` and ``exception()`` on the finished ones.
     """
 
-    def __init__(self):  # noqa: the base's __init__ is the binding this class avoids
-        self._lock = _RLock()
+    __slots__ = ("_waiters",)
+
+    def __init__(self):
         self._waiters = _NO_WAITERS
-
-    def acquire(self, *args, **kwargs):
-        return self._lock.acquire(*args, **kwargs)
-
-    def release(self):
-        self._lock.release()
-
-    def _is_owned(self):
-        return self._lock._is_owned()
-
-    def _release_save(self):
-        return self._lock._release_save()
-
-    def _acquire_restore(self, state):
-        self._lock._acquire_restore(state)
 
     def wait(self, timeout=None):
         if self._waiters is _NO_WAITERS:
             self._waiters = deque()
-        return super().wait(timeout)
+        return threading.Condition.wait(self, timeout)
+
+    wait_for = threading.Condition.wait_for
 
     def notify(self, n=1):
-        if self._waiters or not self._is_owned():  # the base raises when not owned
-            super().notify(n)
+        if self._waiters or not self._is_owned():  # Condition raises when not owned
+            threading.Condition.notify(self, n)
 
     def notify_all(self):
         self.notify(len(self._waiters))
