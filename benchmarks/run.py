@@ -245,9 +245,10 @@ class Run:
         self.sizes = SIZES["quick" if quick else "full"]
         self.measurements = []
 
-    def record(self, workload: str, contender: str, repeat, values: dict) -> None:
-        self.measurements.append(dict(workload=workload, contender=contender, repeat=repeat,
-                                      **values))
+    def record(self, workload: str, contender: str, repeat, values: dict) -> dict:
+        raw = dict(workload=workload, contender=contender, repeat=repeat, **values)
+        self.measurements.append(raw)
+        return raw
 
     def guard(self, what: str) -> Watchdog:
         """A watchdog for one step: a measurement or a warm-up."""
@@ -265,6 +266,38 @@ class Run:
                 self.record(workload, name, repeat, values)
                 runs[name].append(values)
                 progress("[%s] %s #%d: %s" % (workload, name, repeat + 1, _brief(values)))
+        return runs
+
+
+    def bracket(self, workload: str, reference: str, measure_reference, contenders: dict) -> dict:
+        """Like ``interleave``, with ``reference`` measured before the first
+        contender and after every contender.
+
+        These machines drift by tens of percent in speed within a minute, so
+        a ratio to one reference run measured earlier says more about the
+        drift than about the contender.  Each contender's values get
+        ``reference_s``: the mean of the reference runs just before and just
+        after it.  Returns {name: [values, ...]}, the reference's runs included.
+        """
+        runs = {name: [] for name in [reference, *contenders]}
+
+        def measure(name, call, repeat):
+            check_interrupted()
+            with self.guard("%s: %s" % (workload, name)):
+                values = call()
+            raw = self.record(workload, name, repeat, values)
+            runs[name].append(values)
+            progress("[%s] %s #%d: %s" % (workload, name, repeat + 1, _brief(values)))
+            return values, raw
+
+        before, _ = measure(reference, measure_reference, 0)
+        for repeat in range(self.repeat):
+            for name, call in contenders.items():
+                values, raw = measure(name, call, repeat)
+                after, _ = measure(reference, measure_reference, repeat)
+                values["reference_s"] = raw["reference_s"] = (
+                    before["seconds"] + after["seconds"]) / 2
+                before = after
         return runs
 
 
@@ -775,7 +808,6 @@ def bench_factorize(run: Run) -> list:
         minimal = None if run.quick else Minimalcluster.start(stack)
         by_key = lambda result: [result[n] for n in nums]  # noqa: E731
         contenders = {
-            "serial": lambda: _serial_factorize(nums, check),
             "minicw execute": parallel(cluster.execute, by_key),
             "PPE map": parallel(lambda: list(ppe.map(factorize_naive, nums))),
         }
@@ -786,7 +818,8 @@ def bench_factorize(run: Run) -> list:
             if minimal is not None:
                 contenders["minimalcluster execute"] = lambda: _minimal_factorize(minimal,
                                                                                   nums)
-        runs = run.interleave("factorize", contenders)
+        runs = run.bracket("factorize", "serial", lambda: _serial_factorize(nums, check),
+                           contenders)
 
     _add_efficiency(run, runs)
     job_s = [statistics.median(values["job_s"][i] for values in runs["serial"])
@@ -819,16 +852,16 @@ def bench_factorize(run: Run) -> list:
 
 
 def _add_efficiency(run: Run, runs: dict) -> None:
-    """Efficiency of each parallel measurement against the serial run of its repeat,
-    added to the results and to the raw measurements."""
-    serial_s = [values["seconds"] for values in runs["serial"]]
+    """Efficiency of each parallel measurement against the serial runs on either
+    side of it, added to the results and to the raw measurements."""
     for name, values in runs.items():
         if name != "serial":
-            for repeat, measured in enumerate(values):
-                measured["efficiency"] = serial_s[repeat] / (WORKERS * measured["seconds"])
+            for measured in values:
+                measured["efficiency"] = measured["reference_s"] / (
+                    WORKERS * measured["seconds"])
     for raw in run.measurements:
-        if raw["workload"] == "factorize" and raw["contender"] != "serial":
-            raw["efficiency"] = serial_s[raw["repeat"]] / (WORKERS * raw["seconds"])
+        if raw["workload"] == "factorize" and "reference_s" in raw:
+            raw["efficiency"] = raw["reference_s"] / (WORKERS * raw["seconds"])
 
 
 def _numbers_for(target_s: float) -> int:
