@@ -101,6 +101,7 @@ SIZES = {
 }
 SIM_PROCESSES = 4            # processes the simulated nodes are spread over
 SAMPLE_PERIOD_S = 0.5        # RSS sampling period while streaming
+RSS_RATIO_FLOOR = 1e6        # RSS figures under this are page noise: no ratio to them
 QUEUED_SETTLE_S = 1.0        # pause before reading the master's RSS after submitting
 SCALE_MIN_REPEAT = 7         # a scale run lasts tens of milliseconds: measure it more often
 STEP_LIMIT_S = 300.0         # a measurement or warm-up taking longer is stuck: it fails and
@@ -186,6 +187,8 @@ class Target(NamedTuple):
 def make_row(workload, case, value, unit, peer=None, peer_value=None, target=None,
              note="") -> dict:
     ratio = value / peer_value if value is not None and peer_value else None
+    if unit == "MB" and peer_value is not None and peer_value < RSS_RATIO_FLOOR:
+        ratio = None
     passed = target.check(value, ratio) if target else None
     return {"workload": workload, "case": case, "minicw": value, "unit": unit,
             "peer": peer, "peer_value": peer_value, "ratio": ratio,
