@@ -263,14 +263,8 @@ class Run:
         runs = {name: [] for name in contenders}
         for repeat in range(max(self.repeat, min_repeat)):
             for name, measure in contenders.items():
-                check_interrupted()
-                with self.guard("%s: %s" % (workload, name)):
-                    values = measure()
-                self.record(workload, name, repeat, values)
-                runs[name].append(values)
-                progress("[%s] %s #%d: %s" % (workload, name, repeat + 1, _brief(values)))
+                self._measure(workload, name, measure, repeat, runs)
         return runs
-
 
     def bracket(self, workload: str, reference: str, measure_reference, contenders: dict) -> dict:
         """Like ``interleave``, with ``reference`` measured before the first
@@ -283,25 +277,25 @@ class Run:
         after it.  Returns {name: [values, ...]}, the reference's runs included.
         """
         runs = {name: [] for name in [reference, *contenders]}
-
-        def measure(name, call, repeat):
-            check_interrupted()
-            with self.guard("%s: %s" % (workload, name)):
-                values = call()
-            raw = self.record(workload, name, repeat, values)
-            runs[name].append(values)
-            progress("[%s] %s #%d: %s" % (workload, name, repeat + 1, _brief(values)))
-            return values, raw
-
-        before, _ = measure(reference, measure_reference, 0)
+        before, _ = self._measure(workload, reference, measure_reference, 0, runs)
         for repeat in range(self.repeat):
-            for name, call in contenders.items():
-                values, raw = measure(name, call, repeat)
-                after, _ = measure(reference, measure_reference, repeat)
+            for name, measure in contenders.items():
+                values, raw = self._measure(workload, name, measure, repeat, runs)
+                after, _ = self._measure(workload, reference, measure_reference, repeat, runs)
                 values["reference_s"] = raw["reference_s"] = (
                     before["seconds"] + after["seconds"]) / 2
                 before = after
         return runs
+
+    def _measure(self, workload: str, name: str, measure, repeat: int, runs: dict) -> tuple:
+        """One measurement, guarded, recorded and shown: (values, raw record)."""
+        check_interrupted()
+        with self.guard("%s: %s" % (workload, name)):
+            values = measure()
+        raw = self.record(workload, name, repeat, values)
+        runs[name].append(values)
+        progress("[%s] %s #%d: %s" % (workload, name, repeat + 1, _brief(values)))
+        return values, raw
 
 
 def progress(text: str) -> None:

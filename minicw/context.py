@@ -51,7 +51,6 @@ def make_blob(cwd, entries) -> tuple[str, bytes]:
 class _Flags:
     """Module state read in the runner's inner loop (one attribute lookup)."""
     touched = False        # a job called os.chdir or edited sys.path in place
-    chdir_called = False
 
 
 flags = _Flags()
@@ -59,7 +58,7 @@ _original_chdir = os.chdir
 
 
 def _tracking_chdir(path):
-    flags.chdir_called = flags.touched = True
+    flags.touched = True
     return _original_chdir(path)
 
 
@@ -82,10 +81,6 @@ class TrackedPath(list):
     check is a flag and an identity test (a job that rebinds sys.path is seen
     by identity).
     """
-    for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append",
-                  "extend", "insert", "pop", "remove", "clear", "sort", "reverse"):
-        locals()[_name] = _edits(_name)
-    del _name
 
     def reset(self, entries) -> None:
         """Hold ``entries`` again, without raising the flag."""
@@ -93,6 +88,12 @@ class TrackedPath(list):
 
     def __reduce__(self):   # a job that returns sys.path returns a plain list
         return list, (list(self),)
+
+
+for _name in ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend",
+              "insert", "pop", "remove", "clear", "sort", "reverse"):
+    setattr(TrackedPath, _name, _edits(_name))
+del _name
 
 
 def install_chdir_tracker() -> None:
@@ -151,7 +152,7 @@ class JobContext:
                                   % (self.cwd, socket.gethostname(), exc.strerror,
                                      self._home_cwd))
                 self.cwd = None
-        flags.chdir_called = flags.touched = False
+        flags.touched = False
 
     def cwd_still_there(self) -> bool:
         """Check, between leases, that the directory was not removed meanwhile;
@@ -166,16 +167,15 @@ class JobContext:
         return False
 
     def after_job(self) -> None:
-        """Undo a job's changes to the working directory and sys.path."""
-        if flags.chdir_called:
-            _original_chdir(self.cwd if self.cwd is not None else self._home_cwd)
-            flags.chdir_called = False
+        """Undo a job's changes to the working directory and sys.path (called only
+        when ``flags`` says there are some)."""
+        _original_chdir(self.cwd if self.cwd is not None else self._home_cwd)
         self.job_path.reset(self._job_entries)
         sys.path = self.job_path
         flags.touched = False
 
     def leave(self) -> None:
         sys.path = self._home_path
-        if self.cwd is not None or flags.chdir_called:
+        if self.cwd is not None or flags.touched:
             _original_chdir(self._home_cwd)
-        flags.chdir_called = flags.touched = False
+        flags.touched = False

@@ -58,7 +58,7 @@ class Job:
 
     def __init__(self, func_key, fn, args, kwargs, job_timeout, max_retries, on_done):
         self.func_key = func_key
-        self.fn = fn                  # for naming it in a failure (rare: named then)
+        self.fn = fn                  # named only if the job fails (not per submit)
         self.args = args
         self.kwargs = kwargs
         self.job_timeout = job_timeout
