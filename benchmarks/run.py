@@ -501,6 +501,43 @@ def start_pools(stack: contextlib.ExitStack) -> tuple:
     return ppe, pool
 
 
+class BareProcesses:
+    """WORKERS processes that each factorize an equal share of the numbers, sent to
+    them in one message: parallel work with no tool in the way, so their
+    efficiency is what this machine allows (no scheduler can beat it)."""
+
+    def __init__(self, stack: contextlib.ExitStack):
+        self.connections = []
+        for _ in range(WORKERS):
+            mine, theirs = multiprocessing.Pipe()
+            process = multiprocessing.Process(target=workloads.factorize_lists,
+                                              args=(theirs,), daemon=True)
+            process.start()
+            theirs.close()
+            stack.callback(_stop_bare, process, mine)
+            self.connections.append(mine)
+
+    def map(self, nums: list) -> list:
+        """Factors of ``nums``, in order: process i gets every WORKERS-th number from i
+        (neighbouring numbers cost about the same, so the shares are equal)."""
+        for index, conn in enumerate(self.connections):
+            conn.send(nums[index::WORKERS])
+        factors = [None] * len(nums)
+        for index, conn in enumerate(self.connections):
+            factors[index::WORKERS] = conn.recv()
+        return factors
+
+
+def _stop_bare(process, conn) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(None)
+    process.join(5.0)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    conn.close()
+
+
 class Minimalcluster:
     """minicw's ancestor, in a child process (``workloads.py minimalcluster``)."""
 
@@ -786,13 +823,18 @@ def bench_factorize(run: Run) -> list:
 
     def parallel(call, as_list=lambda result: result):
         def measure():
+            ticks = _cpu_ticks()
             seconds, result = timed(call)
+            values = {"seconds": seconds}
+            if ticks is not None:
+                values["steal_share"] = _steal_share(ticks, _cpu_ticks())
             check(as_list(result))
-            return {"seconds": seconds}
+            return values
         return measure
 
     with contextlib.ExitStack() as stack:
         ppe, pool = start_pools(stack)
+        bare = BareProcesses(stack)   # forks too: before any minicw client thread exists
         cluster, executor = start_cluster(stack)
         cluster.load_envir(workloads.FACTORIZE_SOURCE, from_file=False)
         cluster.register_target_function("factorize_naive")
@@ -801,12 +843,14 @@ def bench_factorize(run: Run) -> list:
             cluster.execute()
             list(executor.map(factorize_naive, nums[:20]))
             list(ppe.map(factorize_naive, nums[:20]))
+            bare.map(nums[:20])
         cluster.load_args(nums)
         minimal = None if run.quick else Minimalcluster.start(stack)
         by_key = lambda result: [result[n] for n in nums]  # noqa: E731
         contenders = {
             "minicw execute": parallel(cluster.execute, by_key),
             "PPE map": parallel(lambda: list(ppe.map(factorize_naive, nums))),
+            "bare processes": parallel(lambda: bare.map(nums)),
         }
         if not run.quick:   # references, left out to keep --quick under a minute
             contenders["minicw map"] = parallel(lambda: list(executor.map(factorize_naive,
@@ -833,6 +877,14 @@ def bench_factorize(run: Run) -> list:
                  "efficiency", "PPE.map()", ppe_eff, Target("value", ">=", 0.95),
                  note="%d numbers, serial %.2f s; %s" % (count, serial_s, bound)),
     ]
+    bare_eff = median(runs, "bare processes", "efficiency")
+    steal = [values["steal_share"] for name, measured in runs.items() if name != "serial"
+             for values in measured if "steal_share" in values]
+    rows.append(make_row(
+        "factorize", "execute(), %s, efficiency" % chunk_label(chunksize), execute_eff,
+        "efficiency", "%d bare processes, no tool (the machine's ceiling)" % WORKERS, bare_eff,
+        note="" if not steal else "CPU time the hypervisor took during parallel runs: "
+        "median %.1f%%, max %.1f%%" % (100 * statistics.median(steal), 100 * max(steal))))
     if "minicw map" in runs:
         rows += [
             make_row("factorize", "executor.map(), efficiency", median(
@@ -859,6 +911,22 @@ def _add_efficiency(run: Run, runs: dict) -> None:
     for raw in run.measurements:
         if raw["workload"] == "factorize" and "reference_s" in raw:
             raw["efficiency"] = raw["reference_s"] / (WORKERS * raw["seconds"])
+
+
+def _cpu_ticks():
+    """(steal, total) CPU ticks of this machine since boot; None where /proc/stat is not."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(field) for field in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal [guest guest_nice, counted in user]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
+def _steal_share(before, after) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
 def _numbers_for(target_s: float) -> int:

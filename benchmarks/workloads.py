@@ -79,6 +79,16 @@ def factorize_naive(n):
             p += 1
 
 
+def factorize_lists(conn) -> None:
+    """A bare process: factorize each list of numbers received on ``conn``, send the
+    factors back; until None.  What any tool's worker process does, less the tool."""
+    while True:
+        nums = conn.recv()
+        if nums is None:
+            return
+        conn.send([factorize_naive(n) for n in nums])
+
+
 FACTORIZE_SOURCE = inspect.getsource(factorize_naive)  # for load_envir()
 INC_SOURCE = inspect.getsource(inc)
 

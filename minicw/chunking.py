@@ -7,23 +7,30 @@ A chunk is the unit the master queues, leases and delivers, so its size
 trades two costs: every chunk pays a few proxy calls (tens of microseconds
 each), and a chunk is run by one process from start to end, so a large
 chunk of slow jobs leaves the other processes idle at the end of a run.
-Three limits decide, the smallest wins:
+Four limits decide, the smallest wins:
 
-* work: a chunk of a timed function holds about CHUNK_TARGET_S of work,
-  which amortises the per-chunk calls over many fast jobs and leaves
-  slow jobs (about half the target or more) one per chunk.  Measured
-  times include waits for a busy CPU, so the target is well above a
-  chunk's fixed cost, and JobTimes discounts small reports far above
-  the estimate: noisy timings must not cut a run into many more chunks
-  than it needs;
+* work: a chunk holds about CHUNK_TARGET_S of work, which amortises the
+  per-chunk calls over many fast jobs and leaves slow jobs (about half the
+  target or more) one per chunk.  In a run of known length a chunk may hold
+  up to CHUNK_WORK_S while much of the run is left (see tail): the fixed cost
+  of a chunk, a few proxy calls and the wake-ups of three processes, is
+  about half a millisecond of CPU on a small machine, which one 10 ms job
+  per chunk would pay twenty times a second on every core.  Measured times
+  include waits for a busy CPU, so the targets are well above a chunk's
+  fixed cost, and JobTimes discounts small reports far above the estimate:
+  noisy timings must not cut a run into many more chunks than it needs;
+* tail: in a run of known length a chunk takes at most 1 / (TAIL_SHARES x
+  processes) of the jobs not yet cut, but never less than CHUNK_TARGET_S of
+  work.  So the chunks of slow jobs shrink to one job towards the end, where
+  a large chunk would keep one process busy while the others idle, and
+  chunks of fast jobs, whose floor is thousands of jobs, do not multiply;
 * spread: when the number of jobs in the run is known, a chunk takes at
   most 1 / spread_chunks(processes) of them: one chunk for every process,
   so every process gets work, and as many again (up to MAX_SPARE_CHUNKS)
   for the first to finish, so the end of the run is balanced.  A fixed
-  share of the whole run, not of what is left: shrinking chunks towards
-  the end would multiply the chunks of a fast function.  The spares are
-  capped because on a large cluster each one costs a round of calls on the
-  master while balancing a tail that is already short;
+  share of the whole run: the spares are capped because on a large cluster
+  each one costs a round of calls on the master while balancing a tail that
+  is already short;
 * MAX_JOBS_PER_CHUNK, which bounds the memory of one message.
 
 A function never timed goes one job per chunk until a result reports its
@@ -33,7 +40,9 @@ from __future__ import annotations
 
 import math
 
-CHUNK_TARGET_S = 0.01       # a chunk of a fast function holds about this much work
+CHUNK_TARGET_S = 0.01       # a chunk holds about this much work ...
+CHUNK_WORK_S = 0.05         # ... or up to this much, early in a run of known length ...
+TAIL_SHARES = 2             # ... taking at most 1/(this x processes) of the jobs left
 MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
 SPREAD_PER_PROCESS = 2      # chunks per worker process of a run of known length ...
 MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process
@@ -80,18 +89,25 @@ class JobTimes:
 
 
 def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
-                   processes: int = 0) -> int:
+                   processes: int = 0, jobs_left: int | None = None) -> int:
     """Jobs for the next chunk of a function taking ``seconds`` per job (None: untimed).
 
     ``run_jobs`` is how many jobs the whole run has (None when unknown, as
-    for a generator); ``processes`` the worker processes connected (0 when
+    for a generator), ``jobs_left`` how many of them are not cut into chunks
+    yet (default: all); ``processes`` the worker processes connected (0 when
     unknown).
     """
     if seconds is None:
         return 1
-    size = MAX_JOBS_PER_CHUNK if seconds <= 0 else int(CHUNK_TARGET_S / seconds)
+    if seconds <= 0:
+        return MAX_JOBS_PER_CHUNK if run_jobs is None or processes <= 0 else min(
+            MAX_JOBS_PER_CHUNK, math.ceil(run_jobs / spread_chunks(processes)))
+    size = int(CHUNK_TARGET_S / seconds)
     if run_jobs is not None and processes > 0:
-        size = min(size, math.ceil(run_jobs / spread_chunks(processes)))
+        left = run_jobs if jobs_left is None else jobs_left
+        tail = max(size, math.ceil(left / (TAIL_SHARES * processes)))
+        size = min(int(CHUNK_WORK_S / seconds), tail,
+                   math.ceil(run_jobs / spread_chunks(processes)))
     return max(1, min(MAX_JOBS_PER_CHUNK, size))
 
 

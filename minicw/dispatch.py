@@ -19,8 +19,8 @@ sender sends whatever is pending as soon as it is free, and a submit when
 nothing else is under way is sent straight from the caller's thread.
 
 How big a chunk is: chunking.py (one job per chunk for an untimed function,
-about CHUNK_TARGET_S of work for a timed one, and a map of known length
-spread over every worker process).
+about CHUNK_TARGET_S of work for a timed one; a map of known length is
+spread over every worker process, in chunks that shrink towards its end).
 
 Functions are serialized once per session: plain functions are remembered
 (weakly) with their blob key, and a blob is sent to the master once; worker
@@ -139,10 +139,12 @@ class Dispatcher:
     def estimate(self, func_key) -> float | None:
         return self._job_times.estimate(func_key)
 
-    def jobs_per_chunk(self, func_key, run_jobs: int | None = None) -> int:
-        """Jobs for the next chunk of ``func_key`` in a run of ``run_jobs`` (None: unknown)."""
+    def jobs_per_chunk(self, func_key, run_jobs: int | None = None,
+                       jobs_left: int | None = None) -> int:
+        """Jobs for the next chunk of ``func_key`` in a run of ``run_jobs`` (None: unknown)
+        of which ``jobs_left`` are not cut yet."""
         processes = self.worker_processes() if run_jobs is not None else 0
-        return chunking.jobs_per_chunk(self.estimate(func_key), run_jobs, processes)
+        return chunking.jobs_per_chunk(self.estimate(func_key), run_jobs, processes, jobs_left)
 
     def worker_processes(self) -> int:
         """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""
@@ -653,7 +655,9 @@ class MapStream:
             return self.window_jobs is None or self._jobs_in_flight < self.window_jobs
 
     def _next_chunk(self):
-        size = self.chunksize or self.dispatcher.jobs_per_chunk(self.func_key, self.length)
+        size = self.chunksize or self.dispatcher.jobs_per_chunk(
+            self.func_key, self.length,
+            None if self.length is None else self.length - self._next_position)
         if self.window_jobs is not None:
             with self._cond:
                 size = max(1, min(size, self.window_jobs - self._jobs_in_flight))

@@ -273,15 +273,16 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
     context_key = session.context_key()
     job_times = chunking.JobTimes() if job_times is None else job_times
 
-    def next_size() -> int:
+    def next_size(start: int) -> int:
         if chunksize is not None:
             return chunksize
-        return chunking.jobs_per_chunk(job_times.estimate(func_key), len(args), processes)
+        return chunking.jobs_per_chunk(job_times.estimate(func_key), len(args), processes,
+                                       len(args) - start)
 
     def chunks():
         start = 0
         while start < len(args):
-            items = args[start:start + next_size()]
+            items = args[start:start + next_size(start)]
             start += len(items)
             chunk_id = session.new_chunk_id()
             args_by_chunk[chunk_id] = items

@@ -37,6 +37,35 @@ def test_slow_function_gets_one_job_per_chunk():
     assert chunking.jobs_per_chunk(1.0, 1_000_000, 2) == 1
 
 
+def test_slow_jobs_of_a_known_run_share_chunks_until_its_tail():
+    # 12 ms jobs (the factorization benchmark's), 300 of them on 2 processes:
+    # chunks of CHUNK_WORK_S while much is left, one job each at the end.
+    seconds = 0.012
+    early = int(chunking.CHUNK_WORK_S / seconds)
+    assert early == 4
+    assert chunking.jobs_per_chunk(seconds, 300, 2) == early
+    assert chunking.jobs_per_chunk(seconds, 300, 2, jobs_left=300) == early
+    assert chunking.jobs_per_chunk(seconds, 300, 2, jobs_left=10) == 3
+    assert chunking.jobs_per_chunk(seconds, 300, 2, jobs_left=4) == 1
+    assert chunking.jobs_per_chunk(seconds, 300, 2, jobs_left=1) == 1
+    sizes, left = [], 300
+    while left:
+        sizes.append(min(left, chunking.jobs_per_chunk(seconds, 300, 2, jobs_left=left)))
+        left -= sizes[-1]
+    assert sizes[-4:] == [1, 1, 1, 1]
+    assert max(sizes) == early and sum(sizes) == 300
+    # A run of unknown length keeps the short target: its end cannot be seen.
+    assert chunking.jobs_per_chunk(seconds) == 1
+
+
+def test_the_tail_never_cuts_fast_jobs_below_the_target_work():
+    # 1 us jobs on 200 processes: the tail share (jobs left / 400) would be
+    # small, but a chunk keeps CHUNK_TARGET_S of work until the spread limit.
+    spread = -(-100_000 // chunking.spread_chunks(200))
+    assert chunking.jobs_per_chunk(1e-6, 100_000, 200, jobs_left=100_000) == spread
+    assert chunking.jobs_per_chunk(1e-6, 100_000, 200, jobs_left=50) == spread
+
+
 def test_known_run_is_spread_over_every_process():
     # 10 processes, 10,000 jobs: no chunk may take more than a share of the run.
     size = chunking.jobs_per_chunk(0.0, 10_000, 10)
