@@ -46,9 +46,10 @@ factorize  minimalcluster's README factorization of numbers from 999999999999
            stepping by 2, as many as take ~4 s [~1 s] serially here, through
            ``execute()``: parallel efficiency = serial time / (2 x time) >= 0.95,
            each parallel run against the serial runs just before and after it,
-           5 repeats at least [3].  Two bare processes that get half the numbers
-           each in one message show what the machine allows; the share of CPU
-           time the hypervisor took during the parallel runs is noted.
+           5 repeats at least [3].  Two bare processes that get their shares of
+           the numbers in one message, balanced by the serial run's job times,
+           show about what the machine allows; the share of CPU time the
+           hypervisor took during the parallel runs is noted.
 memory     (a) a master with no worker: RSS growth per queued job after
            200,000 [50,000] ``submit()`` calls <= 500 bytes; (b) streaming
            ``executor.map`` over a generator of 10,000,000 [1,000,000] items:
@@ -509,9 +510,10 @@ def start_pools(stack: contextlib.ExitStack) -> tuple:
 
 
 class BareProcesses:
-    """WORKERS processes that each factorize an equal share of the numbers, sent to
-    them in one message: parallel work with no tool in the way, so their
-    efficiency is what this machine allows (no scheduler can beat it)."""
+    """WORKERS processes that each factorize a share of the numbers sent in one
+    message, the shares balanced by the job times of a serial run: parallel
+    work with no tool in the way and a schedule no tool can know in advance,
+    so their efficiency is about what this machine allows."""
 
     def __init__(self, stack: contextlib.ExitStack):
         self.connections = []
@@ -524,15 +526,28 @@ class BareProcesses:
             stack.callback(_stop_bare, process, mine)
             self.connections.append(mine)
 
-    def map(self, nums: list) -> list:
-        """Factors of ``nums``, in order: process i gets every WORKERS-th number from i
-        (neighbouring numbers cost about the same, so the shares are equal)."""
-        for index, conn in enumerate(self.connections):
-            conn.send(nums[index::WORKERS])
+    def map(self, nums: list, job_s: list) -> list:
+        """Factors of ``nums``, in order; ``job_s[i]`` is how long ``nums[i]`` took serially."""
+        shares = _balanced_shares(job_s, len(self.connections))
+        for share, conn in zip(shares, self.connections):
+            conn.send([nums[i] for i in share])
         factors = [None] * len(nums)
-        for index, conn in enumerate(self.connections):
-            factors[index::WORKERS] = conn.recv()
+        for share, conn in zip(shares, self.connections):
+            for i, found in zip(share, conn.recv()):
+                factors[i] = found
         return factors
+
+
+def _balanced_shares(job_s: list, count: int) -> list:
+    """Indices of ``job_s`` in ``count`` shares of about equal total time: the longest
+    job first, each to the share with the least time so far."""
+    shares = [[] for _ in range(count)]
+    loads = [0.0] * count
+    for i in sorted(range(len(job_s)), key=job_s.__getitem__, reverse=True):
+        least = loads.index(min(loads))
+        shares[least].append(i)
+        loads[least] += job_s[i]
+    return shares
 
 
 def _stop_bare(process, conn) -> None:
@@ -850,14 +865,14 @@ def bench_factorize(run: Run) -> list:
             cluster.execute()
             list(executor.map(factorize_naive, nums[:20]))
             list(ppe.map(factorize_naive, nums[:20]))
-            bare.map(nums[:20])
+            bare.map(nums[:20], [1.0] * 20)
         cluster.load_args(nums)
         minimal = None if run.quick else Minimalcluster.start(stack)
         by_key = lambda result: [result[n] for n in nums]  # noqa: E731
         contenders = {
             "minicw execute": parallel(cluster.execute, by_key),
             "PPE map": parallel(lambda: list(ppe.map(factorize_naive, nums))),
-            "bare processes": parallel(lambda: bare.map(nums)),
+            "bare processes": parallel(lambda: bare.map(nums, latest_serial["job_s"])),
         }
         if not run.quick:   # references, left out to keep --quick under a minute
             contenders["minicw map"] = parallel(lambda: list(executor.map(factorize_naive,
@@ -866,8 +881,14 @@ def bench_factorize(run: Run) -> list:
             if minimal is not None:
                 contenders["minimalcluster execute"] = lambda: _minimal_factorize(minimal,
                                                                                   nums)
-        runs = run.bracket("factorize", "serial", lambda: _serial_factorize(nums, check),
-                           contenders, min_repeat=1 if run.quick else FACTORIZE_MIN_REPEAT)
+        latest_serial = {}
+
+        def serial():   # and its job times, by which the bare processes share the numbers
+            values = _serial_factorize(nums, check)
+            latest_serial.update(values)
+            return values
+        runs = run.bracket("factorize", "serial", serial, contenders,
+                           min_repeat=1 if run.quick else FACTORIZE_MIN_REPEAT)
 
     _add_efficiency(run, runs)
     job_s = [statistics.median(values["job_s"][i] for values in runs["serial"])
@@ -889,7 +910,7 @@ def bench_factorize(run: Run) -> list:
              for values in measured if "steal_share" in values]
     rows.append(make_row(
         "factorize", "execute(), %s, efficiency" % chunk_label(chunksize), execute_eff,
-        "efficiency", "%d bare processes, no tool (the machine's ceiling)" % WORKERS, bare_eff,
+        "efficiency", "%d bare processes, shares balanced by job time" % WORKERS, bare_eff,
         note="" if not steal else "CPU time the hypervisor took during parallel runs: "
         "median %.1f%%, max %.1f%%" % (100 * statistics.median(steal), 100 * max(steal))))
     if "minicw map" in runs:
