@@ -54,8 +54,9 @@ memory     (a) a master with no worker: RSS growth per queued job after
            200,000 [50,000] ``submit()`` calls <= 500 bytes; (b) streaming
            ``executor.map`` over a generator of 10,000,000 [1,000,000] items:
            master peak RSS < 100 MB (sampled every 0.5 s).
-scale      200 [50] simulated worker nodes (threads in 4 processes, running
-           minicw's own worker-process loop) while a client maps 100,000
+scale      200 [50] simulated worker nodes (in 4 processes, each driving
+           its nodes' ``minicw.runner.Runner`` slots from one thread; see
+           workloads.py) while a client maps 100,000
            [20,000] jobs: throughput >= 0.8x that of one real node of 2
            processes, and no node without jobs.  A run lasts tens of
            milliseconds, so scale measures at least 7 times.
@@ -104,7 +105,8 @@ SIZES = {
               "queued": 50_000, "stream": 1_000_000, "scale_nodes": 50,
               "scale_jobs": 20_000},
 }
-SIM_PROCESSES = 4            # processes the simulated nodes are spread over
+SIM_PROCESSES = 4            # processes the simulated nodes are spread over (of 2, 3,
+                             # 4 and 8 measured side by side, 4 went fastest)
 SAMPLE_PERIOD_S = 0.5        # RSS sampling period while streaming
 RSS_RATIO_FLOOR = 1e6        # RSS figures under this are page noise: no ratio to them
 QUEUED_SETTLE_S = 1.0        # pause before reading the master's RSS after submitting

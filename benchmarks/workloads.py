@@ -14,13 +14,22 @@ in a role that must not share an interpreter with the benchmark itself:
         2-process WorkerNode, driven by JSON lines on stdin (one reply line
         per request on stdout).  Ends at EOF on stdin.
     python workloads.py simnodes HOST PORT COUNT     (key in $MINICW_AUTHKEY)
-        COUNT simulated minicw worker nodes of one process each, as threads:
-        each registers through the ``node`` typeid and heartbeats with
-        ``poll`` as minicw.worker does, serves its process the blobs it
-        fetched once, and runs the real ``minicw.runner.Runner`` loop (lease
-        through the ``process`` typeid, decode, run, report) in a thread
-        instead of a process.  Prints ``READY node_id ...``; ends at EOF on
-        stdin.
+        COUNT simulated minicw worker nodes of one process slot each: each
+        registers through the ``node`` typeid and heartbeats with ``poll``
+        as minicw.worker does (a thread per node, asleep in its long poll),
+        and serves its slot the blobs it fetched once.  The slots are real
+        ``minicw.runner.Runner`` objects, each with its own connection
+        through the ``process`` typeid, all driven from one thread:
+
+            every slot: send exchange(reports, want, wait) --> master
+            loop: selector -> a slot whose reply is in -> its leases
+                  (decode, run, pack results: the runner's own steps)
+                  -> its next exchange, reports included
+
+        One thread rather than a thread per slot: threads of one process
+        contend for its GIL, which no real node does, and made every job of
+        the simulation cost half as much again.  Broadcast data is not
+        served.  Prints ``READY node_id ...``; ends at EOF on stdin.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ import json
 import logging
 import os
 import platform
+import selectors
 import socket
 import sys
 import threading
@@ -40,7 +50,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)  # this checkout's minicw, installed or not
 
-from minicw import config, protocol, runner, worker  # noqa: E402
+from minicw import config, context, protocol, runner, worker  # noqa: E402
 from minicw.master import connect  # noqa: E402
 
 FIRST_NUMBER = 999999999999  # the minimalcluster README's factorization inputs
@@ -187,7 +197,8 @@ def _version():
 # --- simulated minicw worker nodes ---------------------------------------------------------
 
 class SimNode:
-    """One simulated worker node with one process slot, as two threads and a pipe."""
+    """One simulated worker node with one process slot: a heartbeat thread, the
+    slot's Runner (driven by run_slots) and the pipe between them."""
 
     def __init__(self, address, authkey: bytes):
         self.api = connect(address, authkey).node()
@@ -200,15 +211,16 @@ class SimNode:
         self.control, process_end = Pipe(duplex=True)
         state = bytearray(8 * runner.STATE_FIELDS)
         memoryview(state).cast("q")[runner.STATE_POSITION] = -1
-        self.spec = {"node_id": self.node_id, "slot": 0, "control": process_end,
-                     "slot_state": state, "address": tuple(address), "authkey": authkey}
+        self.slot = runner.Runner({"node_id": self.node_id, "slot": 0, "control": process_end,
+                                   "slot_state": state, "address": tuple(address),
+                                   "authkey": authkey})
+        self.slot.api = connect(address, authkey).process()
 
     def start(self, timeout_s: float = 30.0) -> None:
-        """Start the heartbeat and the process; return once the first heartbeat is through,
-        so that nodes join one after another rather than all at once."""
+        """Start the heartbeat; return once the first heartbeat is through, so that
+        nodes join one after another rather than all at once."""
         joined = threading.Event()
         threading.Thread(target=self._heartbeat, args=(joined,), daemon=True).start()
-        threading.Thread(target=self._run_process, daemon=True).start()
         if not joined.wait(timeout_s):
             raise RuntimeError("node %s: no heartbeat got through in %gs"
                                % (self.node_id, timeout_s))
@@ -227,12 +239,8 @@ class SimNode:
                 if command[0] in (protocol.CMD_SHUTDOWN, protocol.CMD_REREGISTER):
                     os._exit(0)
 
-    def _run_process(self) -> None:
-        while runner.Runner(self.spec).run() == runner.EXIT_MASTER_LOST:
-            time.sleep(0.1)  # a node replaces a process that lost the master
-
     def answer(self) -> None:
-        """Serve one blob request of this node's process (from the node's cache)."""
+        """Serve one blob request of this node's slot (from the node's cache)."""
         request = self.control.recv()
         if request[0] != "blob":
             return
@@ -245,6 +253,37 @@ class SimNode:
                 self.control.send(("error", key, str(exc)))
                 return
         self.control.send(("blob", key, data))
+
+
+def run_slots(nodes) -> None:
+    """Drive every node's slot from this thread: each has one exchange call out at
+    a time; whichever reply comes in, that slot runs its leases and calls again."""
+    context.install_chdir_tracker()
+    selector = selectors.DefaultSelector()
+
+    def ask(slot) -> None:
+        slot.api.send_call("exchange", slot.exchange_args(slot.want(), runner.IDLE_WAIT_S))
+
+    for node in nodes:
+        ask(node.slot)
+        selector.register(node.slot.api.connection(), selectors.EVENT_READ, node.slot)
+    while selector.get_map():
+        for key, _ in selector.select():
+            slot = key.data
+            if not slot.take_reply(slot.api.receive_reply()):
+                selector.unregister(key.fileobj)   # the master forgot this node
+                continue
+            while slot.leases:
+                slot.run_next_lease()
+            ask(slot)
+
+
+def _run_slots_or_exit(nodes) -> None:
+    try:
+        run_slots(nodes)
+    except BaseException:   # the benchmark sees this process end, not a silent stall
+        logging.exception("simulated nodes: the slots stopped")
+        os._exit(1)
 
 
 def _serve_blobs(nodes) -> None:
@@ -262,6 +301,7 @@ def serve_sim_nodes(host: str, port: int, count: int) -> int:
         nodes.append(SimNode((host, port), authkey))
         nodes[-1].start()
     threading.Thread(target=_serve_blobs, args=(nodes,), daemon=True).start()
+    threading.Thread(target=_run_slots_or_exit, args=(nodes,), daemon=True).start()
     print("READY " + " ".join(node.node_id for node in nodes), flush=True)
     sys.stdin.read()   # until the benchmark closes our stdin (or ends)
     os._exit(0)

@@ -132,28 +132,40 @@ class Runner:
                 if self.draining:
                     self._exchange(want=0, wait_s=0)
                     return EXIT_STOPPED
-                if not self._exchange(want=self._want(), wait_s=IDLE_WAIT_S):
+                if not self._exchange(want=self.want(), wait_s=IDLE_WAIT_S):
                     return EXIT_NODE_UNKNOWN
                 continue
-            lease = self.leases.popleft()
-            if lease[0] in self.revoked:
-                self.revoked.discard(lease[0])
-                continue
-            started = time.perf_counter()
-            self._run_lease(lease)
-            elapsed = time.perf_counter() - started
-            self.chunk_seconds = elapsed if not self.chunk_seconds else (
-                0.7 * self.chunk_seconds + 0.3 * elapsed)
+            self.run_next_lease()
 
-    def _want(self) -> int:
+    # The steps of the loop, which benchmarks/workloads.py also drives itself
+    # for many simulated nodes in one thread.
+
+    def run_next_lease(self) -> None:
+        """Run the first lease held (unless its client cancelled it)."""
+        lease = self.leases.popleft()
+        if lease[0] in self.revoked:
+            self.revoked.discard(lease[0])
+            return
+        started = time.perf_counter()
+        self._run_lease(lease)
+        elapsed = time.perf_counter() - started
+        self.chunk_seconds = elapsed if not self.chunk_seconds else (
+            0.7 * self.chunk_seconds + 0.3 * elapsed)
+
+    def want(self) -> int:
+        """How many chunks to ask for: about PREFETCH_WORK_S of work."""
         if not self.chunk_seconds:
             return 1
         return max(1, min(config.MAX_CHUNKS_PER_CALL,
                           int(config.PREFETCH_WORK_S / self.chunk_seconds)))
 
-    def _exchange(self, want: int, wait_s: float) -> bool:
+    def exchange_args(self, want: int, wait_s: float) -> tuple:
+        """The arguments of the next exchange call, taking the reports held."""
         reports, self.reports = self.reports, []
-        reply = self.api.exchange(self.node_id, self.slot, reports, want, wait_s)
+        return self.node_id, self.slot, reports, want, wait_s
+
+    def take_reply(self, reply) -> bool:
+        """Hold the leases of an exchange reply; False when the master no longer knows us."""
         if reply is None:
             return False
         leases, revoked = reply
@@ -161,6 +173,9 @@ class Runner:
         if revoked:
             self.revoked.update(revoked)
         return True
+
+    def _exchange(self, want: int, wait_s: float) -> bool:
+        return self.take_reply(self.api.exchange(*self.exchange_args(want, wait_s)))
 
     def _check_control(self) -> None:
         # A flag in shared memory, not a pipe message: polling a pipe costs a

@@ -338,16 +338,29 @@ def private_proxy_type(name: str, exposed) -> type:
         def _callmethod(self, methodname, args=(), kwds={}):
             # BaseProxy's call, less its per-message Pickler object and its
             # '#PROXY' replies (no minicw method returns a proxy).
-            try:
-                conn = self._tls.connection
-            except AttributeError:
-                self._connect()
-                conn = self._tls.connection
-            conn.send_bytes(pickle.dumps((self._id, methodname, args, kwds), PICKLE_PROTOCOL))
-            kind, result = pickle.loads(conn.recv_bytes())
+            self.send_call(methodname, args, kwds)
+            return self.receive_reply()
+
+        def send_call(self, methodname, args=(), kwds={}):
+            """The first half of a call: send it on this thread's connection.
+            ``receive_reply()`` on the same thread is the second half; between
+            the two, ``connection()`` becomes readable when the reply is in."""
+            self.connection().send_bytes(
+                pickle.dumps((self._id, methodname, args, kwds), PICKLE_PROTOCOL))
+
+        def receive_reply(self):
+            kind, result = pickle.loads(self._tls.connection.recv_bytes())
             if kind == "#RETURN":
                 return result
             raise managers.convert_to_error(kind, result)
+
+        def connection(self) -> connection.Connection:
+            """This thread's connection to the master (opened on first use)."""
+            try:
+                return self._tls.connection
+            except AttributeError:
+                self._connect()
+                return self._tls.connection
 
     PrivateProxy.__name__ = PrivateProxy.__qualname__ = name
     return PrivateProxy
