@@ -871,6 +871,13 @@ def bench_factorize(run: Run) -> list:
         cluster.load_args(nums)
         minimal = None if run.quick else Minimalcluster.start(stack)
         by_key = lambda result: [result[n] for n in nums]  # noqa: E731
+        latest_serial = {}
+
+        def serial():   # and its job times, by which the bare processes share the numbers
+            values = _serial_factorize(nums, check)
+            latest_serial.update(values)
+            return values
+
         contenders = {
             "minicw execute": parallel(cluster.execute, by_key),
             "PPE map": parallel(lambda: list(ppe.map(factorize_naive, nums))),
@@ -883,12 +890,6 @@ def bench_factorize(run: Run) -> list:
             if minimal is not None:
                 contenders["minimalcluster execute"] = lambda: _minimal_factorize(minimal,
                                                                                   nums)
-        latest_serial = {}
-
-        def serial():   # and its job times, by which the bare processes share the numbers
-            values = _serial_factorize(nums, check)
-            latest_serial.update(values)
-            return values
         runs = run.bracket("factorize", "serial", serial, contenders,
                            min_repeat=1 if run.quick else FACTORIZE_MIN_REPEAT)
 

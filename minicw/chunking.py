@@ -99,15 +99,13 @@ def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
     """
     if seconds is None:
         return 1
-    if seconds <= 0:
-        return MAX_JOBS_PER_CHUNK if run_jobs is None or processes <= 0 else min(
-            MAX_JOBS_PER_CHUNK, math.ceil(run_jobs / spread_chunks(processes)))
-    size = int(CHUNK_TARGET_S / seconds)
+    size = MAX_JOBS_PER_CHUNK if seconds <= 0 else int(CHUNK_TARGET_S / seconds)
     if run_jobs is not None and processes > 0:
-        left = run_jobs if jobs_left is None else jobs_left
-        tail = max(size, math.ceil(left / (TAIL_SHARES * processes)))
-        size = min(int(CHUNK_WORK_S / seconds), tail,
-                   math.ceil(run_jobs / spread_chunks(processes)))
+        if seconds > 0:   # jobs too fast to time have no work or tail limit
+            left = run_jobs if jobs_left is None else jobs_left
+            tail = max(size, math.ceil(left / (TAIL_SHARES * processes)))
+            size = min(int(CHUNK_WORK_S / seconds), tail)
+        size = min(size, math.ceil(run_jobs / spread_chunks(processes)))
     return max(1, min(MAX_JOBS_PER_CHUNK, size))
 
 
