@@ -56,7 +56,7 @@ from minicw.scheduler import Failure, Waiter
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 18          # bytes asked of one recv()
+READ_SIZE = 1 << 18          # bytes one recv_into() may take (the loop's read buffer)
 MAX_SELECT_S = 60.0          # the loop looks at its deadlines at least this often
 STALE_DEADLINES = 1024       # answered calls' deadlines kept before the heap is pruned
 WINDOWS_MAX_CHANNELS = 500   # select() on Windows takes at most 512 sockets
@@ -130,10 +130,10 @@ def _message(reply) -> tuple:
     return ("#RETURN", reply)
 
 
-def _frames(inbox: bytearray, data: bytes) -> list:
+def _frames(inbox: bytearray, data: memoryview) -> list:
     """The whole frames of what came in: ``inbox`` (kept between reads) then ``data``."""
     if not inbox and len(data) > 4 and _HEADER.unpack_from(data)[0] == len(data) - 4:
-        return [memoryview(data)[4:]]   # the common case: exactly one whole frame
+        return [data[4:]]   # the common case: exactly one whole frame
     inbox += data
     return take_frames(inbox)
 
@@ -182,6 +182,9 @@ class Reactor:
         self._ended = False                    # the loop has returned: nothing is posted
         self._thread = threading.Thread(target=self._run, name="minicw-reactor", daemon=True)
         self._loop_ident = None
+        # One buffer for every read, not a new bytes object per recv(): a
+        # READ_SIZE allocation is an mmap, a shrink and an munmap each time.
+        self._read_view = memoryview(bytearray(READ_SIZE))
 
     def start(self) -> None:
         self._thread.start()
@@ -316,16 +319,18 @@ class Reactor:
 
     def _receive(self, channel: _Channel) -> None:
         try:
-            data = channel.sock.recv(READ_SIZE)
+            size = channel.sock.recv_into(self._read_view)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:
+            size = 0
+        if not size:
             self._drop(channel)
             return
         try:
-            frames = _frames(channel.inbox, data)
+            # The frames may be views of the read buffer: each is unpickled
+            # below, before the loop reads again.
+            frames = _frames(channel.inbox, self._read_view[:size])
         except ValueError as exc:
             log.warning("dropped the connection from %s: %s", channel.peer, exc)
             self._drop(channel)
