@@ -30,7 +30,9 @@ Four limits decide, the smallest wins:
   for the first to finish, so the end of the run is balanced.  A fixed
   share of the whole run: the spares are capped because on a large cluster
   each one costs a round of calls on the master while balancing a tail that
-  is already short;
+  is already short, and there are none when one process's share of the run
+  is under MIN_SPARE_WORK_S: a spare evens the end by at most one chunk, and
+  a chunk of so little work costs more in calls than it could even out;
 * MAX_JOBS_PER_CHUNK, which bounds the memory of one message.
 
 A function never timed goes one job per chunk until a result reports its
@@ -45,7 +47,8 @@ CHUNK_WORK_S = 0.05         # ... or up to this much, early in a run of known le
 TAIL_SHARES = 2             # ... taking at most 1/(this x processes) of the jobs left
 MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
 SPREAD_PER_PROCESS = 2      # chunks per worker process of a run of known length ...
-MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process
+MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process,
+MIN_SPARE_WORK_S = 0.002    # ... and none when a process's share is under this
 EMA_WEIGHT = 0.3            # how much of a function's timings each new report displaces
 SMALL_REPORT_SHARE = 4      # a report of under 1/4 of the jobs behind an estimate ...
 OUTLIER_FACTOR = 4.0        # ... counts as at most 4 times the estimate
@@ -105,10 +108,14 @@ def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
             left = run_jobs if jobs_left is None else jobs_left
             tail = max(size, math.ceil(left / (TAIL_SHARES * processes)))
             size = min(int(CHUNK_WORK_S / seconds), tail)
-        size = min(size, math.ceil(run_jobs / spread_chunks(processes)))
+        share_s = max(seconds, 0.0) * run_jobs / processes
+        size = min(size, math.ceil(run_jobs / spread_chunks(processes, share_s)))
     return max(1, min(MAX_JOBS_PER_CHUNK, size))
 
 
-def spread_chunks(processes: int) -> int:
-    """Into how many chunks, at least, a run of known length is cut."""
+def spread_chunks(processes: int, share_s: float | None = None) -> int:
+    """Into how many chunks, at least, a run of known length is cut, when each
+    process's share of its work is ``share_s`` seconds (None: unknown)."""
+    if share_s is not None and share_s < MIN_SPARE_WORK_S:
+        return processes
     return processes + min((SPREAD_PER_PROCESS - 1) * processes, MAX_SPARE_CHUNKS)

@@ -59,26 +59,43 @@ def test_slow_jobs_of_a_known_run_share_chunks_until_its_tail():
 
 
 def test_the_tail_never_cuts_fast_jobs_below_the_target_work():
-    # 1 us jobs on 200 processes: the tail share (jobs left / 400) would be
+    # 10 us jobs on 200 processes: the tail share (jobs left / 400) would be
     # small, but a chunk keeps CHUNK_TARGET_S of work until the spread limit.
-    spread = -(-100_000 // chunking.spread_chunks(200))
-    assert chunking.jobs_per_chunk(1e-6, 100_000, 200, jobs_left=100_000) == spread
-    assert chunking.jobs_per_chunk(1e-6, 100_000, 200, jobs_left=50) == spread
+    share_s = 10e-6 * 100_000 / 200
+    spread = -(-100_000 // chunking.spread_chunks(200, share_s))
+    assert chunking.jobs_per_chunk(10e-6, 100_000, 200, jobs_left=100_000) == spread
+    assert chunking.jobs_per_chunk(10e-6, 100_000, 200, jobs_left=50) == spread
 
 
 def test_known_run_is_spread_over_every_process():
-    # 10 processes, 10,000 jobs: no chunk may take more than a share of the run.
-    size = chunking.jobs_per_chunk(0.0, 10_000, 10)
+    # 10 processes, 10,000 jobs of 10 us: no chunk may take more than a share of the run.
+    size = chunking.jobs_per_chunk(1e-5, 10_000, 10)
     assert size == 10_000 // (chunking.SPREAD_PER_PROCESS * 10)
     assert chunking.jobs_per_chunk(0.0, 3, 100) == 1
 
 
 def test_a_large_cluster_gets_one_chunk_per_process_and_a_few_spares():
-    # 200 processes: one chunk each and MAX_SPARE_CHUNKS more, not two each.
+    # 200 processes, 1 s of work each: one chunk each and MAX_SPARE_CHUNKS more, not two each.
+    assert chunking.spread_chunks(200, 1.0) == 200 + chunking.MAX_SPARE_CHUNKS
     assert chunking.spread_chunks(200) == 200 + chunking.MAX_SPARE_CHUNKS
-    assert chunking.spread_chunks(2) == 2 * chunking.SPREAD_PER_PROCESS
-    size = chunking.jobs_per_chunk(0.0, 100_000, 200)
+    assert chunking.spread_chunks(2, 1.0) == 2 * chunking.SPREAD_PER_PROCESS
+    size = chunking.jobs_per_chunk(1e-5, 20_000_000, 200)
+    assert size == min(chunking.MAX_JOBS_PER_CHUNK, int(chunking.CHUNK_WORK_S / 1e-5))
+    size = chunking.jobs_per_chunk(1e-5, 100_000, 200)
     assert size == -(-100_000 // (200 + chunking.MAX_SPARE_CHUNKS))
+
+
+def test_a_run_too_short_to_balance_gets_no_spare_chunks():
+    # 100,000 jobs of 1 us on 200 processes: half a millisecond each, less
+    # than the calls of a spare chunk cost, so one chunk per process.
+    assert chunking.spread_chunks(200, 100_000 * 1e-6 / 200) == 200
+    assert chunking.jobs_per_chunk(1e-6, 100_000, 200) == 500
+    assert chunking.jobs_per_chunk(0.0, 100_000, 200) == 500
+    # Just over the threshold the spares come back.
+    share_s = chunking.MIN_SPARE_WORK_S * 1.01
+    assert chunking.spread_chunks(200, share_s) == 200 + chunking.MAX_SPARE_CHUNKS
+    assert chunking.jobs_per_chunk(share_s * 200 / 100_000, 100_000, 200) == \
+        -(-100_000 // (200 + chunking.MAX_SPARE_CHUNKS))
 
 
 def test_job_times_keep_a_moving_average_weighted_by_jobs():
@@ -99,7 +116,8 @@ def test_a_few_jobs_that_waited_barely_move_an_estimate():
         times.record(("k",), 400e-6, 400)
     times.record(("k",), 0.07, 2)
     assert times.estimate("k") < 2e-6      # an unweighted average gave 21 ms
-    assert chunking.jobs_per_chunk(times.estimate("k"), 100_000, 200) == 432
+    # (One chunk per process: half a millisecond each needs no spares.)
+    assert chunking.jobs_per_chunk(times.estimate("k"), 100_000, 200) == 500
 
 
 def test_a_function_that_got_slower_is_believed_at_once():
