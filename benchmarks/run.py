@@ -59,7 +59,10 @@ scale      200 [50] simulated worker nodes (in 4 processes, each driving
            workloads.py) while a client maps 100,000
            [20,000] jobs: throughput >= 0.8x that of one real node of 2
            processes, and no node without jobs.  A run lasts tens of
-           milliseconds, so scale measures at least 7 times.
+           milliseconds, so scale measures at least 7 times.  Beside it,
+           the same messages over bare sockets (a hub and 200 connections
+           in 4 processes against 2 connections, no minicw; workloads.py):
+           the ratio this machine allows the pattern at all.
 """
 from __future__ import annotations
 
@@ -92,7 +95,7 @@ for _path in (ROOT, HERE):
 
 import workloads  # noqa: E402
 from workloads import factorize_naive, inc  # noqa: E402
-from minicw import ClusterExecutor, LocalCluster  # noqa: E402
+from minicw import ClusterExecutor, LocalCluster, chunking  # noqa: E402
 
 WORKERS = 2
 WORKLOADS_PY = os.path.join(HERE, "workloads.py")
@@ -1155,12 +1158,37 @@ def bench_scale(run: Run) -> list:
             for executor in (one_node, simulated):
                 measure(executor)()
                 measure(executor, 100)()
+        floor_one = _start_floor(stack, [1] * WORKERS)
+        floor_sim = _start_floor(stack, _spread(nodes, SIM_PROCESSES))
+
+        def measure_floor(client, processes, window):
+            chunksize = chunking.jobs_per_chunk(0.0, n, processes)  # as minicw cuts them
+
+            def call():
+                seconds, result = timed(lambda: client.run(n, chunksize, window))
+                expect("sum", result, total)
+                return {"seconds": seconds, "tasks_per_s": n / seconds}
+            return call
+
+        with run.guard("scale floor warm-up"):   # every worker connection registered
+            for client, processes, window in ((floor_one, WORKERS, 2), (floor_sim, nodes, 1)):
+                measure_floor(client, processes, window)()
         runs = run.interleave("scale", {
             "1 node": measure(one_node),
             "simulated": measure(simulated, per_node=True),
             "1 node, chunksize=100": measure(one_node, 100),
             "simulated, chunksize=100": measure(simulated, 100, per_node=True),
+            # A chunk leased ahead per process, as minicw's prefetch; one per connection.
+            "floor, 1 node": measure_floor(floor_one, WORKERS, 2),
+            "floor, simulated": measure_floor(floor_sim, nodes, 1),
         }, min_repeat=SCALE_MIN_REPEAT)
+        # What 200 connections cost over 2 with nothing but the messages: at
+        # that cost, minicw's 1-node run would reach ``bound`` of itself.
+        floor_extra_s = (median(runs, "floor, simulated", "seconds")
+                         - median(runs, "floor, 1 node", "seconds"))
+        minicw_extra_s = median(runs, "simulated", "seconds") - median(runs, "1 node", "seconds")
+        one_node_s = median(runs, "1 node", "seconds")
+        bound = one_node_s / (one_node_s + max(0.0, floor_extra_s))
 
     rows = []
     for suffix, case in (("", "map()"), (", chunksize=100", "map(chunksize=100)")):
@@ -1170,8 +1198,11 @@ def bench_scale(run: Run) -> list:
             "scale", "%s, %d simulated nodes" % (case, nodes), median(runs, sim, "tasks_per_s"),
             "tasks/s", "%s, 1 node x %d processes" % (case, WORKERS),
             median(runs, one, "tasks_per_s"), target,
-            note="" if suffix else "%s jobs; %d nodes in %d processes joined in %.1f s"
-            % (format(n, ","), nodes, SIM_PROCESSES, join_s)))
+            note="" if suffix else "%s jobs; %d nodes in %d processes joined in %.1f s; "
+            "%d nodes take %.1f ms more than 1; the same messages over bare sockets, no minicw "
+            "(workloads.py floorhub), take %.1f ms more: at that cost this ratio would be %.2fx"
+            % (format(n, ","), nodes, SIM_PROCESSES, join_s, nodes, 1e3 * minicw_extra_s,
+               1e3 * floor_extra_s, bound)))
         starved = [sum(1 for jobs in values["jobs_per_node"] if jobs == 0)
                    for values in runs[sim]]
         spread = [values["jobs_per_node"] for values in runs[sim]]
@@ -1183,10 +1214,27 @@ def bench_scale(run: Run) -> list:
     return rows
 
 
+def _spread(count: int, parts: int) -> list:
+    """``count`` split into ``parts`` nearly equal shares."""
+    return [count // parts + (1 if index < count % parts else 0) for index in range(parts)]
+
+
+def _start_floor(stack, connections: list) -> "workloads.FloorClient":
+    """A floor hub, a process of worker connections per entry of ``connections``
+    and a client connected to the hub."""
+    hub = stack.enter_context(Child([sys.executable, WORKLOADS_PY, "floorhub"]))
+    port = hub.wait_for(r"^READY (\d+)").group(1)
+    for count in connections:
+        stack.enter_context(Child([sys.executable, WORKLOADS_PY, "floorworkers", port,
+                                   str(count)])).wait_for(r"^READY")
+    client = workloads.FloorClient(int(port))
+    stack.callback(client.close)
+    return client
+
+
 def _start_sim_nodes(stack, port: int, authkey: str, nodes: int) -> None:
     """SIM_PROCESSES processes of simulated nodes, started one after another."""
-    for index in range(SIM_PROCESSES):
-        count = nodes // SIM_PROCESSES + (1 if index < nodes % SIM_PROCESSES else 0)
+    for count in _spread(nodes, SIM_PROCESSES):
         if count:
             child = stack.enter_context(Child(
                 [sys.executable, WORKLOADS_PY, "simnodes", "127.0.0.1", str(port), str(count)],

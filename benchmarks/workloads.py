@@ -30,6 +30,18 @@ in a role that must not share an interpreter with the benchmark itself:
         contend for its GIL, which no real node does, and made every job of
         the simulation cost half as much again.  Broadcast data is not
         served.  Prints ``READY node_id ...``; ends at EOF on stdin.
+    python workloads.py floorhub
+    python workloads.py floorworkers PORT CONNECTIONS
+        The scale workload's message pattern with no minicw in it, to show
+        what this machine allows: a hub on 127.0.0.1 (one selector loop, as
+        the master's) and processes of worker connections (one selector loop
+        each, as the simulated nodes').  FloorClient submits chunks of
+        ``range`` arguments in one message; the hub sends each connection up
+        to ``window`` of them and another whenever one comes back, and passes
+        the results on to the client, every result in by the end of a loop
+        turn in one message.  Frames are a 4-byte length and a pickle.  No
+        leases, reports, heartbeats or retries: a floor, not a scheduler.
+        The hub prints ``READY port``; both end at EOF on stdin.
 """
 from __future__ import annotations
 
@@ -38,8 +50,10 @@ import json
 import logging
 import os
 import platform
+import pickle
 import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -307,12 +321,166 @@ def serve_sim_nodes(host: str, port: int, count: int) -> int:
     os._exit(0)
 
 
+# --- the scale pattern over bare sockets (the floor) ----------------------------------------
+
+_FRAME_HEADER = struct.Struct("!I")
+
+
+def _send_frame(sock: socket.socket, obj) -> None:
+    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    sock.sendall(_FRAME_HEADER.pack(len(data)) + data)
+
+
+def _take_frames(buffer: bytearray) -> list:
+    """Unpickle every whole frame at the front of ``buffer`` and cut them off it."""
+    messages, start = [], 0
+    while len(buffer) - start >= _FRAME_HEADER.size:
+        (size,) = _FRAME_HEADER.unpack_from(buffer, start)
+        end = start + _FRAME_HEADER.size + size
+        if len(buffer) < end:
+            break
+        messages.append(pickle.loads(buffer[start + _FRAME_HEADER.size:end]))
+        start = end
+    del buffer[:start]
+    return messages
+
+
+def _floor_socket(port: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class _FloorHub:
+    """The master's part: hand chunks out, pass results on."""
+
+    def __init__(self):
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.buffers = {}       # socket -> bytes read, not yet whole frames
+        self.outstanding = {}   # worker socket -> chunks sent, not yet back
+        self.queue = []         # chunks not yet sent, next at the end
+        self.window = 1
+        self.client = None
+        self.results = []       # (chunk_id, values) in this loop turn
+
+    def serve(self) -> None:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.listener:
+                    self._accept()
+                else:
+                    self._receive(key.fileobj)
+            if self.results and self.client is not None:
+                _send_frame(self.client, self.results)
+                self.results = []
+
+    def _accept(self) -> None:
+        sock, _ = self.listener.accept()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffers[sock] = bytearray()
+        self.selector.register(sock, selectors.EVENT_READ)
+
+    def _receive(self, sock: socket.socket) -> None:
+        data = sock.recv(1 << 18)
+        if not data:
+            self.selector.unregister(sock)
+            self.outstanding.pop(sock, None)
+            if sock is self.client:
+                self.client = None
+            sock.close()
+            return
+        self.buffers[sock] += data
+        for message in _take_frames(self.buffers[sock]):
+            if message[0] == "worker":
+                self.outstanding[sock] = 0
+            elif message[0] == "submit":
+                self.client, self.window = sock, message[1]
+                self.queue = list(reversed(message[2]))
+            else:
+                self.outstanding[sock] -= 1
+                self.results.append(message[1:])
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        for worker_sock, sent in self.outstanding.items():
+            while self.queue and sent < self.window:
+                _send_frame(worker_sock, self.queue.pop())
+                sent += 1
+            self.outstanding[worker_sock] = sent
+            if not self.queue:
+                break
+
+
+def serve_floor_hub() -> int:
+    hub = _FloorHub()
+    print("READY %d" % hub.listener.getsockname()[1], flush=True)
+    threading.Thread(target=hub.serve, daemon=True).start()
+    sys.stdin.read()
+    return 0
+
+
+def serve_floor_workers(port: int, connections: int) -> int:
+    socks = [_floor_socket(port) for _ in range(connections)]
+    selector = selectors.DefaultSelector()
+    for sock in socks:
+        _send_frame(sock, ("worker",))
+        selector.register(sock, selectors.EVENT_READ, bytearray())
+
+    def work() -> None:
+        while True:
+            for key, _ in selector.select():
+                data = key.fileobj.recv(1 << 18)
+                if not data:
+                    os._exit(0)
+                key.data.extend(data)
+                for chunk_id, arguments in _take_frames(key.data):
+                    _send_frame(key.fileobj, ("result", chunk_id, [inc(x) for x in arguments]))
+    threading.Thread(target=work, daemon=True).start()
+    print("READY", flush=True)
+    sys.stdin.read()
+    return 0
+
+
+class FloorClient:
+    """Runs ``sum(inc(x) for x in range(n))`` through a floor hub, in chunks."""
+
+    def __init__(self, port: int):
+        self.sock = _floor_socket(port)
+        self.buffer = bytearray()
+
+    def run(self, n: int, chunksize: int, window: int) -> int:
+        chunks = [(index, range(start, min(n, start + chunksize)))
+                  for index, start in enumerate(range(0, n, chunksize))]
+        _send_frame(self.sock, ("submit", window, chunks))
+        total, due = 0, len(chunks)
+        while due:
+            data = self.sock.recv(1 << 18)
+            if not data:
+                raise ConnectionError("the floor hub went away")
+            self.buffer += data
+            for results in _take_frames(self.buffer):
+                for _, values in results:
+                    total += sum(values)
+                due -= len(results)
+        return total
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 def main(argv) -> int:
     if argv[:1] == ["minimalcluster"]:
         return serve_minimalcluster()
     if argv[:1] == ["simnodes"] and len(argv) == 4:
         return serve_sim_nodes(argv[1], int(argv[2]), int(argv[3]))
-    print("usage: workloads.py minimalcluster | simnodes HOST PORT COUNT", file=sys.stderr)
+    if argv == ["floorhub"]:
+        return serve_floor_hub()
+    if argv[:1] == ["floorworkers"] and len(argv) == 3:
+        return serve_floor_workers(int(argv[1]), int(argv[2]))
+    print("usage: workloads.py minimalcluster | simnodes HOST PORT COUNT | floorhub"
+          " | floorworkers PORT CONNECTIONS", file=sys.stderr)
     return 2
 
 

@@ -55,3 +55,43 @@ def test_unknown_workload_is_a_usage_error():
     code, out, err = run_benchmarks("--only", "nonesuch", timeout_s=60)
     assert code == 2
     assert "unknown workload nonesuch" in err
+
+
+def _start(*args):
+    child = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "workloads.py"),
+                              *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = child.stdout.readline()
+    assert line.startswith("READY"), "%s said %r" % (args, line)
+    return child, line.split()[1:]
+
+
+def test_scale_floor_runs_every_chunk_through_its_hub():
+    # The scale workload's bare-socket floor: a hub, two processes of worker
+    # connections and the client, all real processes on 127.0.0.1.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import workloads
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    children = []
+    try:
+        hub, (port,) = _start("floorhub")
+        children.append(hub)
+        for connections in ("1", "3"):
+            children.append(_start("floorworkers", port, connections)[0])
+        client = workloads.FloorClient(int(port))
+        try:
+            for window in (1, 2):
+                assert client.run(1000, 7, window) == 1000 * 1001 // 2
+        finally:
+            client.close()
+    finally:
+        for child in children:   # EOF on stdin ends each; then by PID if need be
+            child.stdin.close()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            child.stdout.close()
+    assert [child.returncode for child in children] == [0, 0, 0]
