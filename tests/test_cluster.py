@@ -1,5 +1,6 @@
 """The core cluster end to end: REPL flow, command-line flow, LocalCluster, errors."""
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def test_a_range_of_args_travels_as_ranges(cluster):
     from minicw import protocol, repl
     args = range(10, 5010, 5)
     assert repl.check_args(args) is args
-    assert len(protocol.pack_payload(protocol.CALL_ONE, args[:1000])) < 200
+    payload = protocol.pack_payload(protocol.CALL_ONE, args[:1000])
+    assert len(payload) < 200
+    assert pickle.loads(payload) == (protocol.CALL_ONE, range(10, 5010, 5))
     cluster.load_envir("def square(x):\n    return x * x\n", from_file=False)
     cluster.register_target_function("square")
     cluster.load_args(args)
