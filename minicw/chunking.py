@@ -33,6 +33,13 @@ Four limits decide, the smallest wins:
   is already short, and there are none when one process's share of the run
   is under MIN_SPARE_WORK_S: a spare evens the end by at most one chunk, and
   a chunk of so little work costs more in calls than it could even out;
+* confidence: a chunk holds at most CONFIDENCE_FACTOR times the jobs the
+  estimate was measured on (decayed as the estimate is).  A first estimate
+  may rest on a few jobs that happened to be quick: jobs whose times vary
+  tenfold (trial division) were cut into chunks of hundreds from 20 warm-up
+  jobs, a quarter of a run each, before any of them reported.  The cap
+  grows with every report, about fourfold, and never binds once a function
+  has reported a few chunks (the decayed count is then about three chunks);
 * MAX_JOBS_PER_CHUNK, which bounds the memory of one message.
 
 A function never timed goes one job per chunk until a result reports its
@@ -49,6 +56,7 @@ MAX_JOBS_PER_CHUNK = 4096   # and never more jobs than this
 SPREAD_PER_PROCESS = 2      # chunks per worker process of a run of known length ...
 MAX_SPARE_CHUNKS = 32       # ... but no more than this beyond one per process,
 MIN_SPARE_WORK_S = 0.002    # ... and none when a process's share is under this
+CONFIDENCE_FACTOR = 4       # a chunk holds at most this many times the jobs timed so far
 EMA_WEIGHT = 0.3            # how much of a function's timings each new report displaces
 SMALL_REPORT_SHARE = 4      # a report of under 1/4 of the jobs behind an estimate ...
 OUTLIER_FACTOR = 4.0        # ... counts as at most 4 times the estimate
@@ -73,6 +81,11 @@ class JobTimes:
         sums = self._sums.get(func_key)
         return None if sums is None else sums[0] / sums[1]
 
+    def timed_jobs(self, func_key) -> float | None:
+        """The (decayed) number of jobs the estimate rests on; None if never timed."""
+        sums = self._sums.get(func_key)
+        return None if sums is None else sums[1]
+
     def record(self, func_keys, seconds: float, jobs: int) -> None:
         jobs = max(1, jobs)
         keep = 1 - EMA_WEIGHT
@@ -92,13 +105,15 @@ class JobTimes:
 
 
 def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
-                   processes: int = 0, jobs_left: int | None = None) -> int:
+                   processes: int = 0, jobs_left: int | None = None,
+                   timed_jobs: float | None = None) -> int:
     """Jobs for the next chunk of a function taking ``seconds`` per job (None: untimed).
 
     ``run_jobs`` is how many jobs the whole run has (None when unknown, as
     for a generator), ``jobs_left`` how many of them are not cut into chunks
     yet (default: all); ``processes`` the worker processes connected (0 when
-    unknown).
+    unknown); ``timed_jobs`` how many jobs ``seconds`` was measured on
+    (JobTimes.timed_jobs; None: no confidence limit).
     """
     if seconds is None:
         return 1
@@ -110,6 +125,8 @@ def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
             size = min(int(CHUNK_WORK_S / seconds), tail)
         share_s = max(seconds, 0.0) * run_jobs / processes
         size = min(size, math.ceil(run_jobs / spread_chunks(processes, share_s)))
+    if timed_jobs is not None:
+        size = min(size, math.ceil(CONFIDENCE_FACTOR * timed_jobs))
     return max(1, min(MAX_JOBS_PER_CHUNK, size))
 
 

@@ -144,7 +144,8 @@ class Dispatcher:
         """Jobs for the next chunk of ``func_key`` in a run of ``run_jobs`` (None: unknown)
         of which ``jobs_left`` are not cut yet."""
         processes = self.worker_processes() if run_jobs is not None else 0
-        return chunking.jobs_per_chunk(self.estimate(func_key), run_jobs, processes, jobs_left)
+        return chunking.jobs_per_chunk(self.estimate(func_key), run_jobs, processes, jobs_left,
+                                       self._job_times.timed_jobs(func_key))
 
     def worker_processes(self) -> int:
         """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""

@@ -277,7 +277,7 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
         if chunksize is not None:
             return chunksize
         return chunking.jobs_per_chunk(job_times.estimate(func_key), len(args), processes,
-                                       len(args) - start)
+                                       len(args) - start, job_times.timed_jobs(func_key))
 
     def chunks():
         start = 0

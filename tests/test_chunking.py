@@ -1,4 +1,5 @@
 """Chunk sizes: the policy (chunking.py) and what it does on a real cluster."""
+import math
 import os
 
 import pytest
@@ -179,3 +180,29 @@ def test_submit_calls_carry_about_a_megabyte_of_payloads_each():
     assert [[spec[0] for spec in batch] for batch in batches] == [
         [0, 1, 2, 3], [4], [99], [5, 6, 7, 8], [9]]
     assert list(client.submit_batches([])) == []
+
+
+def test_an_estimate_from_a_few_jobs_cuts_small_chunks_until_more_report():
+    # 20 one-job reports of 1 ms (a warm-up of jobs that happened to be
+    # quick): the work limit alone would cut 912 jobs into chunks of 50.
+    times = chunking.JobTimes()
+    assert times.timed_jobs("k") is None
+    for _ in range(20):
+        times.record(("k",), 0.001, 1)
+    seen = times.timed_jobs("k")
+    assert seen == pytest.approx(1 / chunking.EMA_WEIGHT, rel=0.01)
+    assert chunking.jobs_per_chunk(0.001, 912, 2) == 50
+    capped = chunking.jobs_per_chunk(0.001, 912, 2, timed_jobs=seen)
+    assert capped == math.ceil(chunking.CONFIDENCE_FACTOR * seen) < 50
+    # One report of such a chunk lifts the cap past the work limit.
+    times.record(("k",), 0.001 * capped, capped)
+    assert chunking.jobs_per_chunk(0.001, 912, 2, timed_jobs=times.timed_jobs("k")) == 50
+
+
+def test_the_confidence_limit_never_binds_on_a_function_timed_over_a_few_chunks():
+    times = chunking.JobTimes()
+    for _ in range(4):
+        times.record(("k",), 4096e-6, 4096)
+    for run in ((1e-6, 100_000, 2), (1e-6, None, 0), (0.0, 1_000_000, 2)):
+        assert chunking.jobs_per_chunk(*run[:3], timed_jobs=times.timed_jobs("k")) == \
+            chunking.jobs_per_chunk(*run[:3])
