@@ -62,7 +62,10 @@ scale      200 [50] simulated worker nodes (in 4 processes, each driving
            milliseconds, so scale measures at least 7 times.  Beside it,
            the same messages over bare sockets (a hub and 200 connections
            in 4 processes against 2 connections, no minicw; workloads.py):
-           the ratio this machine allows the pattern at all.
+           the ratio this machine allows the pattern at all.  The row also
+           notes how much more CPU each role (master or hub, node processes,
+           client) spent per run for 200 nodes than for 1, for both (Linux:
+           read from /proc/PID/task/*/schedstat).
 """
 from __future__ import annotations
 
@@ -1130,23 +1133,33 @@ def bench_scale(run: Run) -> list:
     total = n * (n + 1) // 2
     authkey = secrets.token_urlsafe(24)
     with contextlib.ExitStack() as stack:
-        _, one_node = start_cluster(stack)
+        cluster, one_node = start_cluster(stack)
         master, port = start_master(stack, authkey)
         started = time.perf_counter()
-        _start_sim_nodes(stack, port, authkey, nodes)
+        sim_pids = _start_sim_nodes(stack, port, authkey, nodes)
         join_s = time.perf_counter() - started
         simulated = stack.enter_context(ClusterExecutor("127.0.0.1", port, authkey))
         stack.push(on_error(master.stop))
         expect("simulated nodes", len(simulated.list_workers()), nodes)
         progress("[scale] %d simulated nodes joined in %.1f s" % (nodes, join_s))
 
-        def measure(executor, chunksize=1, per_node=False):
+        me = os.getpid()
+        # This process is the client; its children are the other roles.
+        roles_one = dict(_with_descendants({"master": [cluster._master_process.pid],
+                                            "nodes": [cluster._worker_process.pid]}),
+                         client=[me])
+        roles_sim = dict(_with_descendants({"master": [master.pid], "nodes": sim_pids}),
+                         client=[me])
+
+        def measure(executor, chunksize=1, per_node=False, roles=None):
             def call():
                 before = _jobs_by_node(executor) if per_node else None
+                cpu_before = _cpu_by_role(roles)
                 seconds, result = timed(lambda: sum(executor.map(inc, range(n),
                                                                  chunksize=chunksize)))
+                values = {"seconds": seconds, "tasks_per_s": n / seconds,
+                          "cpu_ms": _cpu_spent(cpu_before, _cpu_by_role(roles))}
                 expect("sum", result, total)
-                values = {"seconds": seconds, "tasks_per_s": n / seconds}
                 if per_node:
                     after = _jobs_by_node(executor)
                     values["jobs_per_node"] = sorted(after[node] - before.get(node, 0)
@@ -1163,19 +1176,23 @@ def bench_scale(run: Run) -> list:
 
         def measure_floor(client, processes, window):
             chunksize = chunking.jobs_per_chunk(0.0, n, processes)  # as minicw cuts them
+            roles = dict(_with_descendants(client.roles), client=[me])
 
             def call():
+                cpu_before = _cpu_by_role(roles)
                 seconds, result = timed(lambda: client.run(n, chunksize, window))
+                values = {"seconds": seconds, "tasks_per_s": n / seconds,
+                          "cpu_ms": _cpu_spent(cpu_before, _cpu_by_role(roles))}
                 expect("sum", result, total)
-                return {"seconds": seconds, "tasks_per_s": n / seconds}
+                return values
             return call
 
         with run.guard("scale floor warm-up"):   # every worker connection registered
             for client, processes, window in ((floor_one, WORKERS, 2), (floor_sim, nodes, 1)):
                 measure_floor(client, processes, window)()
         runs = run.interleave("scale", {
-            "1 node": measure(one_node),
-            "simulated": measure(simulated, per_node=True),
+            "1 node": measure(one_node, roles=roles_one),
+            "simulated": measure(simulated, per_node=True, roles=roles_sim),
             "1 node, chunksize=100": measure(one_node, 100),
             "simulated, chunksize=100": measure(simulated, 100, per_node=True),
             # A chunk leased ahead per process, as minicw's prefetch; one per connection.
@@ -1189,6 +1206,8 @@ def bench_scale(run: Run) -> list:
         minicw_extra_s = median(runs, "simulated", "seconds") - median(runs, "1 node", "seconds")
         one_node_s = median(runs, "1 node", "seconds")
         bound = one_node_s / (one_node_s + max(0.0, floor_extra_s))
+        cpu_note = _extra_cpu_note(runs, ("simulated", "1 node"),
+                                   ("floor, simulated", "floor, 1 node"), nodes)
 
     rows = []
     for suffix, case in (("", "map()"), (", chunksize=100", "map(chunksize=100)")):
@@ -1200,9 +1219,9 @@ def bench_scale(run: Run) -> list:
             median(runs, one, "tasks_per_s"), target,
             note="" if suffix else "%s jobs; %d nodes in %d processes joined in %.1f s; "
             "%d nodes take %.1f ms more than 1; the same messages over bare sockets, no minicw "
-            "(workloads.py floorhub), take %.1f ms more: at that cost this ratio would be %.2fx"
+            "(workloads.py floorhub), take %.1f ms more: at that cost this ratio would be %.2fx%s"
             % (format(n, ","), nodes, SIM_PROCESSES, join_s, nodes, 1e3 * minicw_extra_s,
-               1e3 * floor_extra_s, bound)))
+               1e3 * floor_extra_s, bound, cpu_note)))
         starved = [sum(1 for jobs in values["jobs_per_node"] if jobs == 0)
                    for values in runs[sim]]
         spread = [values["jobs_per_node"] for values in runs[sim]]
@@ -1212,6 +1231,66 @@ def bench_scale(run: Run) -> list:
             note="jobs per node, min/median/max per repeat: %s" % "; ".join(
                 "%d/%d/%d" % (s[0], statistics.median(s), s[-1]) for s in spread)))
     return rows
+
+
+def _with_descendants(roles: dict) -> dict:
+    """{role: [pid, ...]} with every descendant of each pid added to its role."""
+    children = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open("/proc/%s/stat" % entry) as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+    found = {}
+    for role, pids in roles.items():
+        todo, found[role] = list(pids), []
+        while todo:
+            pid = todo.pop()
+            found[role].append(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def _cpu_by_role(roles) -> dict:
+    """{role: seconds its processes have run, all threads} from Linux's schedstat
+    (nanoseconds, not clock ticks); {} when ``roles`` is None or it is unreadable."""
+    spent = {}
+    for role, pids in (roles or {}).items():
+        total = 0
+        try:
+            for pid in pids:
+                for task in os.listdir("/proc/%d/task" % pid):
+                    with open("/proc/%d/task/%s/schedstat" % (pid, task)) as schedstat:
+                        total += int(schedstat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return {}
+        spent[role] = total / 1e9
+    return spent
+
+
+def _cpu_spent(before: dict, after: dict) -> dict:
+    """{role: milliseconds of CPU} between two _cpu_by_role readings."""
+    return {role: 1e3 * (after[role] - before[role]) for role in before if role in after}
+
+
+def _extra_cpu_note(runs: dict, minicw_cases: tuple, floor_cases: tuple, nodes: int) -> str:
+    """How much more CPU per run each role spent for ``nodes`` nodes than for 1, for
+    minicw and for the bare-socket floor; "" where CPU could not be read."""
+    def extra(many, one):
+        if not (runs.get(many) and runs.get(one)):
+            return {}
+        roles = set.intersection(*(set(values["cpu_ms"]) for case in (many, one)
+                                   for values in runs[case]))
+        return {role: statistics.median(values["cpu_ms"][role] for values in runs[many])
+                - statistics.median(values["cpu_ms"][role] for values in runs[one])
+                for role in roles}
+    minicw_extra, floor_extra = extra(*minicw_cases), extra(*floor_cases)
+    if not minicw_extra or not floor_extra:
+        return ""
+    return ("; CPU per run, %d nodes less 1 node (bare sockets in brackets): master %+.1f ms "
+            "(hub %+.1f), node processes %+.1f (%+.1f), client %+.1f (%+.1f)"
+            % (nodes, minicw_extra["master"], floor_extra["master"], minicw_extra["nodes"],
+               floor_extra["nodes"], minicw_extra["client"], floor_extra["client"]))
 
 
 def _spread(count: int, parts: int) -> list:
@@ -1224,22 +1303,30 @@ def _start_floor(stack, connections: list) -> "workloads.FloorClient":
     and a client connected to the hub."""
     hub = stack.enter_context(Child([sys.executable, WORKLOADS_PY, "floorhub"]))
     port = hub.wait_for(r"^READY (\d+)").group(1)
+    worker_pids = []
     for count in connections:
-        stack.enter_context(Child([sys.executable, WORKLOADS_PY, "floorworkers", port,
-                                   str(count)])).wait_for(r"^READY")
+        workers = stack.enter_context(Child([sys.executable, WORKLOADS_PY, "floorworkers",
+                                             port, str(count)]))
+        workers.wait_for(r"^READY")
+        worker_pids.append(workers.pid)
     client = workloads.FloorClient(int(port))
     stack.callback(client.close)
+    client.roles = {"master": [hub.pid], "nodes": worker_pids}  # whose CPU to read
     return client
 
 
-def _start_sim_nodes(stack, port: int, authkey: str, nodes: int) -> None:
-    """SIM_PROCESSES processes of simulated nodes, started one after another."""
+def _start_sim_nodes(stack, port: int, authkey: str, nodes: int) -> list:
+    """SIM_PROCESSES processes of simulated nodes, started one after another;
+    returns their PIDs."""
+    pids = []
     for count in _spread(nodes, SIM_PROCESSES):
         if count:
             child = stack.enter_context(Child(
                 [sys.executable, WORKLOADS_PY, "simnodes", "127.0.0.1", str(port), str(count)],
                 env=minicw_env(authkey)))
             child.wait_for(r"^READY ", timeout_s=120.0)
+            pids.append(child.pid)
+    return pids
 
 
 def _jobs_by_node(executor) -> dict:

@@ -95,3 +95,39 @@ def test_scale_floor_runs_every_chunk_through_its_hub():
                 child.wait()
             child.stdout.close()
     assert [child.returncode for child in children] == [0, 0, 0]
+
+
+def test_scale_reads_cpu_of_a_process_and_its_descendants():
+    # The scale row's CPU by role: a real child that starts a grandchild which
+    # burns CPU; both must be counted, and a process that is gone reads as {}.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import run
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    if not os.path.exists("/proc/self/task/%d/schedstat" % os.getpid()):
+        import pytest
+        pytest.skip("no /proc schedstat here (not Linux, or the kernel leaves it out)")
+    burn = ("import sys, time\n"
+            "end = time.process_time() + 0.3\n"
+            "while time.process_time() < end: pass\n"
+            "print('BURNT', flush=True); sys.stdin.read()\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys\n"
+         "child = subprocess.Popen([sys.executable, '-c', %r], stdout=sys.stdout)\n"
+         "sys.stdin.read(); child.kill(); child.wait()\n" % burn],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline() == "BURNT\n"
+        roles = run._with_descendants({"burner": [parent.pid]})
+        assert len(roles["burner"]) == 2 and roles["burner"][0] == parent.pid
+        spent = run._cpu_by_role(roles)
+        assert 0.25 < spent["burner"] < 10
+        assert run._cpu_spent({"burner": 1.0}, {"burner": 1.5}) == {"burner": 500.0}
+    finally:
+        parent.stdin.close()
+        parent.wait(10)
+        parent.stdout.close()
+    assert parent.returncode == 0
+    assert run._cpu_by_role(roles) == {}   # both have ended
+    assert run._cpu_by_role(None) == {}
