@@ -340,11 +340,16 @@ def timed(call) -> tuple:
     return time.perf_counter() - started, result
 
 
-def throughput(count: int, call, check) -> dict:
-    """Time ``call()`` (which must produce all ``count`` results); ``check`` its result."""
+def throughput(count: int, call, check, roles=None) -> dict:
+    """Time ``call()`` (which must produce all ``count`` results); ``check`` its result.
+    With ``roles`` ({role: [pid]}), also the CPU each spent meanwhile: "cpu_ms"."""
+    cpu_before = _cpu_by_role(roles) if roles else None
     seconds, result = timed(call)
+    values = {"seconds": seconds, "tasks_per_s": count / seconds}
+    if roles:
+        values["cpu_ms"] = _cpu_spent(cpu_before, _cpu_by_role(roles))
     check(result)
-    return {"seconds": seconds, "tasks_per_s": count / seconds}
+    return values
 
 
 def expect(what: str, got, wanted) -> None:
@@ -449,22 +454,28 @@ def start_master(stack: contextlib.ExitStack, authkey: str) -> tuple:
     return child, port
 
 
+def parent_pids() -> dict:
+    """{pid: parent pid} of every process, read from /proc ({} without /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open("/proc/%s/stat" % entry) as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+    return parents
+
+
 def children() -> dict:
     """{pid: command line} of this process's children, read from /proc."""
     found = {}
     me = os.getpid()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid, parent in parent_pids().items():
+        if parent != me:
             continue
-        try:
-            with open("/proc/%s/stat" % entry) as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-            if int(fields[1]) != me:
-                continue
-            with open("/proc/%s/cmdline" % entry, "rb") as cmdline:
-                found[int(entry)] = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
-            continue
+        with contextlib.suppress(OSError):
+            with open("/proc/%d/cmdline" % pid, "rb") as cmdline:
+                found[pid] = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
     return found
 
 
@@ -1132,6 +1143,10 @@ def bench_scale(run: Run) -> list:
     nodes, n = run.sizes["scale_nodes"], run.sizes["scale_jobs"]
     total = n * (n + 1) // 2
     authkey = secrets.token_urlsafe(24)
+
+    def check_sum(result):
+        expect("sum", result, total)
+
     with contextlib.ExitStack() as stack:
         cluster, one_node = start_cluster(stack)
         master, port = start_master(stack, authkey)
@@ -1154,12 +1169,9 @@ def bench_scale(run: Run) -> list:
         def measure(executor, chunksize=1, per_node=False, roles=None):
             def call():
                 before = _jobs_by_node(executor) if per_node else None
-                cpu_before = _cpu_by_role(roles)
-                seconds, result = timed(lambda: sum(executor.map(inc, range(n),
-                                                                 chunksize=chunksize)))
-                values = {"seconds": seconds, "tasks_per_s": n / seconds,
-                          "cpu_ms": _cpu_spent(cpu_before, _cpu_by_role(roles))}
-                expect("sum", result, total)
+                values = throughput(
+                    n, lambda: sum(executor.map(inc, range(n), chunksize=chunksize)),
+                    check_sum, roles)
                 if per_node:
                     after = _jobs_by_node(executor)
                     values["jobs_per_node"] = sorted(after[node] - before.get(node, 0)
@@ -1174,22 +1186,16 @@ def bench_scale(run: Run) -> list:
         floor_one = _start_floor(stack, [1] * WORKERS)
         floor_sim = _start_floor(stack, _spread(nodes, SIM_PROCESSES))
 
-        def measure_floor(client, processes, window):
+        def measure_floor(floor, processes, window):
+            client, roles = floor
             chunksize = chunking.jobs_per_chunk(0.0, n, processes)  # as minicw cuts them
-            roles = dict(_with_descendants(client.roles), client=[me])
-
-            def call():
-                cpu_before = _cpu_by_role(roles)
-                seconds, result = timed(lambda: client.run(n, chunksize, window))
-                values = {"seconds": seconds, "tasks_per_s": n / seconds,
-                          "cpu_ms": _cpu_spent(cpu_before, _cpu_by_role(roles))}
-                expect("sum", result, total)
-                return values
-            return call
+            roles = dict(_with_descendants(roles), client=[me])
+            return lambda: throughput(n, lambda: client.run(n, chunksize, window), check_sum,
+                                      roles)
 
         with run.guard("scale floor warm-up"):   # every worker connection registered
-            for client, processes, window in ((floor_one, WORKERS, 2), (floor_sim, nodes, 1)):
-                measure_floor(client, processes, window)()
+            for floor, processes, window in ((floor_one, WORKERS, 2), (floor_sim, nodes, 1)):
+                measure_floor(floor, processes, window)()
         runs = run.interleave("scale", {
             "1 node": measure(one_node, roles=roles_one),
             "simulated": measure(simulated, per_node=True, roles=roles_sim),
@@ -1203,8 +1209,8 @@ def bench_scale(run: Run) -> list:
         # that cost, minicw's 1-node run would reach ``bound`` of itself.
         floor_extra_s = (median(runs, "floor, simulated", "seconds")
                          - median(runs, "floor, 1 node", "seconds"))
-        minicw_extra_s = median(runs, "simulated", "seconds") - median(runs, "1 node", "seconds")
         one_node_s = median(runs, "1 node", "seconds")
+        minicw_extra_s = median(runs, "simulated", "seconds") - one_node_s
         bound = one_node_s / (one_node_s + max(0.0, floor_extra_s))
         cpu_note = _extra_cpu_note(runs, ("simulated", "1 node"),
                                    ("floor, simulated", "floor, 1 node"), nodes)
@@ -1236,11 +1242,8 @@ def bench_scale(run: Run) -> list:
 def _with_descendants(roles: dict) -> dict:
     """{role: [pid, ...]} with every descendant of each pid added to its role."""
     children = {}
-    for entry in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            with open("/proc/%s/stat" % entry) as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(entry))
+    for pid, parent in parent_pids().items():
+        children.setdefault(parent, []).append(pid)
     found = {}
     for role, pids in roles.items():
         todo, found[role] = list(pids), []
@@ -1298,9 +1301,10 @@ def _spread(count: int, parts: int) -> list:
     return [count // parts + (1 if index < count % parts else 0) for index in range(parts)]
 
 
-def _start_floor(stack, connections: list) -> "workloads.FloorClient":
+def _start_floor(stack, connections: list) -> tuple:
     """A floor hub, a process of worker connections per entry of ``connections``
-    and a client connected to the hub."""
+    and a client connected to the hub: (FloorClient, {role: [pid]} for
+    _cpu_by_role, the hub as "master")."""
     hub = stack.enter_context(Child([sys.executable, WORKLOADS_PY, "floorhub"]))
     port = hub.wait_for(r"^READY (\d+)").group(1)
     worker_pids = []
@@ -1311,8 +1315,7 @@ def _start_floor(stack, connections: list) -> "workloads.FloorClient":
         worker_pids.append(workers.pid)
     client = workloads.FloorClient(int(port))
     stack.callback(client.close)
-    client.roles = {"master": [hub.pid], "nodes": worker_pids}  # whose CPU to read
-    return client
+    return client, {"master": [hub.pid], "nodes": worker_pids}
 
 
 def _start_sim_nodes(stack, port: int, authkey: str, nodes: int) -> list:

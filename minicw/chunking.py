@@ -1,7 +1,8 @@
 """How many jobs go in one chunk: the sizing policy of every client path.
 
     worker --(results, seconds the chunk took)--> client: JobTimes.record(key, seconds, jobs)
-    client: next chunk of ``key`` <-- jobs_per_chunk(JobTimes.estimate(key), jobs left, processes)
+    client: next chunk of ``key`` <-- JobTimes.jobs_per_chunk(key, run jobs, processes, jobs left)
+            (jobs_per_chunk of the estimate and of the jobs it rests on)
 
 A chunk is the unit the master queues, leases and delivers, so its size
 trades two costs: every chunk pays a few proxy calls (tens of microseconds
@@ -85,6 +86,14 @@ class JobTimes:
         """The (decayed) number of jobs the estimate rests on; None if never timed."""
         sums = self._sums.get(func_key)
         return None if sums is None else sums[1]
+
+    def jobs_per_chunk(self, func_key, run_jobs: int | None = None, processes: int = 0,
+                       jobs_left: int | None = None) -> int:
+        """``jobs_per_chunk`` for ``func_key`` from its estimate and what it rests on."""
+        sums = self._sums.get(func_key)
+        if sums is None:
+            return jobs_per_chunk(None, run_jobs, processes, jobs_left)
+        return jobs_per_chunk(sums[0] / sums[1], run_jobs, processes, jobs_left, sums[1])
 
     def record(self, func_keys, seconds: float, jobs: int) -> None:
         jobs = max(1, jobs)

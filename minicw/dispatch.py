@@ -136,16 +136,12 @@ class Dispatcher:
         self.session.put_blob(key, blob)
         return handle
 
-    def estimate(self, func_key) -> float | None:
-        return self._job_times.estimate(func_key)
-
     def jobs_per_chunk(self, func_key, run_jobs: int | None = None,
                        jobs_left: int | None = None) -> int:
         """Jobs for the next chunk of ``func_key`` in a run of ``run_jobs`` (None: unknown)
         of which ``jobs_left`` are not cut yet."""
         processes = self.worker_processes() if run_jobs is not None else 0
-        return chunking.jobs_per_chunk(self.estimate(func_key), run_jobs, processes, jobs_left,
-                                       self._job_times.timed_jobs(func_key))
+        return self._job_times.jobs_per_chunk(func_key, run_jobs, processes, jobs_left)
 
     def worker_processes(self) -> int:
         """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""

@@ -276,8 +276,7 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
     def next_size(start: int) -> int:
         if chunksize is not None:
             return chunksize
-        return chunking.jobs_per_chunk(job_times.estimate(func_key), len(args), processes,
-                                       len(args) - start, job_times.timed_jobs(func_key))
+        return job_times.jobs_per_chunk(func_key, len(args), processes, len(args) - start)
 
     def chunks():
         start = 0

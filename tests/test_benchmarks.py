@@ -57,6 +57,27 @@ def test_unknown_workload_is_a_usage_error():
     assert "unknown workload nonesuch" in err
 
 
+def _import_benchmark_module(name: str):
+    """benchmarks/<name>.py, imported as run.py itself finds its neighbours."""
+    import importlib
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+
+
+def _stop(child) -> None:
+    """EOF on its stdin ends the child; by PID if it does not within 10 s."""
+    child.stdin.close()
+    try:
+        child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+    child.stdout.close()
+
+
 def _start(*args):
     child = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "workloads.py"),
                               *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -68,11 +89,7 @@ def _start(*args):
 def test_scale_floor_runs_every_chunk_through_its_hub():
     # The scale workload's bare-socket floor: a hub, two processes of worker
     # connections and the client, all real processes on 127.0.0.1.
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import workloads
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    workloads = _import_benchmark_module("workloads")
     children = []
     try:
         hub, (port,) = _start("floorhub")
@@ -86,25 +103,15 @@ def test_scale_floor_runs_every_chunk_through_its_hub():
         finally:
             client.close()
     finally:
-        for child in children:   # EOF on stdin ends each; then by PID if need be
-            child.stdin.close()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-            child.stdout.close()
+        for child in children:
+            _stop(child)
     assert [child.returncode for child in children] == [0, 0, 0]
 
 
 def test_scale_reads_cpu_of_a_process_and_its_descendants():
     # The scale row's CPU by role: a real child that starts a grandchild which
     # burns CPU; both must be counted, and a process that is gone reads as {}.
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import run
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    run = _import_benchmark_module("run")
     if not os.path.exists("/proc/self/task/%d/schedstat" % os.getpid()):
         import pytest
         pytest.skip("no /proc schedstat here (not Linux, or the kernel leaves it out)")
@@ -125,9 +132,7 @@ def test_scale_reads_cpu_of_a_process_and_its_descendants():
         assert 0.25 < spent["burner"] < 10
         assert run._cpu_spent({"burner": 1.0}, {"burner": 1.5}) == {"burner": 500.0}
     finally:
-        parent.stdin.close()
-        parent.wait(10)
-        parent.stdout.close()
+        _stop(parent)   # it kills its child before it exits
     assert parent.returncode == 0
     assert run._cpu_by_role(roles) == {}   # both have ended
     assert run._cpu_by_role(None) == {}

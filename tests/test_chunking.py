@@ -194,9 +194,12 @@ def test_an_estimate_from_a_few_jobs_cuts_small_chunks_until_more_report():
     assert chunking.jobs_per_chunk(0.001, 912, 2) == 50
     capped = chunking.jobs_per_chunk(0.001, 912, 2, timed_jobs=seen)
     assert capped == math.ceil(chunking.CONFIDENCE_FACTOR * seen) < 50
+    assert times.jobs_per_chunk("k", 912, 2) == capped   # as the clients ask for it
     # One report of such a chunk lifts the cap past the work limit.
     times.record(("k",), 0.001 * capped, capped)
     assert chunking.jobs_per_chunk(0.001, 912, 2, timed_jobs=times.timed_jobs("k")) == 50
+    assert times.jobs_per_chunk("k", 912, 2) == 50
+    assert times.jobs_per_chunk("never timed", 912, 2) == 1
 
 
 def test_the_confidence_limit_never_binds_on_a_function_timed_over_a_few_chunks():
