@@ -18,7 +18,7 @@ in a role that must not share an interpreter with the benchmark itself:
         registers through the ``node`` typeid and heartbeats with ``poll``
         as minicw.worker does (a thread per node, asleep in its long poll),
         and serves its slot the blobs it fetched once.  The slots are real
-        ``minicw.runner.Runner`` objects, each with its own connection
+        ``minicw.worker_process.Runner`` objects, each with its own connection
         through the ``process`` typeid, all driven from one thread:
 
             every slot: send exchange(reports, want, wait) --> master
@@ -64,8 +64,9 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)  # this checkout's minicw, installed or not
 
-from minicw import config, context, protocol, runner, worker  # noqa: E402
-from minicw.master import connect  # noqa: E402
+from minicw import config, context, protocol, worker_process  # noqa: E402
+from minicw.node import python_version  # noqa: E402
+from minicw.transport import connect_master as connect  # noqa: E402
 
 FIRST_NUMBER = 999999999999  # the minimalcluster README's factorization inputs
 
@@ -217,15 +218,15 @@ class SimNode:
     def __init__(self, address, authkey: bytes):
         self.api = connect(address, authkey).node()
         info = {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
-                "pid": os.getpid(), "nprocs": 1, "python": worker.python_version(),
+                "pid": os.getpid(), "nprocs": 1, "python": python_version(),
                 "platform": platform.platform(terse=True), "start_method": "simulated"}
         self.node_id, heartbeat_timeout_s = self.api.register(info)
         self.period_s = heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT
         self.blobs = {}     # what this node fetched, as a node's cache holds it
         self.control, process_end = Pipe(duplex=True)
-        state = bytearray(8 * runner.STATE_FIELDS)
-        memoryview(state).cast("q")[runner.STATE_POSITION] = -1
-        self.slot = runner.Runner({"node_id": self.node_id, "slot": 0, "control": process_end,
+        state = bytearray(8 * worker_process.STATE_FIELDS)
+        memoryview(state).cast("q")[worker_process.STATE_POSITION] = -1
+        self.slot = worker_process.Runner({"node_id": self.node_id, "slot": 0, "control": process_end,
                                    "slot_state": state, "address": tuple(address),
                                    "authkey": authkey})
         self.slot.api = connect(address, authkey).process()
@@ -276,7 +277,7 @@ def run_slots(nodes) -> None:
     selector = selectors.DefaultSelector()
 
     def ask(slot) -> None:
-        slot.api.send_call("exchange", slot.exchange_args(slot.want(), runner.IDLE_WAIT_S))
+        slot.api.send_call("exchange", slot.exchange_args(slot.want(), worker_process.IDLE_WAIT_S))
 
     for node in nodes:
         ask(node.slot)

@@ -14,10 +14,10 @@ from minicw.errors import (  # noqa: F401
 __version__ = "0.1.0"
 
 _LAZY = {
-    "MasterNode": "minicw.repl",
-    "WorkerNode": "minicw.worker",
+    "MasterNode": "minicw.master_node",
+    "WorkerNode": "minicw.node",
     "LocalCluster": "minicw.local",
-    "Master": "minicw.master",
+    "Master": "minicw.server",
     "ClientThread": "minicw.client_thread",
     "ClusterExecutor": "minicw.executor",
     "start": "minicw.launcher",

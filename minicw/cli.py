@@ -81,7 +81,7 @@ def master_parser() -> argparse.ArgumentParser:
 
 
 def master_main(argv=None) -> int:
-    from minicw.master import Master
+    from minicw.server import Master
     args = master_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
@@ -152,7 +152,7 @@ def worker_parser() -> argparse.ArgumentParser:
 
 
 def worker_main(argv=None) -> int:
-    from minicw.worker import WorkerNode
+    from minicw.node import WorkerNode
     args = worker_parser().parse_args(argv)
     _setup_logging(args.log_level)
     env_host, env_port = config.DEFAULT_HOST, config.DEFAULT_PORT

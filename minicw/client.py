@@ -79,8 +79,7 @@ class Session:
         threading.Thread(target=self._keep_alive, name="minicw-keepalive", daemon=True).start()
 
     def _open(self) -> None:
-        from minicw.master import connect
-        manager = connect(self.address, self._authkey)
+        manager = transport.connect_master(self.address, self._authkey)
         api = manager.client()
         client_id, master_info = api.hello(client_info())
         self._manager, self._api, self.client_id = manager, api, client_id

@@ -14,7 +14,7 @@ from __future__ import annotations
 import secrets
 
 from minicw import config
-from minicw.repl import MasterNode
+from minicw.master_node import MasterNode
 
 
 class LocalCluster(MasterNode):

@@ -1,34 +1,40 @@
-"""What travels between client, master, worker node and worker process.
+"""The wire contract: what travels between client, master, worker node and worker process.
+
+Every peer reaches the master through one manager typeid per role; this
+module lists each typeid's calls (arguments, reply, whether the call may
+wait), the records inside them, and the constants they carry.  The master's
+role APIs (server.py), its event loop (reactor.py) and the peers' proxies
+(transport.connect) are all built from ``ROLES``; ARCHITECTURE.md's message
+table is ``message_table()``, checked by a test.
+
+    client --submit([ChunkSpec])------> master --exchange(): ([Lease], revoked)--> worker process
+    client <--fetch(): (last, [Delivery])-- master <--exchange([Report], want, wait)-- worker process
+    node   --register / poll / get_blob / process_ended / unregister--> master
 
 The master never looks inside job payloads or results: it moves them as
-opaque ``bytes`` (pickled once by the producer, unpickled once by the
-consumer).  The metadata around them are plain tuples, because a tuple of
-builtins pickles fastest and needs no class on the other side.  Each tuple's
-field order is fixed here, and changing it means bumping PROTOCOL_VERSION.
+opaque ``bytes`` (serialized once by the producer, loaded once by the
+consumer).  The records around them are ``NamedTuple`` classes: read by
+field name, pickled as a tuple and a class reference.  Changing a record's
+fields, or a call's arguments, means bumping PROTOCOL_VERSION.
 
-    client --submit([ChunkSpec...])--> master --exchange()--> worker process
-    client <--fetch(): [Delivery...]-- master <--exchange([Report...])-- worker process
-
-ChunkSpec  (chunk_id, func_keys, n_jobs, payload, timeout_s, max_retries, context_key)
-           One unit of scheduling: ``n_jobs`` jobs of one client.  ``payload``
+ChunkSpec  One unit of scheduling: ``n_jobs`` jobs of one client.  ``payload``
            is ``pack_payload(kind, items)``; ``func_keys`` name the function
            blobs the jobs call (index into it for CALL_FULL items);
            ``context_key`` names the client's BLOB_CONTEXT (or is None).
-Lease      (token, client_id, chunk_id, func_keys, payload, selection, timeout_s,
-            context_key)
-           A chunk handed to one worker process.  ``selection`` lists the job
+Lease      A chunk handed to one worker process.  ``selection`` lists the job
            indices to run (a ``range`` when all of them), ``token`` identifies
            this lease: results under an outdated token are dropped, which is
            what makes delivery exactly-once when a chunk is handed out again.
-Report     (token, start, count, results)
-           Results of positions ``start .. start+count-1`` of a lease's
+Report     Results of positions ``start .. start+count-1`` of a lease's
            selection; ``results`` is ``pack_results(values, errors, seconds,
            notes)``: ``seconds`` is the time the jobs took (clients size their
            chunks from it), ``notes`` warnings for the client, or None.
-Delivery   (chunk_id, indices, results, failure)
-           What a client receives: either ``results`` bytes for the job
-           indices ``indices``, or ``results`` None and a ``failure`` tuple
-           (FAIL_*, detail) that applies to every index in ``indices``.
+Delivery   What a client receives: either ``results`` bytes for the job
+           indices ``indices``, or ``results`` None and a ``failure``
+           (JobFailure) that applies to every index in ``indices``.  An index
+           is None in a delivery the client has already seen (client.py).
+Command    What a node's poll returns: CMD_SHUTDOWN, CMD_REREGISTER, or
+           CMD_KILL with the slot, lease token and position of the job to end.
 
 Function blobs (stored in the master under a content key, fetched by worker
 nodes once and cached):
@@ -44,9 +50,116 @@ from __future__ import annotations
 import hashlib
 import pickle
 import traceback
+from typing import NamedTuple, Optional
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2    # 2: records are named (NamedTuple), missing_blobs is gone
 PICKLE_PROTOCOL = 5  # every supported Python (3.8+) reads it
+
+# --- records ---------------------------------------------------------------------------
+
+class ChunkSpec(NamedTuple):
+    chunk_id: int
+    func_keys: tuple
+    n_jobs: int
+    payload: bytes
+    timeout_s: Optional[float]
+    max_retries: int
+    context_key: Optional[str]
+
+
+class Lease(NamedTuple):
+    token: int
+    client_id: int
+    chunk_id: int
+    func_keys: tuple
+    payload: bytes
+    selection: object        # a range, or a tuple of job indices
+    timeout_s: Optional[float]
+    context_key: Optional[str]
+
+
+class Report(NamedTuple):
+    token: int
+    start: int
+    count: int
+    results: bytes
+
+
+class JobFailure(NamedTuple):
+    kind: str                # FAIL_*
+    detail: object           # see each FAIL_* constant
+
+
+class Delivery(NamedTuple):
+    chunk_id: int
+    indices: object          # a range, or a tuple of job indices (None: seen already)
+    results: Optional[bytes]
+    failure: Optional[JobFailure]
+
+
+class Command(NamedTuple):
+    kind: str                # CMD_*
+    slot: int = -1           # CMD_KILL: the process slot,
+    token: int = 0           # its lease,
+    position: int = -1       # and the position of the job to end
+
+
+# --- calls, by role --------------------------------------------------------------------
+
+class Call(NamedTuple):
+    """One method a role calls on the master."""
+    name: str
+    args: tuple              # argument names, in order (a trailing "=..." has a default)
+    reply: str               # what it returns
+    waits: bool = False      # may wait in the master for a state change (the role
+                             # API's method then takes ``on_reply`` first; reactor.py)
+
+
+CLIENT_CALLS = (
+    Call("hello", ("info",), "(client_id, {protocol, heartbeat_timeout_s})"),
+    Call("put_blobs", ("client_id", "blobs"), "None"),
+    Call("submit", ("client_id", "specs"), "None"),
+    Call("fetch", ("client_id", "timeout_s", "ack=0"), "(last, [Delivery])", waits=True),
+    Call("cancel", ("client_id", "requests"), "[(chunk_id, [index])]"),
+    Call("kill", ("client_id", "chunk_id", "index"), "KILL_*"),
+    Call("touch", ("client_id",), "None"),
+    Call("goodbye", ("client_id",), "None"),
+    Call("list_nodes", (), "[node record]"),
+    Call("status", (), "{nodes, clients, queued_chunks, leased_chunks, blobs}"),
+    Call("blob_transfers", ("keys",), "{key: (times put, times fetched)}"),
+)
+NODE_CALLS = (
+    Call("register", ("info",), "(node_id, heartbeat_timeout_s)"),
+    Call("poll", ("node_id", "timeout_s"), "[Command]", waits=True),
+    Call("get_blob", ("key",), "bytes"),
+    Call("process_ended", ("node_id", "slot", "token", "position", "reason",
+                           "exit_description"), "None"),
+    Call("unregister", ("node_id",), "None"),
+)
+PROCESS_CALLS = (
+    Call("exchange", ("node_id", "slot", "reports", "want", "timeout_s"),
+         "([Lease], revoked tokens), or None: stop", waits=True),
+)
+ROLES = {"client": CLIENT_CALLS, "node": NODE_CALLS, "process": PROCESS_CALLS}
+ROLE_CALLERS = {"client": "clients", "node": "worker nodes", "process": "worker processes"}
+
+
+def call_names(role: str) -> tuple:
+    """The method names of a role's typeid."""
+    return tuple(call.name for call in ROLES[role])
+
+
+def message_table() -> str:
+    """The contract as the Markdown table of ARCHITECTURE.md."""
+    rows = ["| typeid | caller | call | reply |", "|---|---|---|---|"]
+    for role, calls in ROLES.items():
+        for call in calls:
+            name = "`%s(%s)`%s" % (call.name, ", ".join(call.args),
+                                  " (waits)" if call.waits else "")
+            rows.append("| `%s` | %s | %s | %s |" % (role, ROLE_CALLERS[role], name,
+                                                    call.reply.replace("|", "\\|")))
+    return "\n".join(rows)
+
 
 # --- how the items of a payload are applied -------------------------------------------
 CALL_ONE = 0    # fn(item)                        (execute, map with one iterable)
@@ -66,8 +179,13 @@ END_KILLED = "killed"        # its node killed it on request (kill a running job
 
 # --- commands from the master to a node, returned by its poll ------------------------------
 CMD_SHUTDOWN = "shutdown"    # the master is going away: stop all processes and exit
-CMD_KILL = "kill"            # (CMD_KILL, slot, token, position): end the process when it runs it
+CMD_KILL = "kill"            # end the process at (slot, token, position) when it runs that job
 CMD_REREGISTER = "reregister"  # the master does not know this node: register again
+
+# --- what kill() answers ----------------------------------------------------------------
+KILL_CANCELLED = "cancelled"  # the job was still queued: it will not run
+KILL_KILLING = "killing"      # its process is told to end when it runs it (fails as cancelled)
+KILL_UNKNOWN = "unknown"      # done already, or never submitted
 
 # --- blob kinds ---------------------------------------------------------------------
 BLOB_CALLABLE = "callable"

@@ -11,8 +11,9 @@ loop serves them all:
 
     peer (any role)                      master
     ---------------                      ------
-    proxy.method(...) --frame-->  selector --> _Channel.inbox --> api.method(...)
-                                                               or api.start_method(on_reply, ...)
+    proxy.method(...) --frame-->  selector --> _Channel.inbox --> api.method(...), or for a
+                                                               call that waits,
+                                                               api.method(on_reply, ...)
                       <--frame--  _Channel.outbox <-- reply <------+          |
                                        ^                                  a Waiter
                                        |                                      |
@@ -160,9 +161,10 @@ class _Channel:
 class Reactor:
     """Serves the calls of every adopted connection in one thread."""
 
-    def __init__(self, scheduler, deferred_prefix: str):
+    def __init__(self, scheduler, calls: dict):
         self._scheduler = scheduler
-        self._deferred_prefix = deferred_prefix   # api.<prefix>name(on_reply, ...) may wait
+        self._calls = calls   # {id(api): {name: (bound method, waits)}}: the wire contract
+                              # (server.call_table); a call that waits takes on_reply first
         self._selector = selectors.DefaultSelector()
         self._wake_recv, self._wake_send = socket.socketpair()
         self._wake_recv.setblocking(False)
@@ -175,7 +177,6 @@ class Reactor:
         self._live_waits = 0                   # channels whose call waits
         self._seq = itertools.count()
         self._channels = set()
-        self._methods = {}                     # (id(api), name) -> _method()'s answer
         self._settled = []                     # (channel, reply) settled by the loop itself,
                                                # answered after the request that settled them
         self._closing = False
@@ -356,8 +357,8 @@ class Reactor:
             return
         try:
             _, method, args, kwds = request
-            call, deferred = self._method(channel.api, method)
-            if deferred:
+            call, waits = self._method(channel.api, method)
+            if waits:
                 reply = call(channel.on_reply, *args, **kwds)
             else:
                 reply = call(*args, **kwds)
@@ -383,22 +384,12 @@ class Reactor:
                 self._answer(channel, reply)
 
     def _method(self, api, method) -> tuple:
-        """``(bound method, whether it is the deferred form taking on_reply)``."""
-        found = self._methods.get((id(api), method))
-        if found is not None:
-            return found
-        if not isinstance(method, str) or method.startswith(("_", self._deferred_prefix)):
-            raise AttributeError("%r is not a method of the master" % (method,))
-        call = getattr(api, method, None)
-        found = (call, False)
-        if call is None:
-            call = getattr(api, self._deferred_prefix + method, None)
-            if call is None:
-                raise AttributeError("the master has no method %r for this connection"
-                                     % (method,))
-            found = (call, True)
-        self._methods[(id(api), method)] = found
-        return found
+        """``(bound method, whether the call waits)`` of the contract's call ``method``."""
+        try:
+            return self._calls[id(api)][method]
+        except (KeyError, TypeError):
+            raise AttributeError("the master has no method %r for this connection"
+                                 % (method,)) from None
 
     def _answer(self, channel: _Channel, reply) -> None:
         """The settled reply of the channel's waiting call."""

@@ -3,11 +3,10 @@
 Everything the master knows lives in one ``Scheduler`` behind one lock; every
 method is a complete transition, called from the master's event loop (and
 its reaper and shutdown; see master.py).  Nothing here touches the network.
-A call that may wait (``start_exchange``, ``start_fetch``, ``start_poll``)
-returns its reply or a ``Waiter``; the transition that settles a Waiter
-queues its reply, and the reply is handed to the Waiter's ``on_reply`` once
-the lock is released (``_Transition``).  ``exchange``, ``fetch`` and
-``poll`` are the same calls blocking in the caller's thread.
+A call that may wait (``exchange``, ``fetch``, ``poll``) returns its reply
+or a ``Waiter``; the transition that settles a Waiter queues its reply, and
+the reply is handed to the Waiter's ``on_reply`` once the lock is released
+(``_Transition``).
 
     client             Scheduler                                 worker process
     ------             ---------                                 --------------
@@ -58,7 +57,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import queue
 import sys
 import threading
 import time
@@ -82,13 +80,14 @@ class Waiter:
     reply that is an error comes as a ``Failure``.
     """
 
-    __slots__ = ("kind", "owner", "slot", "want", "deadline", "on_reply")
+    __slots__ = ("kind", "owner", "slot", "want", "ack", "deadline", "on_reply")
 
-    def __init__(self, kind, owner, deadline, on_reply, slot=0, want=0):
+    def __init__(self, kind, owner, deadline, on_reply, slot=0, want=0, ack=0):
         self.kind = kind            # WAIT_LEASE, WAIT_FETCH or WAIT_POLL
         self.owner = owner          # its NodeState or ClientState
         self.slot = slot            # WAIT_LEASE: the process's slot
-        self.want = want            # WAIT_LEASE: chunks asked for; WAIT_FETCH: the ack
+        self.want = want            # WAIT_LEASE: chunks asked for
+        self.ack = ack              # WAIT_FETCH: the last delivery the client received
         self.deadline = deadline    # time.monotonic() limit of the wait
         self.on_reply = on_reply
 
@@ -256,10 +255,6 @@ class Scheduler:
                 self._blob_transfers.setdefault(key, [0, 0])[0] += 1
                 client.blob_keys.add(key)
 
-    def missing_blobs(self, keys) -> list:
-        with self._changing:
-            return [key for key in keys if key not in self._blobs]
-
     def get_blob(self, key: str) -> bytes:
         with self._changing:
             try:
@@ -296,19 +291,15 @@ class Scheduler:
             self._enter_rotation(client, front=False)
             self._hand_out()
 
-    def fetch(self, client_id: int, timeout_s: float, ack: int = 0):
-        """``(last sequence number, [Delivery])``, waiting up to ``timeout_s`` for one.
+    def fetch(self, client_id: int, timeout_s: float, ack: int, on_reply):
+        """``(last sequence number, [Delivery])``, or a Waiter (see ``exchange``) that
+        is answered when a delivery comes or after ``timeout_s``.
 
         Deliveries stay here until a later fetch acknowledges them (``ack``:
         the last sequence number the client received).  A reply lost on the
         way (its caller was interrupted, the connection broke) is therefore
-        sent again; the client drops what it has already seen.  The blocking
-        form of ``start_fetch``.
+        sent again; the client drops what it has already seen.
         """
-        return self._blocking(self.start_fetch, client_id, timeout_s, ack)
-
-    def start_fetch(self, client_id: int, timeout_s: float, ack: int, on_reply):
-        """``fetch`` without blocking: its reply, or a Waiter (see start_exchange)."""
         with self._changing:
             client = self._client(client_id)
             client.last_seen = time.monotonic()
@@ -317,7 +308,7 @@ class Scheduler:
                 deliveries.popleft()
             if not deliveries and timeout_s > 0 and not self.closed:
                 waiter = Waiter(WAIT_FETCH, client, time.monotonic() + timeout_s, on_reply,
-                                want=ack)
+                                ack=ack)
                 client.fetches.append(waiter)
                 return waiter
             return self._fetch_reply(client, ack)
@@ -335,7 +326,7 @@ class Scheduler:
             if client.fetches and client.deliveries:
                 waiter = client.fetches.popleft()
                 client.last_seen = time.monotonic()
-                self._settle(waiter, self._fetch_reply(client, waiter.want))
+                self._settle(waiter, self._fetch_reply(client, waiter.ack))
         self._fed_clients.clear()
 
     def cancel(self, client_id: int, requests) -> list:
@@ -431,13 +422,9 @@ class Scheduler:
             if node is not None:
                 self._drop_node(node, "left")
 
-    def poll(self, node_id: str, timeout_s: float) -> list:
-        """A node's heartbeat: wait up to ``timeout_s`` for commands and return them.
-        The blocking form of ``start_poll``."""
-        return self._blocking(self.start_poll, node_id, timeout_s)
-
-    def start_poll(self, node_id: str, timeout_s: float, on_reply):
-        """``poll`` without blocking: its reply, or a Waiter (see start_exchange)."""
+    def poll(self, node_id: str, timeout_s: float, on_reply):
+        """A node's heartbeat: its commands (``[protocol.Command]``), or a Waiter (see
+        ``exchange``) answered when a command comes or after ``timeout_s``."""
         with self._changing:
             node = self._nodes.get(node_id)
             if node is None:
@@ -491,21 +478,13 @@ class Scheduler:
 
     # --- worker processes -----------------------------------------------------------
 
-    def exchange(self, node_id: str, slot: int, reports, want: int, timeout_s: float):
+    def exchange(self, node_id: str, slot: int, reports, want: int, timeout_s: float,
+                 on_reply):
         """Take a process's reports, then lease it up to ``want`` chunks.
 
-        Waits up to ``timeout_s`` when nothing is queued.  Returns ``(leases,
-        revoked_tokens)``, or None when the process must stop (its node is not
-        registered any more, or the master is closing).  The blocking form of
-        ``start_exchange``.
-        """
-        return self._blocking(self.start_exchange, node_id, slot, reports, want, timeout_s)
-
-    def start_exchange(self, node_id: str, slot: int, reports, want: int, timeout_s: float,
-                       on_reply):
-        """``exchange`` without blocking, as the master's event loop calls it.
-
-        Returns the reply, or a Waiter: its reply will be passed to
+        Returns ``(leases, revoked_tokens)``, or None when the process must
+        stop (its node is not registered any more, or the master is closing).
+        When nothing is queued it returns a Waiter instead: its reply will be passed to
         ``on_reply`` (from whichever thread settles it, never under the
         lock), and whoever holds it calls ``end_wait`` at its deadline.
         """
@@ -563,23 +542,9 @@ class Scheduler:
         try:
             self._client(owner.client_id)
             owner.last_seen = time.monotonic()
-            return self._fetch_reply(owner, waiter.want)
+            return self._fetch_reply(owner, waiter.ack)
         except MinicwError as exc:
             return Failure(exc)
-
-    def _blocking(self, start, *args):
-        """Call a ``start_*`` method and wait for its reply in this thread."""
-        replies = queue.SimpleQueue()
-        reply = start(*args, replies.put)
-        if isinstance(reply, Waiter):
-            try:
-                reply = replies.get(timeout=max(0.0, reply.deadline - time.monotonic()))
-            except queue.Empty:
-                self.end_wait(reply)
-                reply = replies.get()
-        if isinstance(reply, Failure):
-            raise reply.error
-        return reply
 
     def _lease_reply(self, node: NodeState, slot: int, leases: list) -> tuple:
         return leases, tuple(node.revoked_by_slot.pop(slot, ()))

@@ -53,7 +53,7 @@ import threading
 from multiprocessing import connection, managers
 from multiprocessing import AuthenticationError
 
-from minicw import config
+from minicw import config, protocol
 from minicw.protocol import PICKLE_PROTOCOL
 from minicw.errors import (
     AuthkeyMismatchError, HandshakeTimeoutError, MasterConnectionError,
@@ -364,3 +364,24 @@ def private_proxy_type(name: str, exposed) -> type:
 
     PrivateProxy.__name__ = PrivateProxy.__qualname__ = name
     return PrivateProxy
+
+
+# --- the master, as its peers reach it ------------------------------------------------------
+
+class MasterManager(Manager):
+    """What peers connect with: one typeid per role of protocol.ROLES, no callables."""
+
+
+for _role in protocol.ROLES:
+    _names = protocol.call_names(_role)
+    MasterManager.register(_role, exposed=_names, proxytype=private_proxy_type(
+        "%sProxy" % _role.capitalize(), _names))
+
+
+def connect_master(address, authkey) -> MasterManager:
+    """A MasterManager connected to the master at ``address``; ``.client()``,
+    ``.node()`` or ``.process()`` then gives a role's proxy.  Raises the
+    errors of ``connect``."""
+    manager = MasterManager(tuple(address), authkey)
+    manager.connect()
+    return manager

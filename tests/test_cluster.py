@@ -40,9 +40,9 @@ def test_hundred_thousand_args(cluster):
 def test_a_range_of_args_travels_as_ranges(cluster):
     # Its chunks are ranges on the wire (a few bytes each), and the results
     # are keyed by its ints as for a list.
-    from minicw import protocol, repl
+    from minicw import master_node, protocol
     args = range(10, 5010, 5)
-    assert repl.check_args(args) is args
+    assert master_node.check_args(args) is args
     payload = protocol.pack_payload(protocol.CALL_ONE, args[:1000])
     assert len(payload) < 200
     assert pickle.loads(payload) == (protocol.CALL_ONE, range(10, 5010, 5))

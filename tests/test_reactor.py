@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from minicw import protocol, reactor, worker
-from minicw.master import connect
+from minicw import protocol, reactor
+from minicw.node import python_version
+from minicw.transport import connect_master as connect
 from tests.helpers import KEY
 
 BIG = 64 << 20   # more than loopback socket buffers hold, so the reply must wait in outbox
@@ -18,7 +19,7 @@ BIG = 64 << 20   # more than loopback socket buffers hold, so the reply must wai
 
 def _node_info(nprocs=1):
     return {"protocol": protocol.PROTOCOL_VERSION, "hostname": "test", "pid": 1,
-            "nprocs": nprocs, "python": worker.python_version(), "platform": "test",
+            "nprocs": nprocs, "python": python_version(), "platform": "test",
             "start_method": "test"}
 
 
@@ -92,10 +93,10 @@ def test_a_peer_that_stops_reading_a_large_reply_blocks_nobody(master):
     others = connect(master.address, KEY).client()
     answers = []
     served = threading.Thread(target=lambda: answers.extend(
-        others.missing_blobs(["big", "nope"]) for _ in range(20)), daemon=True)
+        [others.blob_transfers(["big", "nope"]) for _ in range(20)]), daemon=True)
     served.start()
     served.join(10)          # the loop keeps serving while that reply waits
-    assert answers == [["nope"]] * 20
+    assert answers == [{"big": (1, 1)}] * 20
     kind, data = conn.recv()  # the late reader still gets every byte
     assert kind == "#RETURN" and len(data) == BIG and data == blob
 

@@ -4,20 +4,55 @@ No processes here: a Scheduler is driven directly, as the manager's
 connection threads would drive it.
 """
 
+import queue
 import threading
 import time
 
 import pytest
 
 from minicw import protocol
-from minicw.errors import ClusterShutdownError, SessionExpiredError
-from minicw.scheduler import Scheduler
+from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
+from minicw.scheduler import Failure, Scheduler, Waiter
 
 NODE_INFO = {"hostname": "h", "pid": 1, "nprocs": 2, "python": "3"}
 
 
+class Blocking:
+    """A Scheduler whose waiting calls (exchange, fetch, poll) block the calling
+    thread until they are answered, as a thread of the manager's own server
+    would; ``scheduler`` is the Scheduler itself."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def __getattr__(self, name):
+        return getattr(self.scheduler, name)
+
+    def exchange(self, *args):
+        return self._wait(self.scheduler.exchange, *args)
+
+    def fetch(self, *args):
+        return self._wait(self.scheduler.fetch, *args)
+
+    def poll(self, *args):
+        return self._wait(self.scheduler.poll, *args)
+
+    def _wait(self, start, *args):
+        replies = queue.SimpleQueue()
+        reply = start(*args, replies.put)
+        if isinstance(reply, Waiter):
+            try:
+                reply = replies.get(timeout=max(0.0, reply.deadline - time.monotonic()))
+            except queue.Empty:
+                self.scheduler.end_wait(reply)
+                reply = replies.get()
+        if isinstance(reply, Failure):
+            raise reply.error
+        return reply
+
+
 def make(heartbeat_timeout_s=10.0):
-    scheduler = Scheduler(heartbeat_timeout_s)
+    scheduler = Blocking(Scheduler(heartbeat_timeout_s))
     client = scheduler.open_client({"hostname": "c", "pid": 2})
     scheduler.put_blobs(client, [("fn", b"blob")])
     node = scheduler.register_node(dict(NODE_INFO))
@@ -177,7 +212,8 @@ def test_dropped_client_revokes_its_leases_and_frees_blobs():
     [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
     scheduler.close_client(client)
     assert scheduler.exchange(node, 0, [report(lease, 0, 2)], 1, 0) == ([], (lease[0],))
-    assert scheduler.missing_blobs(["fn"]) == ["fn"]
+    with pytest.raises(MinicwError, match="holds no blob"):
+        scheduler.get_blob("fn")
     with pytest.raises(SessionExpiredError, match="does not know client"):
         fetch(scheduler, client)
 
@@ -209,7 +245,7 @@ def _waiting_exchange(scheduler, node, slot, want, replies):
 def test_waiting_processes_get_new_work_before_a_returning_one():
     # Two idle processes wait; a third asks (without waiting) right after the
     # submit.  The waiters were first: each gets its share before the newcomer.
-    scheduler = Scheduler(10.0)
+    scheduler = Blocking(Scheduler(10.0))
     client = scheduler.open_client({"hostname": "c", "pid": 2})
     scheduler.put_blobs(client, [("fn", b"blob")])
     node = scheduler.register_node(dict(NODE_INFO, nprocs=3))
@@ -266,8 +302,8 @@ def test_a_cancelled_wait_takes_nothing_from_the_next_call():
     # for the next poll and fetch, and nobody is answered for the old calls.
     scheduler, client, node = make()
     answered = []
-    poll = scheduler.start_poll(node, 10, answered.append)
-    fetch = scheduler.start_fetch(client, 10, 0, answered.append)
+    poll = scheduler.scheduler.poll(node, 10, answered.append)
+    fetch = scheduler.scheduler.fetch(client, 10, 0, answered.append)
     scheduler.cancel_wait(poll)
     scheduler.cancel_wait(fetch)
     scheduler.submit(client, [spec(1, 2)])

@@ -10,7 +10,7 @@ from minicw.errors import (
     AuthkeyMismatchError, HandshakeTimeoutError, MasterHostUnknownError,
     MasterNotListeningError,
 )
-from minicw.master import connect
+from minicw.transport import connect_master as connect
 from tests.helpers import KEY, start_master, start_worker
 
 

@@ -41,7 +41,7 @@ import time
 from collections import OrderedDict, deque
 from multiprocessing import connection, parent_process
 
-from minicw import broadcast, config, context, envir, protocol, serialize
+from minicw import broadcast, config, context, envir, protocol, serialize, transport
 from minicw.errors import EnvirError
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,10 @@ class Runner:
         self.draining = False
 
     def run(self) -> int:
-        from minicw.master import connect
         broadcast.set_fetcher(self._fetch_blob)
         context.install_chdir_tracker()
         try:
-            self.api = connect(self.address, self.authkey).process()
+            self.api = transport.connect_master(self.address, self.authkey).process()
         except Exception as exc:
             log.error("worker process %s/%d cannot reach the master: %s",
                       self.node_id, self.slot, exc)

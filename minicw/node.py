@@ -1,0 +1,459 @@
+"""A worker node: supervises N worker processes on one machine.
+
+    master <--register / unregister------------ WorkerNode
+           <--poll (heartbeat, long-poll) ------- heartbeat thread --commands--+
+           --[commands: shutdown, kill, ...]-->                                 |
+           <--get_blob(key) (once per node) ---- supervisor loop <--wake-up----+
+           <--process_ended(slot, ...) --------    | waits on: process sentinels,
+                                                   |   control pipes, the wake-up pipe
+                                                   v
+                                  worker processes (worker_process.py), one per slot,
+                                  each leasing jobs from the master directly
+
+The node does not carry jobs.  It registers the machine, keeps the master
+sure it is alive, starts and replaces processes, serves them the blobs it
+caches (functions, contexts, broadcast data: each crosses the network once
+per node, not once per process or per job; a fetcher thread downloads them
+so a large one never stalls supervision), kills a process whose job is over
+its time limit or that runs a job its client asked to kill, and tells the
+master which job a dead process was running.
+
+Processes are created through an explicit multiprocessing context, ``spawn``
+by default: the Windows and macOS default, and safe beside the node's threads.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import sys
+import queue
+import threading
+import time
+from collections import OrderedDict
+from multiprocessing import connection, get_context
+
+from minicw import config, protocol, transport, worker_process
+from minicw.errors import (
+    AuthkeyMismatchError, ClusterShutdownError, MasterConnectionError, MasterHostUnknownError,
+)
+
+log = logging.getLogger(__name__)
+
+WATCHDOG_PERIOD_S = 0.1  # how often the supervisor checks job deadlines and kill requests
+KILL_REQUEST_TTL_S = 600.0  # a kill request for a job that never runs here is forgotten
+
+
+def python_version() -> str:
+    return "%s %d.%d.%d" % ((platform.python_implementation(),) + tuple(sys.version_info[:3]))
+
+
+def cap_nprocs(nprocs: int | None) -> int:
+    """The number of processes to run: the CPU count by default, never above it."""
+    cpus = os.cpu_count() or 1
+    if nprocs is None:
+        return cpus
+    nprocs = int(nprocs)
+    if nprocs < 1:
+        raise ValueError("nprocs must be at least 1, not %d" % nprocs)
+    if nprocs > cpus:
+        log.warning("nprocs=%d is more than the %d CPUs of this machine; using %d",
+                    nprocs, cpus, cpus)
+        return cpus
+    return nprocs
+
+
+class _Slot:
+    """One worker process and what the node knows about it."""
+
+    __slots__ = ("index", "process", "control", "state", "send_lock")
+
+    def __init__(self, index, process, control, state):
+        self.index = index
+        self.process = process
+        self.control = control
+        self.state = state
+        self.send_lock = threading.Lock()  # the supervisor and the blob fetcher both send
+
+    def send(self, message) -> None:
+        with self.send_lock:
+            try:
+                self.control.send(message)
+            except OSError:
+                pass  # the process is gone; its sentinel reports it
+
+
+class BlobCache:
+    """Blobs this node has fetched, least recently used dropped beyond a byte budget."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._data = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key, data) -> None:
+        with self._lock:
+            if key in self._data:
+                return
+            self._data[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes and len(self._data) > 1:
+                _, dropped = self._data.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+class WorkerNode:
+    """A worker node of the cluster at ``(IP, PORT)``.
+
+    ``WorkerNode(IP, PORT, AUTHKEY, nprocs).join_cluster()`` blocks and serves
+    until ``stop()`` is called (from another thread), the master shuts down,
+    or SIGTERM/Ctrl-C in the command-line worker.  ``nprocs`` defaults to the
+    CPU count and is capped at it.
+    """
+
+    def __init__(self, IP: str, PORT: int, AUTHKEY, nprocs: int | None = None,
+                 start_method: str = config.DEFAULT_START_METHOD,
+                 reconnect: bool = True, allow_oversubscribe: bool = False):
+        self.address = (IP, int(PORT))
+        self.authkey = transport.as_authkey(AUTHKEY)
+        self.nprocs = int(nprocs) if allow_oversubscribe and nprocs else cap_nprocs(nprocs)
+        self.context = get_context(start_method)
+        self.reconnect = reconnect
+        self.node_id = None
+        self.master_shut_down = False
+        self._slots = {}
+        self._blobs = BlobCache(config.NODE_BLOB_CACHE_BYTES)
+        self._blob_requests = queue.Queue()   # (slot, key) for the fetcher thread
+        self._kill_requests = {}  # (slot index, token) -> (position, time requested)
+        self._commands = []
+        self._commands_lock = threading.Lock()
+        self._wake_reader, self._wake_writer = self.context.Pipe(duplex=False)
+        self._stop_requested = threading.Event()
+        self._drain_requested = threading.Event()
+        self._registered = threading.Event()
+
+    # --- public ------------------------------------------------------------------
+
+    def join_cluster(self) -> None:
+        """Connect, register, run the processes; blocks until the node stops.
+
+        Raises a MasterConnectionError naming host and port when the master
+        cannot be reached at first (wrong host, nothing listening, wrong key).
+        Once joined, a lost master is waited for and rejoined with backoff.
+        """
+        manager = self._connect()
+        try:
+            while not self._stop_requested.is_set():
+                outcome = self._serve_registration(manager)
+                if outcome in ("stopped", "shutdown") or not self.reconnect:
+                    break
+                if outcome == "lost":
+                    manager = self._reconnect_with_backoff()
+                    if manager is None:
+                        break
+        finally:
+            self._stop_processes()
+            self._registered.clear()
+
+    def stop(self, drain: bool = False) -> None:
+        """Ask ``join_cluster`` to return; with ``drain``, leased jobs finish first."""
+        if drain:
+            self._drain_requested.set()
+        else:
+            self._stop_requested.set()
+        self._wake()
+
+    def wait_registered(self, timeout_s: float) -> bool:
+        return self._registered.wait(timeout_s)
+
+    # --- connection -------------------------------------------------------------------
+
+    def _connect(self):
+        return transport.connect_master(self.address, self.authkey)
+
+    def _reconnect_with_backoff(self):
+        pause_s = 0.1
+        where = transport.format_address(self.address)
+        log.warning("lost the master at %s; reconnecting", where)
+        while not self._stop_requested.is_set():
+            try:
+                manager = self._connect()
+            except (MasterHostUnknownError, AuthkeyMismatchError) as exc:
+                log.error("cannot rejoin %s: %s", where, exc)
+                return None
+            except MasterConnectionError:
+                if self._stop_requested.wait(pause_s):
+                    return None
+                pause_s = min(pause_s * 2, config.NODE_RECONNECT_MAX_S)
+                continue
+            log.warning("reconnected to the master at %s", where)
+            return manager
+        return None
+
+    def _info(self) -> dict:
+        return {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
+                "pid": os.getpid(), "nprocs": self.nprocs, "python": python_version(),
+                "platform": platform.platform(terse=True),
+                "start_method": self.context.get_start_method()}
+
+    def _serve_registration(self, manager) -> str:
+        """Register, run the processes until something ends this registration.
+
+        Returns "stopped", "shutdown" (the master said so), "lost" (the
+        connection broke) or "reregister" (the master forgot this node).
+        """
+        api = manager.node()
+        try:
+            self.node_id, heartbeat_timeout_s = api.register(self._info())
+        except ClusterShutdownError:
+            return "shutdown"
+        except (EOFError, OSError):
+            return "lost"
+        self._start_heartbeat(api, heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT)
+        fetcher = threading.Thread(target=self._fetch_blobs, args=(api,),
+                                   name="minicw-blob-fetcher", daemon=True)
+        fetcher.start()
+        for index in range(self.nprocs):
+            self._start_process(index)
+        self._registered.set()
+        log.info("node %s serving %d processes for %s", self.node_id, self.nprocs,
+                 transport.format_address(self.address))
+        try:
+            outcome = self._supervise(api)
+        except (EOFError, OSError) as exc:
+            log.warning("connection to the master failed: %s", exc)
+            outcome = "lost"
+        self._registered.clear()
+        self._blob_requests.put(None)
+        fetcher.join()
+        self._stop_processes()
+        if outcome == "stopped":
+            try:
+                api.unregister(self.node_id)
+            except Exception:  # the master may be gone; it will expire us
+                pass
+        return outcome
+
+    def _start_heartbeat(self, api, period_s: float) -> None:
+        node_id = self.node_id
+
+        def beat():
+            while not self._stop_requested.is_set() and self.node_id == node_id:
+                try:
+                    commands = api.poll(node_id, period_s)
+                except Exception as exc:
+                    log.debug("heartbeat failed: %s", exc)
+                    self._post(("lost",))
+                    return
+                for command in commands:
+                    self._post(command)
+                    if command[0] in (protocol.CMD_SHUTDOWN, protocol.CMD_REREGISTER):
+                        return
+        threading.Thread(target=beat, name="minicw-heartbeat", daemon=True).start()
+
+    def _post(self, command) -> None:
+        with self._commands_lock:
+            self._commands.append(command)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_writer.send_bytes(b"!")
+        except OSError:
+            pass
+
+    # --- supervision -----------------------------------------------------------------------
+
+    def _supervise(self, api) -> str:
+        draining = False
+        while True:
+            if self._stop_requested.is_set():
+                return "stopped"
+            if self._drain_requested.is_set() and not draining:
+                draining = True
+                for slot in self._slots.values():
+                    slot.state[worker_process.STATE_DRAIN] = 1
+                    slot.send(("drain",))  # for a process waiting on a blob
+            if draining and not self._slots:
+                return "stopped"
+            waitables = [self._wake_reader]
+            for slot in self._slots.values():
+                waitables.append(slot.process.sentinel)
+                waitables.append(slot.control)
+            ready = connection.wait(waitables, timeout=WATCHDOG_PERIOD_S)
+            for obj in ready:
+                if obj is self._wake_reader:
+                    while self._wake_reader.poll():
+                        self._wake_reader.recv_bytes()
+            outcome = self._run_commands(api)
+            if outcome:
+                return outcome
+            for slot in list(self._slots.values()):
+                if slot.control in ready:
+                    self._answer(api, slot)
+                if not slot.process.is_alive():
+                    self._process_ended(api, slot, protocol.END_DIED, draining)
+            self._enforce_deadlines(api)
+            self._enforce_kill_requests(api)
+
+    def _run_commands(self, api):
+        with self._commands_lock:
+            commands, self._commands = self._commands, []
+        for command in commands:
+            kind = command[0]
+            if kind == protocol.CMD_SHUTDOWN:
+                self.master_shut_down = True
+                log.warning("the master at %s shut down",
+                            transport.format_address(self.address))
+                return "shutdown"
+            if kind == protocol.CMD_REREGISTER:
+                log.warning("the master forgot node %s; registering again", self.node_id)
+                return "reregister"
+            if kind == "lost":
+                return "lost"
+            if kind == protocol.CMD_KILL:
+                self._kill_job(api, *command[1:])
+        return None
+
+    def _answer(self, api, slot: _Slot) -> None:
+        try:
+            request = slot.control.recv()
+        except (EOFError, OSError):
+            return  # the process is gone; its sentinel reports it
+        if request[0] == "blob":
+            key = request[1]
+            data = self._blobs.get(key)
+            if data is not None:
+                slot.send(("blob", key, data))
+            else:
+                self._blob_requests.put((slot, key))
+
+    def _fetch_blobs(self, api) -> None:
+        """The fetcher thread: download blobs the cache lacks, answer the processes."""
+        while True:
+            request = self._blob_requests.get()
+            if request is None:
+                return
+            slot, key = request
+            data = self._blobs.get(key)  # an earlier request may have fetched it
+            if data is not None:
+                slot.send(("blob", key, data))
+                continue
+            try:
+                data = api.get_blob(key)
+            except (EOFError, OSError) as exc:
+                slot.send(("error", key, "lost the master: %s" % exc))
+                self._post(("lost",))  # the supervisor's caller handles that
+                continue
+            except Exception as exc:  # e.g. the blob's client left: tell the process
+                slot.send(("error", key, str(exc)))
+                continue
+            self._blobs.put(key, data)
+            slot.send(("blob", key, data))
+
+    def _enforce_deadlines(self, api) -> None:
+        now_ns = time.monotonic_ns()
+        for slot in list(self._slots.values()):
+            deadline_ns = slot.state[worker_process.STATE_DEADLINE_NS]
+            if deadline_ns and now_ns > deadline_ns and slot.state[worker_process.STATE_TOKEN]:
+                self._end_slot(api, slot, protocol.END_TIMED_OUT)
+
+    def _kill_job(self, api, slot_index, token, position) -> None:
+        """Remember a kill request; it is carried out when the process reaches the job."""
+        self._kill_requests[(slot_index, token)] = (position, time.monotonic())
+        self._enforce_kill_requests(api)
+
+    def _enforce_kill_requests(self, api) -> None:
+        now = time.monotonic()
+        for (slot_index, token), (position, requested) in list(self._kill_requests.items()):
+            slot = self._slots.get(slot_index)
+            if slot is None or now - requested > KILL_REQUEST_TTL_S:
+                del self._kill_requests[(slot_index, token)]
+                continue
+            if slot.state[worker_process.STATE_TOKEN] != token:
+                continue  # not started yet (or finished: then the TTL forgets it)
+            running = slot.state[worker_process.STATE_POSITION]
+            if running > position:
+                del self._kill_requests[(slot_index, token)]  # it finished first
+            elif running == position:
+                del self._kill_requests[(slot_index, token)]
+                self._end_slot(api, slot, protocol.END_KILLED)
+
+    def _end_slot(self, api, slot: _Slot, reason: str) -> None:
+        """Kill a slot's process on purpose and report why."""
+        slot.process.kill()
+        slot.process.join()
+        self._process_ended(api, slot, reason, draining=False)
+
+    def _process_ended(self, api, slot: _Slot, reason: str, draining: bool) -> None:
+        process = slot.process
+        process.join()
+        token = slot.state[worker_process.STATE_TOKEN]
+        position = slot.state[worker_process.STATE_POSITION]
+        exit_description = describe_exit(process.exitcode)
+        del self._slots[slot.index]
+        slot.control.close()
+        left_on_its_own = slot.state[worker_process.STATE_EXIT]
+        if left_on_its_own == worker_process.EXIT_STOPPED and process.exitcode == 0 and draining:
+            return
+        if left_on_its_own in (worker_process.EXIT_NODE_UNKNOWN, worker_process.EXIT_MASTER_LOST):
+            # The process found the master gone or this registration forgotten;
+            # ask the master which, rather than respawning into the same wall.
+            try:
+                commands = api.poll(self.node_id, 0)
+            except (EOFError, OSError):
+                commands = [("lost",)]
+            for command in commands:
+                self._post(command)
+            if commands:
+                return
+        if reason == protocol.END_DIED:
+            log.warning("worker process %d (pid %s) ended: %s", slot.index, process.pid,
+                        exit_description)
+        api.process_ended(self.node_id, slot.index, token, position, reason, exit_description)
+        if not draining:
+            self._start_process(slot.index)
+
+    def _start_process(self, index: int) -> None:
+        node_end, process_end = self.context.Pipe(duplex=True)
+        state = self.context.RawArray("q", worker_process.STATE_FIELDS)
+        state[worker_process.STATE_POSITION] = -1
+        spec = {"node_id": self.node_id, "slot": index, "control": process_end,
+                "slot_state": state, "address": self.address, "authkey": self.authkey}
+        process = self.context.Process(target=worker_process.run_process, args=(spec,),
+                                       name="minicw-worker-%d" % index, daemon=True)
+        process.start()
+        process_end.close()
+        self._slots[index] = _Slot(index, process, node_end, state)
+
+    def _stop_processes(self) -> None:
+        for slot in list(self._slots.values()):
+            if slot.process.is_alive():
+                slot.process.kill()
+        for slot in list(self._slots.values()):
+            slot.process.join()
+            slot.control.close()
+        self._slots.clear()
+
+
+def describe_exit(exitcode) -> str:
+    """'exit code 3' or 'signal SIGKILL' for a Process.exitcode."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        import signal
+        try:
+            return "killed by signal %s" % signal.Signals(-exitcode).name
+        except ValueError:
+            return "killed by signal %d" % -exitcode
+    return "exit code %d" % exitcode
+
