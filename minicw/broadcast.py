@@ -2,7 +2,7 @@
 
     client                       master              worker node          worker process
     ------                       ------              -----------          --------------
-    broadcast(obj)
+    broadcast(obj): store()
       serialize once --put_blob--> blob store --get_blob (once per node)--> node cache
       Handle(key)                                                             |
     submit(fn, handle) --payload carries only the key-------------------> unpickling the
@@ -22,6 +22,7 @@ import pickle
 from collections import OrderedDict
 
 from minicw import protocol, serialize
+from minicw.errors import SerializationError
 
 OBJECTS_PER_PROCESS = 8   # broadcast objects a worker process keeps loaded
 
@@ -58,6 +59,18 @@ def make_blob(obj) -> tuple[str, bytes, Handle]:
     data = serialize.dumps(obj, protocol.PICKLE_PROTOCOL)
     key, blob = protocol.pack_blob(protocol.BLOB_DATA, data)
     return key, blob, Handle(key, len(data), type(obj).__name__)
+
+
+def store(session, obj) -> Handle:
+    """Serialize ``obj`` once and store it in the master through a client
+    ``session``; the Handle stands for it in job arguments."""
+    try:
+        key, blob, handle = make_blob(obj)
+    except Exception as exc:
+        raise SerializationError("cannot broadcast %s: %s" % (type(obj).__name__, exc)) \
+            from exc
+    session.put_blob(key, blob)
+    return handle
 
 
 def set_fetcher(fetch_blob) -> None:

@@ -45,10 +45,19 @@ Four limits decide, the smallest wins:
 
 A function never timed goes one job per chunk until a result reports its
 time: slow jobs must not queue behind each other in one process.
+
+Single calls (``submit``) have no run length: ``backlog_chunks`` cuts what
+accumulated while the client was busy sending into chunks of about
+CHUNK_TARGET_S of estimated work, and a few calls of a function never timed
+share a chunk only in a large backlog (UNKNOWN_JOBS_PER_CHUNK), which keeps
+the master's memory per queued job small.  ``window_chunks`` is how many
+chunks a client keeps in flight.
 """
 from __future__ import annotations
 
 import math
+
+from minicw import config
 
 CHUNK_TARGET_S = 0.01       # a chunk holds about this much work ...
 CHUNK_WORK_S = 0.05         # ... or up to this much, early in a run of known length ...
@@ -61,6 +70,9 @@ CONFIDENCE_FACTOR = 4       # a chunk holds at most this many times the jobs tim
 EMA_WEIGHT = 0.3            # how much of a function's timings each new report displaces
 SMALL_REPORT_SHARE = 4      # a report of under 1/4 of the jobs behind an estimate ...
 OUTLIER_FACTOR = 4.0        # ... counts as at most 4 times the estimate
+UNKNOWN_JOBS_PER_CHUNK = 32  # calls of an untimed function sharing a chunk in a large backlog
+LARGE_BACKLOG = 64          # ... a backlog of at least this many calls
+MIN_WINDOW_CHUNKS = 16      # chunks a client keeps in flight, at least
 
 
 class JobTimes:
@@ -145,3 +157,41 @@ def spread_chunks(processes: int, share_s: float | None = None) -> int:
     if share_s is not None and share_s < MIN_SPARE_WORK_S:
         return processes
     return processes + min((SPREAD_PER_PROCESS - 1) * processes, MAX_SPARE_CHUNKS)
+
+
+def window_chunks(processes: int) -> int:
+    """Chunks a client keeps in flight (submitted, not yet answered) for
+    ``processes`` connected worker processes."""
+    return max(MIN_WINDOW_CHUNKS, config.IN_FLIGHT_CHUNKS_PER_PROCESS * processes)
+
+
+def backlog_chunks(calls: list, job_times: JobTimes, processes: int = 0) -> list:
+    """Sizes of the chunks that a backlog of single calls is cut into, in order.
+
+    ``calls`` lists ``(func_key, limits)`` per call; consecutive calls with
+    equal limits share a chunk of about CHUNK_TARGET_S of estimated work.  A
+    call of a function never timed counts as a whole chunk's work, unless the
+    backlog is large (LARGE_BACKLOG): then a few share a chunk, at most
+    UNKNOWN_JOBS_PER_CHUNK with several chunks per worker process left
+    (``processes``, needed only for a large backlog).
+    """
+    unknown_share = 1
+    if len(calls) >= LARGE_BACKLOG:
+        unknown_share = max(1, min(UNKNOWN_JOBS_PER_CHUNK,
+                                   len(calls) // (8 * max(1, processes))))
+    unknown_cost = CHUNK_TARGET_S / unknown_share
+    sizes = []
+    size, budget, chunk_limits = 0, 0.0, None
+    for func_key, limits in calls:
+        seconds = job_times.estimate(func_key)
+        cost = unknown_cost if seconds is None else seconds
+        if size and (limits != chunk_limits or budget + cost > CHUNK_TARGET_S
+                     or size >= MAX_JOBS_PER_CHUNK):
+            sizes.append(size)
+            size, budget = 0, 0.0
+        size += 1
+        budget += cost
+        chunk_limits = limits
+    if size:
+        sizes.append(size)
+    return sizes

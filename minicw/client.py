@@ -13,9 +13,13 @@
 ``stream_results`` keeps a bounded window of chunks in flight: it submits
 chunks as earlier ones complete, so memory on the client and the master stays
 proportional to the window, not to the number of jobs.  It yields the
-deliveries as they arrive (``decode`` or ``load_results`` turn them into
-results, loading each once); on an error or an interrupt it cancels the
+deliveries as they arrive; on an error or an interrupt it cancels the
 chunks still queued before passing the exception on.
+
+``decode`` is the one place a Delivery becomes results: runs of consecutive
+jobs (``Segment``), each job's value or its exception.  Every client
+(dispatch.py's routes and map streams, master_node.py's execute) reads
+deliveries through it; ``job_exception`` is what a failed job raises.
 
 A session is used by one consumer at a time; deliveries for chunks that the
 current stream does not own (left over from a cancelled run) are dropped.
@@ -31,11 +35,13 @@ import threading
 import time
 import warnings
 from concurrent.futures import CancelledError
+from typing import NamedTuple, Optional
 
 from minicw import config, context, protocol, serialize, transport
 from minicw.errors import (
     AuthkeyMismatchError, ClusterShutdownError, JobTimeoutError, MasterConnectionError,
-    MasterLostError, MinicwError, RemoteError, SessionExpiredError, WorkerCrashedError,
+    MasterLostError, MinicwError, RemoteError, SerializationError, SessionExpiredError,
+    WorkerCrashedError,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,17 @@ def client_info() -> dict:
     return {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
             "pid": os.getpid(), "python": "%d.%d.%d" % sys.version_info[:3],
             "cwd": os.getcwd(), "sys_path": list(sys.path)}
+
+
+class _Unfinished:
+    """A chunk the session submitted and has not seen every result of."""
+
+    __slots__ = ("spec", "jobs_left", "delivered")
+
+    def __init__(self, spec: protocol.ChunkSpec):
+        self.spec = spec
+        self.jobs_left = spec.n_jobs
+        self.delivered = None        # indices seen, once a chunk comes in parts
 
 
 class Session:
@@ -66,7 +83,7 @@ class Session:
         self.reconnect_timeout_s = config.reconnect_timeout_s(reconnect_timeout_s)
         self._blobs = {}                  # key -> bytes of every blob stored
         self._blob_lock = threading.Lock()
-        self._in_flight = {}              # chunk_id -> [spec, jobs left, delivered indices]
+        self._in_flight = {}              # chunk_id -> _Unfinished
         self._in_flight_lock = threading.Lock()
         self._recover_lock = threading.Lock()
         self._generation = 0              # reconnections so far
@@ -152,7 +169,7 @@ class Session:
         for start in range(0, len(blobs), 16):
             self._api.put_blobs(self.client_id, blobs[start:start + 16])
         with self._in_flight_lock:
-            specs = [record[0] for record in self._in_flight.values()]
+            specs = [unfinished.spec for unfinished in self._in_flight.values()]
         for batch in submit_batches(specs):
             self._api.submit(self.client_id, batch)
 
@@ -201,7 +218,7 @@ class Session:
     def submit(self, specs: list) -> None:
         with self._in_flight_lock:
             for spec in specs:
-                self._in_flight[spec[0]] = [spec, spec[2], None]
+                self._in_flight[spec.chunk_id] = _Unfinished(spec)
         for batch in submit_batches(specs):
             self._call("submit", batch, after_recovery="done")
 
@@ -217,27 +234,24 @@ class Session:
             return [delivery for delivery in map(self._first_time, deliveries)
                     if delivery is not None]
 
-    def _first_time(self, delivery):
+    def _first_time(self, delivery: protocol.Delivery):
         """The delivery with repeated jobs masked; None if none of it is new."""
-        chunk_id, indices = delivery[0], delivery[1]
-        record = self._in_flight.get(chunk_id)
-        if record is None:
+        chunk_id, indices = delivery.chunk_id, delivery.indices
+        unfinished = self._in_flight.get(chunk_id)
+        if unfinished is None:
             return None  # cancelled, or complete before a resubmission
-        delivered = record[2]
-        if delivered is None and len(indices) == record[1] == record[0][2]:
+        delivered = unfinished.delivered
+        if delivered is None and len(indices) == unfinished.jobs_left == unfinished.spec.n_jobs:
             del self._in_flight[chunk_id]  # the common case: a whole chunk at once
             return delivery
         if delivered is None:
-            delivered = record[2] = set()
+            delivered = unfinished.delivered = set()
         fresh = tuple(None if index in delivered else index for index in indices)
         new = [index for index in fresh if index is not None]
         if not new:
             return None
-        delivered.update(new)
-        record[1] -= len(new)
-        if record[1] <= 0:
-            del self._in_flight[chunk_id]
-        return delivery if len(new) == len(indices) else (chunk_id, fresh) + tuple(delivery[2:])
+        self._forget_jobs(chunk_id, new)
+        return delivery if len(new) == len(indices) else delivery._replace(indices=fresh)
 
     def cancel(self, requests) -> list:
         """``[(chunk_id, indices or None)]`` -> ``[(chunk_id, cancelled indices)]``."""
@@ -253,20 +267,21 @@ class Session:
 
     def kill(self, chunk_id: int, index: int) -> str:
         outcome = self._call("kill", chunk_id, index)
-        if outcome == "cancelled":
+        if outcome == protocol.KILL_CANCELLED:
             with self._in_flight_lock:
                 self._forget_jobs(chunk_id, [index])
         return outcome
 
     def _forget_jobs(self, chunk_id, indices) -> None:
-        record = self._in_flight.get(chunk_id)
-        if record is None:
+        """``indices`` of a chunk need no result any more (delivered, or cancelled)."""
+        unfinished = self._in_flight.get(chunk_id)
+        if unfinished is None:
             return
-        if record[2] is None:
-            record[2] = set()
-        record[2].update(indices)
-        record[1] -= len(indices)
-        if record[1] <= 0:
+        if unfinished.delivered is None:
+            unfinished.delivered = set()
+        unfinished.delivered.update(indices)
+        unfinished.jobs_left -= len(indices)
+        if unfinished.jobs_left <= 0:
             del self._in_flight[chunk_id]
 
     def blob_transfers(self, keys) -> dict:
@@ -301,10 +316,10 @@ def submit_batches(specs: list):
     SUBMIT_BYTES_PER_CALL of payloads (a chunk larger than that goes alone)."""
     start, size = 0, 0
     for end, spec in enumerate(specs):
-        if size and size + len(spec[3]) > config.SUBMIT_BYTES_PER_CALL:
+        if size and size + len(spec.payload) > config.SUBMIT_BYTES_PER_CALL:
             yield specs[start:end]
             start, size = end, 0
-        size += len(spec[3])
+        size += len(spec.payload)
     if start < len(specs):
         yield specs[start:]
 
@@ -322,7 +337,7 @@ def _discard_connection(api) -> None:
 
 # --- decoding deliveries -------------------------------------------------------------
 
-def failure_error(failure, job: str) -> BaseException:
+def failure_error(failure: protocol.JobFailure, job: str) -> BaseException:
     """The exception a synthesized failure stands for."""
     kind, detail = failure
     if kind == protocol.FAIL_CRASHED:
@@ -341,44 +356,68 @@ def remote_error(description: tuple, arg=None, has_arg: bool = False) -> RemoteE
                        protocol.load_exception(description), has_arg)
 
 
-def decode(delivery, session: Session | None = None):
-    """``([(index, ok, value_or_error)], seconds)`` for one Delivery.
+def job_exception(error: BaseException) -> BaseException:
+    """What a failed job raises in the caller: the job's own exception when it
+    arrived intact (its remote traceback chained as ``__cause__``), else ``error``."""
+    if isinstance(error, RemoteError) and error.exception is not None:
+        original = error.exception
+        original.__cause__ = _RemoteTraceback(error.remote_traceback)
+        return original
+    return error
 
-    Errors are exception objects; ``seconds`` is the time the jobs took on
-    the worker (None for a synthesized failure).  Notes from the workers are
-    shown as warnings through ``session``.
+
+class _RemoteTraceback(Exception):
+    """Shows the worker's traceback under the re-raised exception."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\nRemote traceback:\n" + self.text.rstrip()
+
+
+class Segment(NamedTuple):
+    """Results of the consecutive jobs ``first, first+1, ...`` of one chunk."""
+    first: int
+    values: list
+    errors: Optional[dict]    # {offset in values: exception} of the jobs that failed
+
+
+def decode(delivery: protocol.Delivery, session: Session | None = None) -> tuple:
+    """``([Segment], seconds)`` for one Delivery, its results loaded once.
+
+    A whole run of consecutive jobs stays one segment, so results move in
+    bulk; failures and jobs rerun out of order become one-job segments, and
+    jobs delivered before a resubmission (index None) are left out.
+    ``seconds`` is the time the jobs took on the worker (None for a
+    synthesized failure, or results that cannot be loaded here: then every
+    job fails with a SerializationError).  Notes from the workers are shown
+    as warnings through ``session``.
     """
-    chunk_id, indices, results, failure = delivery
-    if failure is not None:
-        return [(index, False, failure_error(failure, "%s/%s" % (chunk_id, index)))
+    chunk_id, indices = delivery.chunk_id, delivery.indices
+    if delivery.failure is not None:
+        return [Segment(index, [None], {0: failure_error(delivery.failure,
+                                                         "%s/%s" % (chunk_id, index))})
                 for index in indices if index is not None], None
-    values, errors, seconds = load_results(delivery, session)
-    return pair_results(indices, values, errors), seconds
-
-
-def load_results(delivery, session: Session | None = None):
-    """``(values, errors, seconds)`` of a Delivery that carries results (no failure),
-    loaded once; notes from the workers are shown as warnings through ``session``."""
-    values, errors, seconds, notes = serialize.loads(delivery[2])
+    try:
+        values, errors, seconds, notes = serialize.loads(delivery.results)
+    except Exception as exc:
+        error = SerializationError("cannot load the results of chunk %s: %s" % (chunk_id, exc))
+        return [Segment(index, [None], {0: error}) for index in indices
+                if index is not None], None
     if notes and session is not None:
         session.warn_once(notes)
-    return values, errors, seconds
-
-
-def pair_results(indices, values, errors) -> list:
-    """``[(index, ok, value_or_error)]`` of loaded results, skipping repeated jobs."""
-    if not errors and None not in indices:
-        return list(zip(indices, itertools.repeat(True), values))
-    decoded = []
-    for position, (index, value) in enumerate(zip(indices, values)):
-        description = errors.get(position) if errors else None
-        if index is None:
-            continue  # delivered before the master restarted
-        if description is None:
-            decoded.append((index, True, value))
-        else:
-            decoded.append((index, False, remote_error(description)))
-    return decoded
+    if errors:
+        errors = {offset: remote_error(description) for offset, description in errors.items()}
+    if type(indices) is range and indices.step == 1:
+        return [Segment(indices.start, values, errors or None)], seconds
+    segments = []
+    for offset, (index, value) in enumerate(zip(indices, values)):
+        if index is not None:
+            error = errors.get(offset) if errors else None
+            segments.append(Segment(index, [value], {0: error} if error else None))
+    return segments, seconds
 
 
 # --- streaming many chunks ------------------------------------------------------------------
@@ -391,11 +430,10 @@ def delivered_jobs(indices) -> int:
 
 
 def stream_results(session: Session, chunks, window: int):
-    """Run chunks with at most ``window`` in flight; yield ``(chunk_id, delivery)``.
+    """Run chunks with at most ``window`` in flight; yield each Delivery (``decode``
+    reads it; it may hold part of a chunk).
 
-    ``chunks`` yields ChunkSpec tuples (their ids from ``session.new_chunk_id``).
-    A delivery (decode it with ``decode``, or ``load_results``) may hold
-    part of a chunk.  Closing the generator early (or an exception in the consumer)
+    ``chunks`` yields ChunkSpecs (their ids from ``session.new_chunk_id``).  Closing the generator early (or an exception in the consumer)
     cancels every chunk still queued.
     """
     remaining_by_chunk = {}   # chunk_id -> jobs not yet delivered
@@ -410,19 +448,19 @@ def stream_results(session: Session, chunks, window: int):
                     exhausted = True
                     break
                 batch.append(spec)
-                remaining_by_chunk[spec[0]] = spec[2]
+                remaining_by_chunk[spec.chunk_id] = spec.n_jobs
             if batch:
                 session.submit(batch)
             if not remaining_by_chunk:
                 return
             for delivery in session.fetch(FETCH_WAIT_S):
-                chunk_id, indices = delivery[0], delivery[1]
+                chunk_id = delivery.chunk_id
                 if chunk_id not in remaining_by_chunk:
                     continue  # left over from an earlier, cancelled stream
-                remaining_by_chunk[chunk_id] -= delivered_jobs(indices)
+                remaining_by_chunk[chunk_id] -= delivered_jobs(delivery.indices)
                 if remaining_by_chunk[chunk_id] <= 0:
                     del remaining_by_chunk[chunk_id]
-                yield chunk_id, delivery
+                yield delivery
     finally:
         if remaining_by_chunk:
             cancel_quietly(session, [(chunk_id, None) for chunk_id in remaining_by_chunk])

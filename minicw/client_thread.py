@@ -163,7 +163,7 @@ class ClientThread(threading.Thread):
                 self._jobs[jobid] = job
         return jobid
 
-    def cancel(self, jobid) -> bool:
+    def kill(self, jobid) -> bool:
         """Stop a job, queued or running; its callback is not called.  False if it had finished."""
         self._require_started()
         with self._lock:
@@ -175,6 +175,9 @@ class ClientThread(threading.Thread):
         if job.settled:  # cancelled before it ran: no delivery will come
             self._completed.put((jobid, False, CancelledError()))
         return True
+
+    # The ancestor's name: unlike Future.cancel, it stops a running job too.
+    cancel = kill
 
     def broadcast(self, obj):
         """Send ``obj`` to the cluster once; pass the returned handle as a job argument."""

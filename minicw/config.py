@@ -1,7 +1,7 @@
 """Defaults and environment variables, documented once.
 
-Every tunable of minicw has its default here; modules import the constant
-instead of repeating a literal.  Environment variables override some defaults
+Every tunable of minicw has its default here (the launchers' timeouts
+included); modules import the constant instead of repeating a literal.  Environment variables override some defaults
 so that one program runs unchanged on a laptop and on a cluster, and so that
 tests can shorten timeouts.
 """
@@ -55,11 +55,28 @@ SUBMIT_BYTES_PER_CALL = 1 << 20  # ... and later ones about this many payload by
                                 # (under load every call waits milliseconds for its reply)
 PREFETCH_WORK_S = 0.02          # a worker process leases about this much work ahead
 RESULT_FLUSH_S = 0.02           # a worker process holds finished results about this long at most
-                                # (see runner.MAX_CLOCK_STRIDE)
+                                # (see worker_process.MAX_CLOCK_STRIDE)
 IN_FLIGHT_CHUNKS_PER_PROCESS = 32  # client window: chunks submitted but not yet answered, per worker process
+NODE_COUNT_TTL_S = 2.0          # how long a client trusts its count of worker processes
 DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it
 
 # --- worker nodes ------------------------------------------------------------------
 DEFAULT_START_METHOD = "spawn"  # the Windows and macOS default; safe with threads
 NODE_RECONNECT_MAX_S = 5.0      # longest pause between reconnect attempts to a lost master
 NODE_BLOB_CACHE_BYTES = 1 << 30  # blobs (functions, broadcast data) a node keeps, least recently used dropped
+
+# --- launchers: launch.py, launcher.py, slurm.py ------------------------------------
+ENV_RUN_DIR = "MINICW_RUN_DIR"  # the run directory of the launchers (rundir.py) ...
+DEFAULT_RUN_DIR = "~/.minicw/run"  # ... when it is not set and no --run-dir is given
+READY_TIMEOUT_S = 60.0          # a started master must listen, a worker node join, within this
+READY_POLL_S = 0.01             # how often a parent looks for its child's ready file
+CHILD_STOP_TIMEOUT_S = 10.0     # launch.py: EOF on stdin, then SIGTERM, then SIGKILL, over this
+LOCAL_STOP_GRACE_S = 10.0       # local launcher: SIGTERM, then SIGKILL to the group after this
+                                # (a worker node finishes the jobs it holds meanwhile)
+GROUP_LINGER_S = 2.0            # a process group's members may outlive its leader this long
+SLURM_COMMAND_TIMEOUT_S = 30.0  # one sbatch / squeue / scancel call
+SLURM_MASTER_TIMEOUT_S = 120.0  # the master job must write its ready file within this
+                                # (it may wait in the queue meanwhile)
+SLURM_STOP_TIMEOUT_S = 60.0     # cancelled jobs must leave the queue within this
+SLURM_POLL_S = 0.2              # how often slurm.py looks at the run directory while waiting
+SQUEUE_EVERY_S = 1.0            # ... and asks squeue, at most

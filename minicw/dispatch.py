@@ -8,9 +8,10 @@
                                      packs consecutive jobs into chunks
                                      sized from measured job time
     MapStream (executor.map)  -----> its own chunks, a bounded window --submit-->
-                                     routes: chunk_id -> [Job] | MapStream
+                                     routes: chunk_id -> JobsRoute | MapStream
     Job.on_done(ok, value)  <------- receiver thread <----------------- fetch(): [Delivery]
-    MapStream.results()     <-------   (decodes, settles each job once)
+    MapStream.results()     <-------   route.deliver(delivery): decodes
+                                       (client.decode), settles each job once
 
 Why batch behind a one-call API: one proxy call costs tens of microseconds,
 so a loop of ``submit()`` calls is coalesced into chunks of many jobs, and
@@ -18,9 +19,10 @@ results come back many per message.  A lone job is never held back: the
 sender sends whatever is pending as soon as it is free, and a submit when
 nothing else is under way is sent straight from the caller's thread.
 
-How big a chunk is: chunking.py (one job per chunk for an untimed function,
-about CHUNK_TARGET_S of work for a timed one; a map of known length is
-spread over every worker process, in chunks that shrink towards its end).
+How big a chunk is: chunking.py (``backlog_chunks`` for submits: one job per
+chunk for an untimed function, about CHUNK_TARGET_S of work for a timed
+one; ``jobs_per_chunk`` for a map of known length: spread over every worker
+process, in chunks that shrink towards its end).
 
 Functions are serialized once per session: plain functions are remembered
 (weakly) with their blob key, and a blob is sent to the master once; worker
@@ -28,7 +30,13 @@ nodes fetch each blob once.  Later changes to a remembered function's
 globals or closure cells are therefore not seen by the workers.
 
 State changes (pending, routes, outstanding counts, settling a job) happen
-under ``Dispatcher._lock``; user callbacks run outside it.
+under ``Dispatcher._lock``, with two conditions on it: ``_work`` wakes the
+sender, ``_settled`` the callers of ``wait_settled``.  ``_send_lock`` is
+held while one thread packs and sends, so a cancel finds a job either
+pending or with its chunk id.  User callbacks run outside both locks.  A
+route (``JobsRoute`` of submitted jobs, or a ``MapStream``) owns the chunks
+registered for it: ``deliver`` files a Delivery, ``fail`` ends it with an
+error (the session broke, or closed).
 """
 from __future__ import annotations
 
@@ -45,9 +53,6 @@ from minicw import broadcast, chunking, client, config, protocol, serialize
 from minicw.errors import MinicwError, SerializationError
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_JOBS_PER_CHUNK = 32  # jobs of an untimed function sharing a chunk in a large backlog
-NODE_COUNT_TTL_S = 2.0      # how long a count of worker processes is trusted
 
 
 class Job:
@@ -83,7 +88,7 @@ class Dispatcher:
         self._settled = threading.Condition(self._lock)
         self._pending = []                     # Jobs not yet packed
         self._sending = False                  # a thread is packing and sending
-        self._routes = {}                      # chunk_id -> (func_keys, [Job]) or MapStream
+        self._routes = {}                      # chunk_id -> JobsRoute or MapStream
         self._outstanding = 0                  # jobs submitted and not settled
         self._streams = weakref.WeakSet()      # MapStreams still running
         self._func_keys = weakref.WeakKeyDictionary()  # plain function -> blob key
@@ -128,13 +133,7 @@ class Dispatcher:
     def broadcast(self, obj) -> broadcast.Handle:
         """Store ``obj`` in the master once; jobs given the handle receive the object."""
         self.check_open()
-        try:
-            key, blob, handle = broadcast.make_blob(obj)
-        except Exception as exc:
-            raise SerializationError("cannot broadcast %s: %s" % (type(obj).__name__, exc)) \
-                from exc
-        self.session.put_blob(key, blob)
-        return handle
+        return broadcast.store(self.session, obj)
 
     def jobs_per_chunk(self, func_key, run_jobs: int | None = None,
                        jobs_left: int | None = None) -> int:
@@ -147,13 +146,13 @@ class Dispatcher:
         """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""
         count, when = self._node_count
         now = time.monotonic()
-        if now - when > NODE_COUNT_TTL_S:
+        if now - when > config.NODE_COUNT_TTL_S:
             count = sum(node["nprocs"] for node in self.session.list_nodes())
             self._node_count = (count, now)
         return count
 
     def window_chunks(self) -> int:
-        return max(16, config.IN_FLIGHT_CHUNKS_PER_PROCESS * self.worker_processes())
+        return chunking.window_chunks(self.worker_processes())
 
     # --- submitting ---------------------------------------------------------------------
 
@@ -231,7 +230,7 @@ class Dispatcher:
             error = exc if interrupt is None else MinicwError(
                 "job submission was interrupted by %s; the job may not have reached "
                 "the master" % type(exc).__name__)
-            sent = {spec[0] for spec in specs}
+            sent = {spec.chunk_id for spec in specs}
             self._fail_chunks(sent, error)
             unsent = [job for job in jobs if job.chunk_id not in sent]
             failed.extend((job, error) for job in unsent)
@@ -242,40 +241,16 @@ class Dispatcher:
         if interrupt is not None:
             raise interrupt
 
-    def _cut(self, jobs):
-        """Consecutive live jobs with equal limits, in chunks sized by estimated time.
-
-        A job of a function never timed counts as a whole chunk's work, unless
-        the batch is a large backlog: then a few of them share a chunk (at most
-        UNKNOWN_JOBS_PER_CHUNK, with several chunks per worker process left),
-        which keeps the master's memory per queued job small.
-        """
-        chunk = []
-        budget = 0.0
-        limits = None
-        target_s = chunking.CHUNK_TARGET_S
-        unknown_cost = target_s / self._unknown_jobs_per_chunk(len(jobs))
-        for job in jobs:
-            if job.settled:
-                continue  # cancelled before it was sent
-            seconds = self._job_times.estimate(job.func_key)
-            cost = unknown_cost if seconds is None else seconds
-            job_limits = (job.job_timeout, job.max_retries)
-            if chunk and (job_limits != limits or budget + cost > target_s
-                          or len(chunk) >= chunking.MAX_JOBS_PER_CHUNK):
-                yield chunk
-                chunk, budget = [], 0.0
-            chunk.append(job)
-            budget += cost
-            limits = job_limits
-        if chunk:
-            yield chunk
-
-    def _unknown_jobs_per_chunk(self, backlog: int) -> int:
-        if backlog < 64:
-            return 1
-        processes = max(1, self.worker_processes())
-        return max(1, min(UNKNOWN_JOBS_PER_CHUNK, backlog // (8 * processes)))
+    def _cut(self, jobs: list):
+        """The live jobs (not cancelled before they were sent), in the chunks
+        ``chunking.backlog_chunks`` sizes them into."""
+        live = [job for job in jobs if not job.settled]
+        processes = self.worker_processes() if len(live) >= chunking.LARGE_BACKLOG else 0
+        calls = [(job.func_key, (job.job_timeout, job.max_retries)) for job in live]
+        start = 0
+        for size in chunking.backlog_chunks(calls, self._job_times, processes):
+            yield live[start:start + size]
+            start += size
 
     def _pack(self, jobs: list, context_key, failed: list):
         """A ChunkSpec for ``jobs`` (registering its route), or None if none could be packed."""
@@ -305,10 +280,10 @@ class Dispatcher:
             for index, job in enumerate(jobs):
                 job.chunk_id = chunk_id
                 job.index = index
-            self._routes[chunk_id] = (tuple(func_keys), jobs)
+            self._routes[chunk_id] = JobsRoute(self, tuple(func_keys), jobs)
         job = jobs[0]
-        return (chunk_id, tuple(func_keys), len(jobs), payload, job.job_timeout,
-                job.max_retries, context_key)
+        return protocol.ChunkSpec(chunk_id, tuple(func_keys), len(jobs), payload,
+                                  job.job_timeout, job.max_retries, context_key)
 
     def register_stream(self, chunk_id: int, stream) -> None:
         with self._lock:
@@ -351,13 +326,13 @@ class Dispatcher:
             if job.settled or job.chunk_id is None:
                 return False
         outcome = self.session.kill(job.chunk_id, job.index)
-        if outcome == "cancelled":
+        if outcome == protocol.KILL_CANCELLED:
             with self._lock:
                 if job.settled:
                     return False
                 self._settle_locked(job)
             return True
-        return outcome == "killing"
+        return outcome == protocol.KILL_KILLING
 
     def cancel_all_queued(self) -> list:
         """Cancel every job not yet running; returns the Jobs cancelled."""
@@ -366,10 +341,8 @@ class Dispatcher:
                 cancelled = [job for job in self._pending if not job.settled]
                 for job in cancelled:
                     self._settle_locked(job)
-                sent = {}
-                for chunk_id, route in self._routes.items():
-                    if isinstance(route, tuple):
-                        sent[chunk_id] = [job.index for job in route[1] if not job.settled]
+                sent = {chunk_id: [job.index for job in route.jobs if not job.settled]
+                        for chunk_id, route in self._routes.items() if route.jobs}
             if sent:
                 try:
                     outcome = self.session.cancel(list(sent.items()))
@@ -378,10 +351,10 @@ class Dispatcher:
                 with self._lock:
                     for chunk_id, indices in outcome:
                         route = self._routes.get(chunk_id)
-                        if route is None or not isinstance(route, tuple):
+                        if route is None:
                             continue
                         for index in indices:
-                            job = route[1][index]
+                            job = route.jobs[index]
                             if not job.settled:
                                 self._settle_locked(job)
                                 cancelled.append(job)
@@ -402,41 +375,11 @@ class Dispatcher:
             if self.closed and not deliveries:
                 return
 
-    def _route(self, delivery) -> None:
-        chunk_id = delivery[0]
+    def _route(self, delivery: protocol.Delivery) -> None:
         with self._lock:
-            route = self._routes.get(chunk_id)
-        if route is None:
-            return  # its jobs were cancelled or its stream closed
-        if not isinstance(route, tuple):
+            route = self._routes.get(delivery.chunk_id)
+        if route is not None:  # None: its jobs were cancelled or its stream closed
             route.deliver(delivery)
-            return
-        func_keys, jobs = route
-        try:
-            decoded, seconds = client.decode(delivery, self.session)
-        except Exception as exc:  # results that cannot be unpickled here
-            error = SerializationError("cannot load the results of chunk %s: %s"
-                                       % (chunk_id, exc))
-            decoded, seconds = [(index, False, error) for index in delivery[1]], None
-        if seconds is not None and delivery[3] is None:
-            self.record_time(func_keys, seconds, len(decoded))
-        outcomes = []
-        with self._lock:  # settle the whole delivery under one acquisition
-            for index, ok, value in decoded:
-                job = jobs[index]
-                if job.settled:
-                    continue
-                if not ok and hasattr(value, "job"):  # a crash or a timeout: say which call
-                    _rename_job(value, "%s%s" % (_name_of(job.fn), _short_repr(job.args)))
-                self._settle_locked(job)
-                outcomes.append((job.on_done, ok, value))
-            if all(job.settled for job in jobs):
-                self._routes.pop(chunk_id, None)
-        for on_done, ok, value in outcomes:
-            try:
-                on_done(ok, value)
-            except Exception:
-                log.exception("a job's completion handler raised")
 
     def record_time(self, func_keys, seconds: float, count: int) -> None:
         self._job_times.record(func_keys, seconds, count)
@@ -462,26 +405,29 @@ class Dispatcher:
         for chunk_id in chunk_ids:
             with self._lock:
                 route = self._routes.pop(chunk_id, None)
-            if isinstance(route, tuple):
-                for job in route[1]:
-                    self._settle(job, False, exc)
+            if route is not None:
+                route.fail(exc)
 
     def _break(self, exc: BaseException) -> None:
         """The session ended under us: every outstanding job fails with ``exc``."""
         log.warning("client session ended: %s", exc)
         self.broken = exc
+        self._fail_all(self._take_all(), exc)
+
+    def _take_all(self) -> tuple:
+        """``(pending jobs, routes)``, taken from the dispatcher; the sender is woken."""
         with self._lock:
             routes, self._routes = self._routes, {}
             pending, self._pending = self._pending, []
             self._work.notify_all()
+        return pending, routes
+
+    def _fail_all(self, taken: tuple, exc: BaseException) -> None:
+        pending, routes = taken
         for job in pending:
             self._settle(job, False, exc)
         for route in routes.values():
-            if isinstance(route, tuple):
-                for job in route[1]:
-                    self._settle(job, False, exc)
-            else:
-                route.fail(exc)
+            route.fail(exc)
 
     # --- shutting down -------------------------------------------------------------------
 
@@ -510,23 +456,58 @@ class Dispatcher:
             if self.closed:
                 return
             self.closed = True
-            self._work.notify_all()
-            routes, self._routes = self._routes, {}
-            pending, self._pending = self._pending, []
+        taken = self._take_all()
         self.session.close()
         current = threading.current_thread()
         for thread in (self._sender, self._receiver):
             if thread is not current:
                 thread.join()
-        cancelled = CancelledError("the client session was closed before the job finished")
-        for job in pending:
-            self._settle(job, False, cancelled)
-        for route in routes.values():
-            if isinstance(route, tuple):
-                for job in route[1]:
-                    self._settle(job, False, cancelled)
-            else:
-                route.fail(cancelled)
+        self._fail_all(taken, CancelledError(
+            "the client session was closed before the job finished"))
+
+
+class JobsRoute:
+    """Where the results of one chunk of submitted jobs go: each job's ``on_done``."""
+
+    __slots__ = ("dispatcher", "func_keys", "jobs")
+
+    def __init__(self, dispatcher: Dispatcher, func_keys: tuple, jobs: list):
+        self.dispatcher = dispatcher
+        self.func_keys = func_keys
+        self.jobs = jobs              # by index in the chunk
+
+    def deliver(self, delivery: protocol.Delivery) -> None:
+        dispatcher = self.dispatcher
+        segments, seconds = client.decode(delivery, dispatcher.session)
+        if seconds is not None:
+            dispatcher.record_time(self.func_keys, seconds,
+                                   sum(len(segment.values) for segment in segments))
+        jobs = self.jobs
+        outcomes = []
+        with dispatcher._lock:  # settle the whole delivery under one acquisition
+            for first, values, errors in segments:
+                for offset, value in enumerate(values):
+                    job = jobs[first + offset]
+                    if job.settled:
+                        continue
+                    error = errors.get(offset) if errors else None
+                    if error is not None and hasattr(error, "job"):
+                        # a crash or a timeout: say which call
+                        _rename_job(error, "%s%s" % (_name_of(job.fn), _short_repr(job.args)))
+                    dispatcher._settle_locked(job)
+                    outcomes.append((job.on_done, error is None,
+                                     value if error is None else error))
+            if all(job.settled for job in jobs):
+                dispatcher._routes.pop(delivery.chunk_id, None)
+        for on_done, ok, value in outcomes:
+            try:
+                on_done(ok, value)
+            except Exception:
+                log.exception("a job's completion handler raised")
+
+    def fail(self, exc: BaseException) -> None:
+        for job in self.jobs:
+            self.dispatcher._settle(job, False, exc)
 
 
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
@@ -561,12 +542,15 @@ def _argument_error(job: Job) -> SerializationError:
 # --- map over iterables, streaming ----------------------------------------------------------
 
 class MapStream:
-    """``fn`` over items pulled lazily, at most a window of chunks in flight.
+    """``fn`` over items pulled lazily, at most a window of chunks in flight; the
+    route of every chunk it submitted.
 
     The consumer's thread pulls items and submits chunks as results are
     consumed; the receiver thread files results with ``deliver``.  Ordered
     results are yielded by position; unordered ones as they arrive.
     """
+
+    jobs = ()   # a route's jobs that cancel_all_queued may cancel: a stream's are its own
 
     def __init__(self, dispatcher: Dispatcher, fn, items, kind: int, chunksize: int | None,
                  window_jobs: int | None, ordered: bool, timeout: float | None,
@@ -626,7 +610,7 @@ class MapStream:
                 if spec is None:
                     continue
                 specs.append(spec)
-                size += len(spec[3])
+                size += len(spec.payload)
                 if size >= config.SUBMIT_BYTES_PER_CALL or (
                         not self._submitted and time.perf_counter() >= first_by):
                     self._submit(specs)
@@ -676,22 +660,15 @@ class MapStream:
             self._jobs_in_flight += len(batch)
             self._results_due += len(batch)
         self.dispatcher.register_stream(chunk_id, self)
-        return (chunk_id, (self.func_key,), len(batch), payload, self.job_timeout,
-                self.max_retries, self.context_key)
+        return protocol.ChunkSpec(chunk_id, (self.func_key,), len(batch), payload,
+                                  self.job_timeout, self.max_retries, self.context_key)
 
     # --- arriving results (receiver thread) ----------------------------------------------------
 
-    def deliver(self, delivery) -> None:
-        chunk_id, indices, results, failure = delivery
-        try:
-            segments, seconds = self._segments_of(delivery)
-        except Exception as exc:
-            error = SerializationError("cannot load the results of chunk %s: %s"
-                                       % (chunk_id, exc))
-            segments = [(index, deque([None]), {0: error}) for index in indices
-                        if index is not None]
-            seconds = None
-        count = sum(len(values) for _, values, _ in segments)
+    def deliver(self, delivery: protocol.Delivery) -> None:
+        chunk_id = delivery.chunk_id
+        segments, seconds = client.decode(delivery, self.dispatcher.session)
+        count = sum(len(segment.values) for segment in segments)
         if seconds is not None:
             self.dispatcher.record_time((self.func_key,), seconds, count)
         with self._cond:
@@ -707,9 +684,9 @@ class MapStream:
                             _rename_job(error, "%s on item %d"
                                         % (self.func_name, first + index + offset))
                 if self.ordered:
-                    self._ready[first + index] = (values, errors)
+                    self._ready[first + index] = (deque(values), errors)
                 else:
-                    self._arrived.append((values, errors))
+                    self._arrived.append((deque(values), errors))
             if not self.ordered:
                 self._retire(chunk_id, record, count)
             # In order, most chunks arrive before the consumer wants them:
@@ -717,30 +694,6 @@ class MapStream:
             # finish 200 chunks in any order).
             if not self.ordered or self._next_to_yield in self._ready or not self._results_due:
                 self._cond.notify_all()
-
-    def _segments_of(self, delivery):
-        """``([(first index, deque of values, {offset: error} or None)], seconds)``.
-
-        A whole run of consecutive jobs stays one segment, so results move
-        in bulk; failures and jobs rerun out of order become one-job segments.
-        """
-        chunk_id, indices, results, failure = delivery
-        if failure is not None:
-            return [(index, deque([None]), {0: client.failure_error(
-                        failure, "%s/%s" % (chunk_id, index))})
-                    for index in indices if index is not None], None
-        values, errors, seconds = client.load_results(delivery, self.dispatcher.session)
-        if errors:
-            errors = {offset: client.remote_error(description)
-                      for offset, description in errors.items()}
-        if isinstance(indices, range) and indices.step == 1:
-            return [(indices.start, deque(values), errors or None)], seconds
-        segments = []
-        for offset, (index, value) in enumerate(zip(indices, values)):
-            if index is not None:  # None: delivered before the master restarted
-                error = errors.get(offset) if errors else None
-                segments.append((index, deque([value]), {0: error} if error else None))
-        return segments, seconds
 
     def _retire(self, chunk_id, record, count: int) -> None:
         """``count`` jobs of a chunk were yielded (or handed over, unordered)."""
@@ -761,7 +714,6 @@ class MapStream:
 
     def results(self):
         """Yield results in order (or as they arrive); raise at the first failed job."""
-        from minicw.executor import job_exception
         try:
             while True:
                 self.top_up()
@@ -780,7 +732,7 @@ class MapStream:
                 offset = 0
                 while values:
                     if offset in errors:
-                        raise job_exception(errors[offset])
+                        raise client.job_exception(errors[offset])
                     offset += 1
                     yield values.popleft()
         finally:

@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 
 from minicw import config, discover, dispatch, protocol
-from minicw.errors import RemoteError
+from minicw.client import job_exception
 
 _live_executors = weakref.WeakSet()
 
@@ -131,26 +131,6 @@ class ClusterFuture(Future):
             setter(self, value)
         except InvalidStateError:
             pass  # cancelled meanwhile
-
-
-def job_exception(error: BaseException) -> BaseException:
-    """What ``result()`` raises: the job's own exception when it arrived intact."""
-    if isinstance(error, RemoteError) and error.exception is not None:
-        original = error.exception
-        original.__cause__ = _RemoteTraceback(error.remote_traceback)
-        return original
-    return error
-
-
-class _RemoteTraceback(Exception):
-    """Shows the worker's traceback under the re-raised exception."""
-
-    def __init__(self, text: str):
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return "\n\nRemote traceback:\n" + self.text.rstrip()
 
 
 class ClusterExecutor(Executor):

@@ -20,8 +20,8 @@ import logging
 import os
 import secrets
 
-from minicw import chunking, client, config, envir, protocol, transport
-from minicw.errors import ArgsError, EnvirError, MinicwError
+from minicw import broadcast, chunking, client, config, envir, launch, protocol, transport
+from minicw.errors import ArgsError, EnvirError, MinicwError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class MasterNode:
             raise MinicwError("the master server is already running at %s"
                               % transport.format_address(self._address))
         bind_host = self.HOST if self.HOST else "0.0.0.0"
-        self._master_process, (host, port) = launch_master(
+        self._master_process, (host, port) = launch.start_master(
             bind_host, self.PORT, self.AUTHKEY, self.heartbeat_timeout_s)
         self._address = (host, port)
         self.PORT = port
@@ -107,7 +107,6 @@ class MasterNode:
         """Run a worker node on this machine (in its own process)."""
         if self._worker_process is not None and self._worker_process.alive():
             return
-        from minicw import launch
         self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs)
 
     def stop_as_worker(self) -> None:
@@ -127,16 +126,7 @@ class MasterNode:
     def broadcast(self, obj):
         """Send ``obj`` to the cluster once; an arg that is the returned handle
         reaches the target function as the object itself."""
-        from minicw import broadcast
-        from minicw.errors import SerializationError
-        session = self._require_session()
-        try:
-            key, blob, handle = broadcast.make_blob(obj)
-        except Exception as exc:
-            raise SerializationError("cannot broadcast %s: %s" % (type(obj).__name__, exc)) \
-                from exc
-        session.put_blob(key, blob)
-        return handle
+        return broadcast.store(self._require_session(), obj)
 
     def shutdown(self) -> None:
         """Stop the local worker node and the master server."""
@@ -215,7 +205,7 @@ class MasterNode:
                               "with join_as_worker() or python -m minicw.worker"
                               % transport.format_address(session.address))
         processes = sum(node["nprocs"] for node in nodes)
-        window = max(16, config.IN_FLIGHT_CHUNKS_PER_PROCESS * processes)
+        window = chunking.window_chunks(processes)
         return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries,
                          job_timeout, self._job_times, processes)
 
@@ -226,11 +216,6 @@ class MasterNode:
                                                  self._target_name)
         session.put_blob(func_key, func_blob)
         return func_key
-
-
-def launch_master(host, port, authkey, heartbeat_timeout_s=None):
-    from minicw import launch
-    return launch.start_master(host, port, authkey, heartbeat_timeout_s)
 
 
 def check_args(args):
@@ -285,30 +270,24 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
             start += len(items)
             chunk_id = session.new_chunk_id()
             args_by_chunk[chunk_id] = items
-            yield (chunk_id, (func_key,), len(items),
-                   protocol.pack_payload(protocol.CALL_ONE, items), job_timeout, max_retries,
-                   context_key)
+            yield protocol.ChunkSpec(chunk_id, (func_key,), len(items),
+                                     protocol.pack_payload(protocol.CALL_ONE, items),
+                                     job_timeout, max_retries, context_key)
 
     results = {}
     stream = client.stream_results(session, chunks(), window)
     try:
-        for chunk_id, delivery in stream:
-            items = args_by_chunk[chunk_id]
-            indices, failure = delivery[1], delivery[3]
-            if failure is not None:
-                decoded, _ = client.decode(delivery, session)
-            else:
-                values, errors, seconds = client.load_results(delivery, session)
-                job_times.record((func_key,), seconds, len(values))
-                if not errors and isinstance(indices, range) and indices.step == 1:
-                    # A clean run of consecutive jobs, the common case: filed in bulk.
-                    results.update(zip(items[indices.start:indices.stop], values))
-                    continue
-                decoded = client.pair_results(indices, values, errors)
-            for index, ok, value in decoded:
-                if not ok:
-                    raise _with_arg(value, items[index])
-                results[items[index]] = value
+        for delivery in stream:
+            items = args_by_chunk[delivery.chunk_id]
+            segments, seconds = client.decode(delivery, session)
+            if seconds is not None:
+                job_times.record((func_key,), seconds,
+                                 sum(len(segment.values) for segment in segments))
+            for first, values, errors in segments:
+                if errors:
+                    offset = min(errors)
+                    raise _with_arg(errors[offset], items[first + offset])
+                results.update(zip(items[first:first + len(values)], values))
     finally:
         stream.close()
     return results
@@ -316,7 +295,6 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
 
 def _with_arg(error: BaseException, arg) -> BaseException:
     """Attach the failing arg to a RemoteError (other failures name their job)."""
-    from minicw.errors import RemoteError
     if isinstance(error, RemoteError):
         error.arg = arg
         error.has_arg = True

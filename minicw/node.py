@@ -41,6 +41,15 @@ from minicw.errors import (
 
 log = logging.getLogger(__name__)
 
+# How one registration ends (``_serve_registration``).
+ENDED_STOPPED = "stopped"        # stop() was called, or a drain finished
+ENDED_SHUTDOWN = "shutdown"      # the master said it shuts down
+ENDED_LOST = "lost"              # the connection to the master broke
+ENDED_REREGISTER = "reregister"  # the master forgot this node
+
+# The supervisor's own command beside the master's: the connection broke.
+CMD_LOST = protocol.Command(ENDED_LOST)
+
 WATCHDOG_PERIOD_S = 0.1  # how often the supervisor checks job deadlines and kill requests
 KILL_REQUEST_TTL_S = 600.0  # a kill request for a job that never runs here is forgotten
 
@@ -154,9 +163,9 @@ class WorkerNode:
         try:
             while not self._stop_requested.is_set():
                 outcome = self._serve_registration(manager)
-                if outcome in ("stopped", "shutdown") or not self.reconnect:
+                if outcome in (ENDED_STOPPED, ENDED_SHUTDOWN) or not self.reconnect:
                     break
-                if outcome == "lost":
+                if outcome == ENDED_LOST:
                     manager = self._reconnect_with_backoff()
                     if manager is None:
                         break
@@ -208,16 +217,15 @@ class WorkerNode:
     def _serve_registration(self, manager) -> str:
         """Register, run the processes until something ends this registration.
 
-        Returns "stopped", "shutdown" (the master said so), "lost" (the
-        connection broke) or "reregister" (the master forgot this node).
+        Returns one of the ENDED_* constants.
         """
         api = manager.node()
         try:
             self.node_id, heartbeat_timeout_s = api.register(self._info())
         except ClusterShutdownError:
-            return "shutdown"
+            return ENDED_SHUTDOWN
         except (EOFError, OSError):
-            return "lost"
+            return ENDED_LOST
         self._start_heartbeat(api, heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT)
         fetcher = threading.Thread(target=self._fetch_blobs, args=(api,),
                                    name="minicw-blob-fetcher", daemon=True)
@@ -231,12 +239,12 @@ class WorkerNode:
             outcome = self._supervise(api)
         except (EOFError, OSError) as exc:
             log.warning("connection to the master failed: %s", exc)
-            outcome = "lost"
+            outcome = ENDED_LOST
         self._registered.clear()
         self._blob_requests.put(None)
         fetcher.join()
         self._stop_processes()
-        if outcome == "stopped":
+        if outcome == ENDED_STOPPED:
             try:
                 api.unregister(self.node_id)
             except Exception:  # the master may be gone; it will expire us
@@ -252,11 +260,11 @@ class WorkerNode:
                     commands = api.poll(node_id, period_s)
                 except Exception as exc:
                     log.debug("heartbeat failed: %s", exc)
-                    self._post(("lost",))
+                    self._post(CMD_LOST)
                     return
                 for command in commands:
                     self._post(command)
-                    if command[0] in (protocol.CMD_SHUTDOWN, protocol.CMD_REREGISTER):
+                    if command.kind in (protocol.CMD_SHUTDOWN, protocol.CMD_REREGISTER):
                         return
         threading.Thread(target=beat, name="minicw-heartbeat", daemon=True).start()
 
@@ -277,14 +285,14 @@ class WorkerNode:
         draining = False
         while True:
             if self._stop_requested.is_set():
-                return "stopped"
+                return ENDED_STOPPED
             if self._drain_requested.is_set() and not draining:
                 draining = True
                 for slot in self._slots.values():
                     slot.state[worker_process.STATE_DRAIN] = 1
-                    slot.send(("drain",))  # for a process waiting on a blob
+                    slot.send((worker_process.MSG_DRAIN,))  # for a process waiting on a blob
             if draining and not self._slots:
-                return "stopped"
+                return ENDED_STOPPED
             waitables = [self._wake_reader]
             for slot in self._slots.values():
                 waitables.append(slot.process.sentinel)
@@ -309,19 +317,19 @@ class WorkerNode:
         with self._commands_lock:
             commands, self._commands = self._commands, []
         for command in commands:
-            kind = command[0]
+            kind = command.kind
             if kind == protocol.CMD_SHUTDOWN:
                 self.master_shut_down = True
                 log.warning("the master at %s shut down",
                             transport.format_address(self.address))
-                return "shutdown"
+                return ENDED_SHUTDOWN
             if kind == protocol.CMD_REREGISTER:
                 log.warning("the master forgot node %s; registering again", self.node_id)
-                return "reregister"
-            if kind == "lost":
-                return "lost"
+                return ENDED_REREGISTER
+            if kind == ENDED_LOST:
+                return ENDED_LOST
             if kind == protocol.CMD_KILL:
-                self._kill_job(api, *command[1:])
+                self._kill_job(api, command.slot, command.token, command.position)
         return None
 
     def _answer(self, api, slot: _Slot) -> None:
@@ -329,11 +337,11 @@ class WorkerNode:
             request = slot.control.recv()
         except (EOFError, OSError):
             return  # the process is gone; its sentinel reports it
-        if request[0] == "blob":
-            key = request[1]
+        kind, key = request
+        if kind == worker_process.MSG_BLOB:
             data = self._blobs.get(key)
             if data is not None:
-                slot.send(("blob", key, data))
+                slot.send((worker_process.MSG_BLOB, key, data))
             else:
                 self._blob_requests.put((slot, key))
 
@@ -346,19 +354,19 @@ class WorkerNode:
             slot, key = request
             data = self._blobs.get(key)  # an earlier request may have fetched it
             if data is not None:
-                slot.send(("blob", key, data))
+                slot.send((worker_process.MSG_BLOB, key, data))
                 continue
             try:
                 data = api.get_blob(key)
             except (EOFError, OSError) as exc:
-                slot.send(("error", key, "lost the master: %s" % exc))
-                self._post(("lost",))  # the supervisor's caller handles that
+                slot.send((worker_process.MSG_ERROR, key, "lost the master: %s" % exc))
+                self._post(CMD_LOST)  # the supervisor's caller handles that
                 continue
             except Exception as exc:  # e.g. the blob's client left: tell the process
-                slot.send(("error", key, str(exc)))
+                slot.send((worker_process.MSG_ERROR, key, str(exc)))
                 continue
             self._blobs.put(key, data)
-            slot.send(("blob", key, data))
+            slot.send((worker_process.MSG_BLOB, key, data))
 
     def _enforce_deadlines(self, api) -> None:
         now_ns = time.monotonic_ns()
@@ -411,7 +419,7 @@ class WorkerNode:
             try:
                 commands = api.poll(self.node_id, 0)
             except (EOFError, OSError):
-                commands = [("lost",)]
+                commands = [CMD_LOST]
             for command in commands:
                 self._post(command)
             if commands:

@@ -53,7 +53,7 @@ from collections import deque
 import pickle
 
 from minicw.protocol import PICKLE_PROTOCOL
-from minicw.scheduler import Failure, Waiter
+from minicw.waiting import Failure, Waiter
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ its reaper and shutdown; see master.py).  Nothing here touches the network.
 A call that may wait (``exchange``, ``fetch``, ``poll``) returns its reply
 or a ``Waiter``; the transition that settles a Waiter queues its reply, and
 the reply is handed to the Waiter's ``on_reply`` once the lock is released
-(``_Transition``).
+(``waiting.Transition``).
 
     client             Scheduler                                 worker process
     ------             ---------                                 --------------
@@ -63,80 +63,13 @@ import time
 from collections import OrderedDict, deque
 
 from minicw import protocol
+from minicw.blobs import BlobStore
+from minicw.waiting import WAIT_FETCH, WAIT_LEASE, WAIT_POLL, Failure, Transition, Waiter
 from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
 
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES_PER_FETCH = 64
-
-
-class Waiter:
-    """A call that waits in the master: a process's ``exchange`` until work is
-    leased to it, a client's ``fetch`` until a delivery, a node's ``poll``
-    until a command.
-
-    Its reply goes to ``on_reply`` exactly once, outside the lock: from the
-    state change that settles it, or from ``end_wait`` at its deadline.  A
-    reply that is an error comes as a ``Failure``.
-    """
-
-    __slots__ = ("kind", "owner", "slot", "want", "ack", "deadline", "on_reply")
-
-    def __init__(self, kind, owner, deadline, on_reply, slot=0, want=0, ack=0):
-        self.kind = kind            # WAIT_LEASE, WAIT_FETCH or WAIT_POLL
-        self.owner = owner          # its NodeState or ClientState
-        self.slot = slot            # WAIT_LEASE: the process's slot
-        self.want = want            # WAIT_LEASE: chunks asked for
-        self.ack = ack              # WAIT_FETCH: the last delivery the client received
-        self.deadline = deadline    # time.monotonic() limit of the wait
-        self.on_reply = on_reply
-
-
-WAIT_LEASE, WAIT_FETCH, WAIT_POLL = "lease", "fetch", "poll"
-
-
-class Failure:
-    """The reply of a waiting call that ends in an error."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException):
-        self.error = error
-
-
-class _Transition:
-    """``with scheduler._changing:`` holds the lock for one state change.
-
-    Waiting calls that the change settled are answered on leaving: fetches
-    of clients that got deliveries are answered while the lock is still
-    held (one reply carries every delivery of the change), then the lock is
-    released and the replies are passed on.  A reply may go out on a socket,
-    and no thread should wait on the network under the lock.
-    """
-
-    __slots__ = ("_lock", "replies", "fed_clients", "_answer_fetches")
-
-    def __init__(self, lock, answer_fetches):
-        self._lock = lock
-        self.replies = []        # (on_reply, reply)
-        self.fed_clients = []    # ClientState with waiting fetches and new deliveries
-        self._answer_fetches = answer_fetches
-
-    def __enter__(self):
-        self._lock.acquire()
-
-    def __exit__(self, *exc_info):
-        if self.fed_clients:
-            self._answer_fetches()
-        replies = self.replies
-        if not replies:
-            self._lock.release()
-            return
-        settled = replies[:]
-        replies.clear()
-        self._lock.release()
-        for on_reply, reply in settled:
-            on_reply(reply)
 
 
 class Chunk:
@@ -145,14 +78,16 @@ class Chunk:
     __slots__ = ("client", "chunk_id", "func_keys", "payload", "timeout_s", "max_retries",
                  "context_key", "selection", "token", "holder", "done", "crashes")
 
-    def __init__(self, client, spec):
-        (self.chunk_id, func_keys, n_jobs, self.payload,
-         self.timeout_s, self.max_retries, context_key) = spec
+    def __init__(self, client, spec: protocol.ChunkSpec):
+        self.chunk_id = spec.chunk_id
+        self.payload = spec.payload
+        self.timeout_s = spec.timeout_s
+        self.max_retries = spec.max_retries
         # Every chunk names the same few keys: share one string of each.
-        self.func_keys = tuple(map(sys.intern, func_keys))
-        self.context_key = None if context_key is None else sys.intern(context_key)
+        self.func_keys = tuple(map(sys.intern, spec.func_keys))
+        self.context_key = None if spec.context_key is None else sys.intern(spec.context_key)
         self.client = client
-        self.selection = range(n_jobs)  # job indices still to run, in run order
+        self.selection = range(spec.n_jobs)  # job indices still to run, in run order
         self.token = 0                  # current lease token, 0 while queued
         self.holder = None              # (NodeState, slot) while leased
         self.done = 0                   # positions of selection reported under token
@@ -204,7 +139,7 @@ class Scheduler:
     def __init__(self, heartbeat_timeout_s: float):
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self._lock = threading.Lock()
-        self._changing = _Transition(self._lock, self._answer_fetches)
+        self._changing = Transition(self._lock, self._answer_fetches)
         self._replies = self._changing.replies
         self._fed_clients = self._changing.fed_clients
         self._waiting = OrderedDict()   # Waiter -> None, oldest first
@@ -214,9 +149,7 @@ class Scheduler:
         self._queued_chunks = 0
         self._live_slots = 0            # worker processes of all registered nodes
         self._leases = {}               # token -> Chunk
-        self._blobs = {}                # key -> bytes
-        self._blob_owners = {}          # key -> set of client ids
-        self._blob_transfers = {}       # key -> [times put by a client, times fetched by a node]
+        self._blobs = BlobStore()
         self._tokens = itertools.count(1)
         self._client_ids = itertools.count(1)
         self._node_serials = itertools.count(1)
@@ -250,26 +183,17 @@ class Scheduler:
         with self._changing:
             client = self._client(client_id)
             for key, data in blobs:
-                self._blobs.setdefault(key, data)
-                self._blob_owners.setdefault(key, set()).add(client_id)
-                self._blob_transfers.setdefault(key, [0, 0])[0] += 1
+                self._blobs.put(client_id, key, data)
                 client.blob_keys.add(key)
 
     def get_blob(self, key: str) -> bytes:
         with self._changing:
-            try:
-                data = self._blobs[key]
-            except KeyError:
-                raise MinicwError("the master holds no blob %s; its client has gone away"
-                                  % key) from None
-            self._blob_transfers[key][1] += 1
-            return data
+            return self._blobs.fetch(key)
 
     def blob_transfers(self, keys) -> dict:
         """{key: (times put, times fetched by nodes)} for blobs the master holds."""
         with self._changing:
-            return {key: tuple(self._blob_transfers[key]) for key in keys
-                    if key in self._blob_transfers}
+            return self._blobs.transfers(keys)
 
     def submit(self, client_id: int, specs) -> None:
         """Queue chunks: ``specs`` is a list of protocol ChunkSpec tuples."""
@@ -354,27 +278,29 @@ class Scheduler:
     def kill(self, client_id: int, chunk_id: int, index: int) -> str:
         """End job ``index`` of a chunk wherever it is.
 
-        Returns "cancelled" (it was still queued), "killing" (its process
+        Returns KILL_CANCELLED (it was still queued), KILL_KILLING (its process
         is told to die when it runs that job; the job then fails as
-        cancelled) or "unknown" (it is done or was never submitted).
+        cancelled) or KILL_UNKNOWN (it is done or was never submitted).
         """
         with self._changing:
             client = self._client(client_id)
             chunk = client.chunks.get(chunk_id)
             if chunk is None:
-                return "unknown"
+                return protocol.KILL_UNKNOWN
             if not chunk.token:
-                return "cancelled" if self._cancel_queued(chunk, [index]) else "unknown"
+                cancelled = self._cancel_queued(chunk, [index])
+                return protocol.KILL_CANCELLED if cancelled else protocol.KILL_UNKNOWN
             try:
                 position = chunk.selection.index(index)
             except ValueError:
-                return "unknown"
+                return protocol.KILL_UNKNOWN
             if position < chunk.done:
-                return "unknown"
+                return protocol.KILL_UNKNOWN
             node, slot = chunk.holder
-            node.commands.append((protocol.CMD_KILL, slot, chunk.token, position))
+            node.commands.append(protocol.Command(protocol.CMD_KILL, slot, chunk.token,
+                                                  position))
             self._answer_poll(node)
-            return "killing"
+            return protocol.KILL_KILLING
 
     def _cancel_queued(self, chunk: Chunk, indices) -> list:
         """QUEUED -> CANCELLED for ``indices`` (all when None) of a queued chunk."""
@@ -428,7 +354,7 @@ class Scheduler:
         with self._changing:
             node = self._nodes.get(node_id)
             if node is None:
-                return [(protocol.CMD_REREGISTER,)]
+                return [protocol.Command(protocol.CMD_REREGISTER)]
             node.last_seen = time.monotonic()
             if node.commands or self.closed or timeout_s <= 0:
                 return self._poll_reply(node)
@@ -442,9 +368,9 @@ class Scheduler:
         if self.closed:
             self._told_shutdown.add(node.node_id)
             self._all_told.notify_all()
-            return [(protocol.CMD_SHUTDOWN,)]
+            return [protocol.Command(protocol.CMD_SHUTDOWN)]
         if self._nodes.get(node.node_id) is not node:
-            return [(protocol.CMD_REREGISTER,)]
+            return [protocol.Command(protocol.CMD_REREGISTER)]
         commands, node.commands = node.commands, []
         return commands
 
@@ -597,8 +523,9 @@ class Scheduler:
             jobs = len(chunk.selection)
             client.queued_jobs -= jobs
             client.running_jobs += jobs
-            leases.append((chunk.token, client.client_id, chunk.chunk_id, chunk.func_keys,
-                           chunk.payload, chunk.selection, chunk.timeout_s, chunk.context_key))
+            leases.append(protocol.Lease(chunk.token, client.client_id, chunk.chunk_id,
+                                         chunk.func_keys, chunk.payload, chunk.selection,
+                                         chunk.timeout_s, chunk.context_key))
         return leases
 
     def _next_fair_chunk(self):
@@ -634,9 +561,9 @@ class Scheduler:
             client.deficit = 0
         return chunk if cost else None
 
-    def _accept_report(self, node: NodeState, slot: int, report) -> None:
-        token, start, count, results = report
-        chunk = self._leases.get(token)
+    def _accept_report(self, node: NodeState, slot: int, report: protocol.Report) -> None:
+        start, count = report.start, report.count
+        chunk = self._leases.get(report.token)
         if chunk is None or chunk.holder != (node, slot) or start != chunk.done:
             return  # outdated lease: the jobs were handed out again or dropped
         indices = chunk.selection[start:start + count]
@@ -645,7 +572,7 @@ class Scheduler:
         client.running_jobs -= count
         client.done_jobs += count
         node.jobs_done += count
-        self._deliver(client, (chunk.chunk_id, indices, results, None))
+        self._deliver(client, protocol.Delivery(chunk.chunk_id, indices, report.results, None))
         if chunk.done >= len(chunk.selection):
             self._release(chunk)
             del client.chunks[chunk.chunk_id]
@@ -667,16 +594,18 @@ class Scheduler:
         others = tuple(i for i in remaining if i != culprit)
         failure = None
         if reason == protocol.END_TIMED_OUT:
-            failure = (protocol.FAIL_TIMEOUT, chunk.timeout_s)
+            failure = protocol.JobFailure(protocol.FAIL_TIMEOUT, chunk.timeout_s)
         elif reason == protocol.END_KILLED:
-            failure = (protocol.FAIL_CANCELLED, "killed on request while running")
+            failure = protocol.JobFailure(protocol.FAIL_CANCELLED,
+                                          "killed on request while running")
         else:
             if chunk.crashes is None:
                 chunk.crashes = {}
             attempts = chunk.crashes.get(culprit, 0) + 1
             chunk.crashes[culprit] = attempts
             if attempts > chunk.max_retries:
-                failure = (protocol.FAIL_CRASHED, (exit_description, attempts))
+                failure = protocol.JobFailure(protocol.FAIL_CRASHED,
+                                              (exit_description, attempts))
             else:
                 log.info("job %s/%s crashed its process (%s); retry %d of %d",
                          chunk.chunk_id, culprit, exit_description, attempts, chunk.max_retries)
@@ -684,7 +613,7 @@ class Scheduler:
             self._requeue(chunk, (culprit,) + others)  # the suspect first, alone at risk
             return
         client.failed_jobs += 1
-        self._deliver(client, (chunk.chunk_id, (culprit,), None, failure))
+        self._deliver(client, protocol.Delivery(chunk.chunk_id, (culprit,), None, failure))
         self._requeue(chunk, others)
 
     def _requeue(self, chunk: Chunk, selection) -> None:
@@ -727,6 +656,7 @@ class Scheduler:
             self._fed_clients.append(client)
 
     def _drop_client(self, client: ClientState, why: str) -> None:
+        queued_jobs, running_jobs = client.queued_jobs, client.running_jobs
         del self._clients[client.client_id]
         if client.in_rotation:
             self._rotation.remove(client)
@@ -735,20 +665,11 @@ class Scheduler:
                 self._queued_chunks -= 1
         for chunk in list(client.chunks.values()):
             if chunk.token:
-                node, slot = chunk.holder
-                node.revoked_by_slot.setdefault(slot, set()).add(chunk.token)
-                self._release(chunk)
-        for key in client.blob_keys:
-            owners = self._blob_owners.get(key)
-            if owners is not None:
-                owners.discard(client.client_id)
-                if not owners:
-                    del self._blob_owners[key]
-                    self._blobs.pop(key, None)
-                    self._blob_transfers.pop(key, None)
+                self._revoke(chunk)
+        self._blobs.release(client.client_id, client.blob_keys)
         self._fail_fetches(client, self._unknown_client(client.client_id))
         log.info("client %d %s; %d queued and %d running jobs dropped", client.client_id,
-                 why, client.queued_jobs, client.running_jobs)
+                 why, queued_jobs, running_jobs)
 
     def _fail_fetches(self, client: ClientState, error) -> None:
         """Answer every waiting fetch of the client: with ``error``, or (None)

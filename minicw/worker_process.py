@@ -7,8 +7,8 @@ job), and to its node only for blobs and lifecycle:
     master <--exchange(reports, want, wait)-- run_process() --> slot_state (shared memory,
            --(leases, revoked)------------->     |                 read by the node:
                                                   |                 token, position, deadline)
-    node   <--("blob", key)------ control pipe ---+
-           --("blob", key, data) / ("drain",) -->
+    node   <--(MSG_BLOB, key)---- control pipe ---+
+           --(MSG_BLOB, key, data) / (MSG_ERROR, key, why) / (MSG_DRAIN,) -->
 
 The loop holds a small local queue of leases.  It asks for more only when
 the queue is empty, and then for about PREFETCH_WORK_S of work judged from
@@ -59,6 +59,11 @@ FUNCTIONS_PER_PROCESS = 256  # loaded functions and contexts a process keeps
 CLOCK_CHECKS_PER_FLUSH = 8   # a running chunk reads the clock this often per RESULT_FLUSH_S ...
 MAX_CLOCK_STRIDE = 16        # ... and at least every this many jobs (a fast start must
                              # not hide later slow jobs for long)
+
+# Messages on the control pipe between a node and its process.
+MSG_BLOB = "blob"      # process -> node (MSG_BLOB, key); node -> process (MSG_BLOB, key, data)
+MSG_ERROR = "error"    # node -> process (MSG_ERROR, key, why): the blob cannot be had
+MSG_DRAIN = "drain"    # node -> process (MSG_DRAIN,): finish what is held, then exit
 
 # Exit reasons.  A job may call os._exit() with any code, so the node reads
 # the reason from STATE_EXIT, never from the exit code alone.
@@ -142,8 +147,8 @@ class Runner:
     def run_next_lease(self) -> None:
         """Run the first lease held (unless its client cancelled it)."""
         lease = self.leases.popleft()
-        if lease[0] in self.revoked:
-            self.revoked.discard(lease[0])
+        if lease.token in self.revoked:
+            self.revoked.discard(lease.token)
             return
         started = time.perf_counter()
         self._run_lease(lease)
@@ -184,25 +189,25 @@ class Runner:
 
     # --- running a lease ------------------------------------------------------------
 
-    def _run_lease(self, lease) -> None:
-        token, client_id, chunk_id, func_keys, payload, selection, timeout_s, context_key = lease
+    def _run_lease(self, lease: protocol.Lease) -> None:
+        token, selection = lease.token, lease.selection
         state = self.state
         state[STATE_TOKEN] = token
         state[STATE_POSITION] = 0
         started = time.perf_counter()
         try:
             # The context first: the payload may name modules on the client's path.
-            job_context = self._context(context_key)
+            job_context = self._context(lease.context_key)
             self._switch_context(job_context)
-            kind, items = serialize.loads(payload)
-            functions = [self._resolve(key) for key in func_keys]
+            kind, items = serialize.loads(lease.payload)
+            functions = [self._resolve(key) for key in lease.func_keys]
         except BaseException as exc:  # every job of the chunk fails the same way
             description = protocol.describe_exception(exc)
             errors = {pos: description for pos in range(len(selection))}
             self._report(token, 0, [None] * len(selection), errors, 0.0)
             self._finish_lease()
             return
-        self._run_jobs(token, selection, items, _caller(kind, functions), timeout_s,
+        self._run_jobs(token, selection, items, _caller(kind, functions), lease.timeout_s,
                        job_context, started)
 
     def _run_jobs(self, token, selection, items, call, timeout_s, job_context, started):
@@ -269,7 +274,7 @@ class Runner:
         except Exception:
             values, errors = _picklable_results(values, errors)
             results = protocol.pack_results(values, errors, seconds, notes)
-        self.reports.append((token, start, len(values), results))
+        self.reports.append(protocol.Report(token, start, len(values), results))
 
     # --- functions -------------------------------------------------------------------
 
@@ -321,31 +326,30 @@ class Runner:
             job_context.notes = []
 
     def _load_function(self, key: str):
-        blob = pickle.loads(self._fetch_blob(key))
-        kind = blob[0]
+        kind, *fields = pickle.loads(self._fetch_blob(key))
         try:
             if kind == protocol.BLOB_CALLABLE:
-                return serialize.loads(blob[1])
+                return serialize.loads(fields[0])
             if kind == protocol.BLOB_ENVIR_NAME:
-                envir_key, name = blob[1], blob[2]
+                envir_key, name = fields
                 if not envir.is_loaded(envir_key):
-                    source_blob = pickle.loads(self._fetch_blob(envir_key))
-                    envir.register(envir_key, source_blob[1], source_blob[2])
+                    _, source, label = pickle.loads(self._fetch_blob(envir_key))
+                    envir.register(envir_key, source, label)
                 return envir.lookup(envir_key, name)
         except EnvirError as exc:
             return exc
         raise ValueError("unknown function blob kind %r" % (kind,))
 
     def _fetch_blob(self, key: str) -> bytes:
-        self.control.send(("blob", key))
+        self.control.send((MSG_BLOB, key))
         while True:
-            reply = self.control.recv()
-            if reply[0] == "drain":
+            kind, *fields = self.control.recv()
+            if kind == MSG_DRAIN:
                 self.draining = True
                 continue
-            if reply[0] == "error":
-                raise RuntimeError(reply[2])
-            return reply[2]
+            if kind == MSG_ERROR:
+                raise RuntimeError(fields[1])
+            return fields[1]
 
 
 def _clock_stride(seconds: float, jobs: int) -> int:

@@ -172,10 +172,12 @@ def _pid_after(x):
 
 
 def test_submit_calls_carry_about_a_megabyte_of_payloads_each():
-    from minicw import client, config
+    from minicw import client, config, protocol
     limit = config.SUBMIT_BYTES_PER_CALL
-    specs = [(i, ("k",), 1, b"x" * (limit // 4), None, 2, None) for i in range(10)]
-    specs.insert(5, (99, ("k",), 1, b"y" * (2 * limit), None, 2, None))  # larger than a call
+    specs = [protocol.ChunkSpec(i, ("k",), 1, b"x" * (limit // 4), None, 2, None)
+             for i in range(10)]
+    specs.insert(5, protocol.ChunkSpec(99, ("k",), 1, b"y" * (2 * limit), None, 2,
+                                       None))  # larger than a call
     batches = list(client.submit_batches(specs))
     assert [[spec[0] for spec in batch] for batch in batches] == [
         [0, 1, 2, 3], [4], [99], [5, 6, 7, 8], [9]]

@@ -126,7 +126,7 @@ def test_a_waiting_exchange_is_answered_when_work_is_submitted(master):
     client_id, _ = client.hello({"protocol": protocol.PROTOCOL_VERSION, "hostname": "t",
                                  "pid": 1})
     client.put_blobs(client_id, [("fn", b"f")])
-    client.submit(client_id, [(1, ("fn",), 3, b"payload", None, 2, None)])
+    client.submit(client_id, [protocol.ChunkSpec(1, ("fn",), 3, b"payload", None, 2, None)])
     waiting.join(10)
     [(leases, revoked)] = replies
     assert revoked == () and [lease[2] for lease in leases] == [1]
@@ -157,7 +157,7 @@ def test_calls_on_one_connection_are_answered_in_order(master):
     client_id, _ = client.hello({"protocol": protocol.PROTOCOL_VERSION, "hostname": "t",
                                  "pid": 1})
     client.put_blobs(client_id, [("fn", b"f")])
-    client.submit(client_id, [(1, ("fn",), 3, b"payload", None, 2, None)])
+    client.submit(client_id, [protocol.ChunkSpec(1, ("fn",), 3, b"payload", None, 2, None)])
     assert conn.poll(10)
     kind, (leases, _) = conn.recv()      # the first call's reply: the chunk
     assert kind == "#RETURN" and [lease[2] for lease in leases] == [1]

@@ -12,7 +12,8 @@ import pytest
 
 from minicw import protocol
 from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
-from minicw.scheduler import Failure, Scheduler, Waiter
+from minicw.scheduler import Scheduler
+from minicw.waiting import Failure, Waiter
 
 NODE_INFO = {"hostname": "h", "pid": 1, "nprocs": 2, "python": "3"}
 
@@ -60,7 +61,8 @@ def make(heartbeat_timeout_s=10.0):
 
 
 def spec(chunk_id, n_jobs, max_retries=2, timeout_s=None):
-    return (chunk_id, ("fn",), n_jobs, b"payload", timeout_s, max_retries, None)
+    return protocol.ChunkSpec(chunk_id, ("fn",), n_jobs, b"payload", timeout_s, max_retries,
+                              None)
 
 
 def fetch(scheduler, client):
@@ -71,7 +73,7 @@ def fetch(scheduler, client):
 
 
 def report(lease, start, count, results=b"r"):
-    return (lease[0], start, count, results)
+    return protocol.Report(lease.token, start, count, results)
 
 
 def test_lease_report_deliver_exactly_once():
@@ -159,7 +161,7 @@ def test_late_report_after_node_expiry_is_dropped(monkeypatch):
     # The frozen node wakes up and reports: it is told to stop, nothing is delivered.
     assert scheduler.exchange(node, 0, [report(lease, 0, 1)], 1, 0) is None
     assert fetch(scheduler, client) == []
-    assert scheduler.poll(node, 0) == [(protocol.CMD_REREGISTER,)]
+    assert scheduler.poll(node, 0) == [protocol.Command(protocol.CMD_REREGISTER)]
     other = scheduler.register_node(dict(NODE_INFO))
     [again], _ = scheduler.exchange(other, 0, [], 1, 0)
     assert again[2] == 1 and again[0] != lease[0]
@@ -222,7 +224,7 @@ def test_close_wakes_waiters_and_refuses_work():
     scheduler, client, node = make()
     scheduler.close()
     assert scheduler.exchange(node, 0, [], 1, 5) is None
-    assert scheduler.poll(node, 5) == [(protocol.CMD_SHUTDOWN,)]
+    assert scheduler.poll(node, 5) == [protocol.Command(protocol.CMD_SHUTDOWN)]
     with pytest.raises(ClusterShutdownError):
         scheduler.submit(client, [spec(1, 1)])
     assert scheduler.wait_nodes_told(0.1)
@@ -278,7 +280,7 @@ def test_a_waiter_whose_node_is_dropped_gets_none_and_its_work_stays_queued():
 def test_unknown_function_blob_is_refused():
     scheduler, client, node = make()
     with pytest.raises(Exception, match="function blobs the master does not hold: nope"):
-        scheduler.submit(client, [(1, ("nope",), 1, b"", None, 2, None)])
+        scheduler.submit(client, [protocol.ChunkSpec(1, ("nope",), 1, b"", None, 2, None)])
 
 
 def test_an_unacknowledged_fetch_is_sent_again():
