@@ -1,20 +1,40 @@
 """Command-line front ends: ``python -m minicw.master`` and ``python -m minicw.worker``.
 
+    master_main(argv)                           worker_main(argv)
+    -----------------                           -----------------
+    key: --authkey > --authkey-file             key: KEY, or "-" for $MINICW_AUTHKEY
+         (rundir.read_key_file)                 WorkerNode(host, port, key).join_cluster()
+         > $MINICW_AUTHKEY > a new one          --ready-file PATH: launch.py's ready
+         (printed once)                           record, once joined
+    server.Master(host, port, key).start()      serves until SIGTERM (the jobs it holds
+    --ready-file PATH: launch.py's ready          finish first), EOF on stdin
+      record, once listening                      (--exit-with-stdin) or the master's
+    serves until SIGTERM / SIGINT or EOF on       shutdown; removes its ready file
+      stdin (--exit-with-stdin); removes its
+      ready file on the way out
+
 Also installed as the console scripts ``minicw-master`` and ``minicw-worker``.
-The only module that prints; everything else logs.
+``master_main`` is the one master main loop: LocalCluster's master
+(launch.py), the local launcher's and the SLURM master job all run
+``python -m minicw.master``.  Printing is for people; a parent that started
+one of these reads its ready file instead.  With scripts/*_start.py and
+``python -m minicw.slurm address``, the only code that prints; everything
+else logs.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
-import secrets
 import signal
+import socket
 import sys
 import threading
 
-from minicw import config, launch, transport
-from minicw.errors import MasterConnectionError
+from minicw import config, launch, rundir, transport
+from minicw.errors import MasterConnectionError, MinicwError
+from minicw.node import WorkerNode
+from minicw.server import Master
 
 EXIT_USAGE = 2
 
@@ -38,27 +58,19 @@ def _split_master(text: str):
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="warning",
                         help="debug, info, warning (default) or error")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="once ready, write a JSON record here (for a program that "
+                        "started this one; see minicw/launch.py); removed at exit")
     # Used by launch.py: end when the parent closes our stdin.
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
 
 
+def _error(program: str, message) -> int:
+    print("%s: error: %s" % (program, message), file=sys.stderr)
+    return EXIT_USAGE
+
+
 # --- master ---------------------------------------------------------------------
-
-def read_authkey(explicit: str | None, key_file: str | None) -> tuple[str | None, str]:
-    """(key, where it came from): --authkey, --authkey-file, then the environment."""
-    if explicit:
-        return explicit, "--authkey"
-    if key_file:
-        with open(key_file, "r", encoding="utf-8") as handle:
-            key = handle.read().strip()
-        if not key:
-            raise ValueError("the authkey file %s is empty" % key_file)
-        return key, key_file
-    key = os.environ.get(config.ENV_AUTHKEY)
-    if key:
-        return key, config.ENV_AUTHKEY
-    return None, ""
-
 
 def master_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -71,7 +83,8 @@ def master_parser() -> argparse.ArgumentParser:
                         help="port to listen on; 0 picks a free one (default: %(default)s)")
     parser.add_argument("--authkey", help="the cluster's key (visible in ps; prefer "
                         "--authkey-file or %s)" % config.ENV_AUTHKEY)
-    parser.add_argument("--authkey-file", help="read the key from this file")
+    parser.add_argument("--authkey-file", help="read the key from this file (it must be "
+                        "readable by its owner only: chmod 600)")
     parser.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
                         help="declare a silent worker node or client dead after this "
                         "long (default: $%s or %g)" % (config.ENV_HEARTBEAT_TIMEOUT_S,
@@ -80,38 +93,40 @@ def master_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _master_key(args) -> tuple:
+    """(key, where it came from, whether it was generated); MinicwError from the key file."""
+    if args.authkey:
+        return args.authkey, "--authkey", False
+    if args.authkey_file:
+        return rundir.read_key_file(args.authkey_file), args.authkey_file, False
+    if os.environ.get(config.ENV_AUTHKEY):
+        return os.environ[config.ENV_AUTHKEY], config.ENV_AUTHKEY, False
+    return rundir.new_authkey(), "", True
+
+
 def master_main(argv=None) -> int:
-    from minicw.server import Master
+    """Run a master until SIGTERM, SIGINT or (--exit-with-stdin) EOF on stdin; the exit code."""
     args = master_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        key, key_source = read_authkey(args.authkey, args.authkey_file)
-    except (OSError, ValueError) as exc:
-        print("minicw-master: error: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-    generated = key is None
-    if generated:
-        key = secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES)
+        key, key_source, generated = _master_key(args)
+    except MinicwError as exc:
+        return _error("minicw-master", exc)
     master = Master(args.host, args.port, key, heartbeat_timeout_s=args.heartbeat_timeout)
     try:
         host, port = master.start()
     except OSError as exc:
-        print("minicw-master: error: %s" % exc.strerror, file=sys.stderr)
-        return EXIT_USAGE
-    reach = host if host not in ("0.0.0.0", "", "::") else socket_hostname()
-    print("minicw master listening on %s:%d (workers and clients connect to %s:%d)"
-          % (host, port, reach, port), flush=True)
-    if generated:
-        print("authkey (generated, shown once): %s" % key, flush=True)
-    else:
-        print("authkey from %s" % key_source, flush=True)
+        return _error("minicw-master", exc.strerror)
+    _print_master_started(host, port, key if generated else None, key_source)
     if args.exit_with_stdin:
-        local_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        print("%s%s %d" % (launch.READY_PREFIX, local_host, port), flush=True)
         launch.exit_with_stdin(master.shutdown)
     _on_signals(lambda signum, frame: threading.Thread(target=master.shutdown).start())
+    if args.ready_file:  # last: whoever reads it may signal us at once
+        launch.write_ready_file(args.ready_file, launch.master_ready_record(host, port))
     while not master.wait(1.0):  # wake now and then so signals are handled promptly
         pass
+    if args.ready_file:
+        launch.remove_ready_file(args.ready_file)
     try:
         print("minicw master on port %d shut down" % port, flush=True)
     except OSError:  # whoever read our output has gone (the parent of --exit-with-stdin)
@@ -119,9 +134,15 @@ def master_main(argv=None) -> int:
     return 0
 
 
-def socket_hostname() -> str:
-    import socket
-    return socket.gethostname()
+def _print_master_started(host: str, port: int, generated_key: str | None,
+                          key_source: str) -> None:
+    reach = launch.master_host({"host": host, "hostname": socket.gethostname()})
+    print("minicw master listening on %s:%d (workers and clients connect to %s:%d)"
+          % (host, port, reach, port), flush=True)
+    if generated_key:
+        print("authkey (generated, shown once): %s" % generated_key, flush=True)
+    else:
+        print("authkey from %s" % key_source, flush=True)
 
 
 # --- worker --------------------------------------------------------------------------
@@ -151,46 +172,51 @@ def worker_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def worker_main(argv=None) -> int:
-    from minicw.node import WorkerNode
-    args = worker_parser().parse_args(argv)
-    _setup_logging(args.log_level)
+def _worker_master(args) -> tuple:
+    """The master's (host, port): the arguments, else $MINICW_MASTER, else the defaults."""
     env_host, env_port = config.DEFAULT_HOST, config.DEFAULT_PORT
     if os.environ.get(config.ENV_MASTER):
         env_host, env_port = _split_master(os.environ[config.ENV_MASTER])
-    host = args.host or env_host
-    port = args.port if args.port is not None else env_port
-    key = args.key
-    if key == "-":
-        key = os.environ.get(config.ENV_AUTHKEY)
-        if not key:
-            print("minicw-worker: error: KEY is '-' but $%s is not set"
-                  % config.ENV_AUTHKEY, file=sys.stderr)
-            return EXIT_USAGE
+    return args.host or env_host, args.port if args.port is not None else env_port
+
+
+def worker_main(argv=None) -> int:
+    """Run a worker node until SIGTERM (drained), EOF on stdin or the master's shutdown."""
+    args = worker_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    host, port = _worker_master(args)
+    key = os.environ.get(config.ENV_AUTHKEY) if args.key == "-" else args.key
+    if not key:
+        return _error("minicw-worker", "KEY is '-' but $%s is not set" % config.ENV_AUTHKEY)
     try:
         node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
                           reconnect=not args.no_reconnect,
                           allow_oversubscribe=args.oversubscribe)
     except ValueError as exc:
-        print("minicw-worker: error: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
-
-    def announce():
-        if node.wait_registered(3600 * 24 * 365):
-            print("minicw worker node %s joined %s:%d with %d processes"
-                  % (node.node_id, host, port, node.nprocs), flush=True)
-            if args.exit_with_stdin:
-                print("%s%s" % (launch.READY_PREFIX, node.node_id), flush=True)
-    threading.Thread(target=announce, daemon=True).start()
+        return _error("minicw-worker", exc)
+    threading.Thread(target=_announce_joined, args=(node, args.ready_file),
+                     daemon=True).start()
     if args.exit_with_stdin:
         launch.exit_with_stdin(node.stop)
     _on_signals(lambda signum, frame: node.stop(drain=True))
     try:
         node.join_cluster()
     except MasterConnectionError as exc:
-        print("minicw-worker: error: %s" % exc, file=sys.stderr)
-        return EXIT_USAGE
+        return _error("minicw-worker", exc)
+    finally:
+        if args.ready_file:
+            launch.remove_ready_file(args.ready_file)
     if node.master_shut_down:
         print("minicw worker node: the master at %s shut down; exiting"
               % transport.format_address((host, port)), file=sys.stderr, flush=True)
     return 0
+
+
+def _announce_joined(node: WorkerNode, ready_file: str | None) -> None:
+    if not node.wait_registered(3600 * 24 * 365):
+        return
+    host, port = node.address
+    print("minicw worker node %s joined %s:%d with %d processes"
+          % (node.node_id, host, port, node.nprocs), flush=True)
+    if ready_file:
+        launch.write_ready_file(ready_file, launch.worker_ready_record(node.node_id, node.nprocs))

@@ -1,9 +1,10 @@
 """Defaults and environment variables, documented once.
 
 Every tunable of minicw has its default here (the launchers' timeouts
-included); modules import the constant instead of repeating a literal.  Environment variables override some defaults
-so that one program runs unchanged on a laptop and on a cluster, and so that
-tests can shorten timeouts.
+included); modules import the constant instead of repeating a literal.
+Environment variables override some defaults so that one program runs
+unchanged on a laptop and on a cluster, and so that tests can shorten
+timeouts.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ CHILD_STOP_TIMEOUT_S = 10.0     # launch.py: EOF on stdin, then SIGTERM, then SI
 LOCAL_STOP_GRACE_S = 10.0       # local launcher: SIGTERM, then SIGKILL to the group after this
                                 # (a worker node finishes the jobs it holds meanwhile)
 GROUP_LINGER_S = 2.0            # a process group's members may outlive its leader this long
+STOP_POLL_S = 0.05              # how often the local launcher looks whether a process ended
 SLURM_COMMAND_TIMEOUT_S = 30.0  # one sbatch / squeue / scancel call
 SLURM_MASTER_TIMEOUT_S = 120.0  # the master job must write its ready file within this
                                 # (it may wait in the queue meanwhile)

@@ -14,7 +14,7 @@
                                  (an explicit port always wins over a found one)
     authkey(explicit):           explicit  >  $MINICW_AUTHKEY
                                  >  the mode-600 key file of the run directory
-                                    (launcher.read_authkey())  >  MinicwError
+                                    (rundir.read_authkey())  >  MinicwError
 
 The run directory is $MINICW_RUN_DIR, else ~/.minicw/run: where
 scripts/local_start.py and scripts/slurm_start.py record what they started.
@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 
-from minicw import config, transport
+from minicw import config, launcher, rundir, slurm, transport
 from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ def master_address(host: str | None = None, port: int | None = None) -> tuple:
 
 def launched_master() -> tuple | None:
     """(host, port) of a master the launchers started: SLURM first, then local; else None."""
-    from minicw import launcher, slurm
     if slurm.available():
         try:
             return slurm.master_address()
@@ -83,10 +82,9 @@ def authkey(explicit=None) -> bytes:
     text = os.environ.get(config.ENV_AUTHKEY)
     if text:
         return transport.as_authkey(text)
-    from minicw import launcher
-    key = launcher.read_authkey()
+    key = rundir.read_authkey()
     if key is not None:
         return key
     raise MinicwError("no authkey: pass authkey=..., set %s to the cluster's key, or start "
                       "the cluster with scripts/local_start.py or scripts/slurm_start.py "
-                      "(they write %s)" % (config.ENV_AUTHKEY, launcher.authkey_path()))
+                      "(they write %s)" % (config.ENV_AUTHKEY, rundir.authkey_path()))

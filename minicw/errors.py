@@ -21,6 +21,9 @@ it by type.  The hierarchy::
      |    +-- IncompatiblePythonError     payload written by another Python version
      +-- EnvirError                       the environment source failed or lacks a name
      +-- ArgsError (also ValueError)      load_args() input that cannot be keyed
+     +-- SlurmError                       SLURM missing, or the master job not usable
+          +-- SlurmCommandError           sbatch, squeue or scancel failed (quotes its stderr)
+          +-- SlurmMasterNotFoundError    the user has no minicw master job in the queue
 
 Errors that cross the wire (raised in the master and re-raised in a client by
 the manager's '#ERROR' reply) must stay picklable: every class here keeps its
@@ -171,3 +174,17 @@ class EnvirError(MinicwError):
 
 class ArgsError(MinicwError, ValueError):
     """Arguments given to ``load_args`` cannot be used as result keys."""
+
+
+# --- launchers --------------------------------------------------------------
+
+class SlurmError(MinicwError):
+    """SLURM is missing, a SLURM command failed, or the master job is not usable."""
+
+
+class SlurmCommandError(SlurmError):
+    """sbatch, squeue or scancel failed or did not answer; the message quotes its stderr."""
+
+
+class SlurmMasterNotFoundError(SlurmError):
+    """The current user has no minicw master job in the queue."""

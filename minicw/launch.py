@@ -1,123 +1,246 @@
-"""Start a master or a worker node as a child process of this one.
+"""Start a master or a worker node as a child process, and know when it is ready.
 
-    this process                         child: python -m minicw.master / minicw.worker
-    ------------                         ------------------------------------------------
-    Popen(..., stdin=PIPE, stdout=PIPE)  --exit-with-stdin: a thread reads stdin and
-      env MINICW_AUTHKEY=key               shuts the child down at EOF, so the child
-                                           ends when this process ends, however it ends
-    reader thread  <---------------------  one READY line on stdout, then anything else
-      parses READY, forwards the rest      the child prints (forwarded to our logger)
-      to the log
+    parent                                 child: python -m minicw.master / minicw.worker
+    ------                                 ----------------------------------------------
+    child_env(key): MINICW_AUTHKEY=key,    reads the key from the environment (never
+      PYTHONPATH=package_parent():...        argv) and imports the parent's minicw
+    removes a stale ready file, starts     --ready-file PATH: once listening (master) or
+      the child with --ready-file PATH       joined (node) it writes PATH atomically:
+    wait_ready_file(PATH, pid) <-----------  master  {"pid", "host", "port", "hostname",
+      polls until PATH names the child's               "job_id" ($SLURM_JOB_ID, if set)}
+      pid; the child exiting first or a      node    {"pid", "node_id", "nprocs"}
+      timeout raises MinicwError quoting     and removes PATH at shutdown if it still
+      the end of the child's output          names its pid
+                                           --exit-with-stdin (ChildProcess only): a
+    ChildProcess.stop() closes stdin ----->  thread shuts the child down at EOF, so the
+                                             child ends when the parent ends, however
+
+Three parents use the handshake: ``ChildProcess`` here (a private temporary
+ready file; stdout forwarded to the log), the detached local launcher
+(launcher.py: ready files in the run directory) and the SLURM master job
+(slurm.py: the run directory's master-address.json is its ready file, read by
+clients too).  A ready file is data, not text to match: a restarted master in
+the same run directory can never be mistaken for the previous one, because
+the parent removed the old file and waits for the new child's pid.
 
 Children are separate interpreters started from a command line, never by
 ``multiprocessing`` from this process: that keeps a user's script free of
 ``if __name__ == "__main__"`` guards, and works the same from a script, a
-REPL and a notebook.  The key travels in the environment, never in argv.
+REPL and a notebook.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+from typing import Callable
 
-from minicw import config
+from minicw import config, rundir
 from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
 
-READY_PREFIX = "MINICW-READY "   # followed by space-separated fields
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
+OUTPUT_LINES_KEPT = 5     # a ChildProcess's last stdout lines, quoted if it fails to start
+WILDCARD_HOSTS = ("0.0.0.0", "", "::")
 
+
+# --- the child's environment -----------------------------------------------------------
+
+def package_parent() -> str:
+    """The directory holding the minicw package: children put it first on PYTHONPATH."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(authkey: str | bytes) -> dict:
+    """This process's environment, plus the key and this minicw importable.
+
+    The key travels in $MINICW_AUTHKEY, never in argv (``ps`` shows argv to
+    every user); the child imports the same minicw as this process,
+    installed or not.
+    """
+    if isinstance(authkey, bytes):
+        authkey = authkey.decode("utf-8", "surrogateescape")
+    env = dict(os.environ)
+    env[config.ENV_AUTHKEY] = authkey
+    env["PYTHONPATH"] = os.pathsep.join(
+        [package_parent()] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+# --- the ready file: the child's side ------------------------------------------------------
+
+def master_ready_record(host: str, port: int) -> dict:
+    """What a master writes once it listens on (host, port)."""
+    record = {"pid": os.getpid(), "host": host, "port": int(port),
+              "hostname": socket.gethostname()}
+    if os.environ.get("SLURM_JOB_ID"):
+        record["job_id"] = os.environ["SLURM_JOB_ID"]
+    return record
+
+
+def worker_ready_record(node_id: str, nprocs: int) -> dict:
+    """What a worker node writes once it has joined its master."""
+    return {"pid": os.getpid(), "node_id": node_id, "nprocs": int(nprocs)}
+
+
+def write_ready_file(ready_path: str, record: dict) -> None:
+    rundir.write_json(ready_path, record)
+
+
+def remove_ready_file(ready_path: str) -> None:
+    """Remove the ready file if it is still this process's (a successor may own it now)."""
+    try:
+        record = rundir.read_json(ready_path)
+    except MinicwError:
+        return
+    if record and record.get("pid") == os.getpid() \
+            and record.get("hostname", socket.gethostname()) == socket.gethostname():
+        rundir.remove_files(ready_path)
+
+
+# --- the ready file: the parent's side --------------------------------------------------------
+
+def wait_ready_file(ready_path: str, pid: int, alive: Callable[[], bool], what: str,
+                    timeout_s: float, end_of_output: Callable[[], str]) -> dict:
+    """The record in ``ready_path`` once it names ``pid``.
+
+    Raises MinicwError if ``alive()`` turns false first ("the WHAT (pid N)
+    exited before it was ready; ...") or after ``timeout_s``; either message
+    ends with ``end_of_output()``, the end of the child's log or stdout.
+    The caller ends the child.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = _ready_record(ready_path)
+        if record is not None and record.get("pid") == pid:
+            return record
+        if not alive():
+            raise MinicwError("the %s (pid %d) exited before it was ready; %s"
+                              % (what, pid, end_of_output()))
+        if time.monotonic() > deadline:
+            raise MinicwError("the %s (pid %d) was not ready within %gs; %s"
+                              % (what, pid, timeout_s, end_of_output()))
+        time.sleep(config.READY_POLL_S)
+
+
+def _ready_record(ready_path: str) -> dict | None:
+    try:
+        return rundir.read_json(ready_path)
+    except MinicwError:  # written by hand or by something else; keep waiting for ours
+        return None
+
+
+def master_host(record: dict, here: bool = False) -> str:
+    """The host to reach the master of a ready ``record`` at.
+
+    A master listening on all interfaces is reached at 127.0.0.1 from its own
+    machine (``here``), else at its host name; one bound to a host, there.
+    """
+    if record["host"] not in WILDCARD_HOSTS:
+        return record["host"]
+    return "127.0.0.1" if here else record["hostname"]
+
+
+# --- a child of this process --------------------------------------------------------------
 
 class ChildProcess:
     """A master or worker node started by ``start_master`` or ``start_worker``."""
 
-    def __init__(self, role: str, argv: list, authkey: bytes, extra_env: dict | None = None):
+    def __init__(self, role: str, argv: list, authkey: str | bytes,
+                 extra_env: dict | None = None):
         self.role = role
-        env = dict(os.environ)
-        env[config.ENV_AUTHKEY] = authkey.decode("utf-8", "surrogateescape")
-        # The child imports the same minicw as this process, installed or not.
-        package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join(
-            [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        self._ready_dir = tempfile.mkdtemp(prefix="minicw-%s-" % role)
+        self.ready_file = os.path.join(self._ready_dir, "ready.json")
+        env = child_env(authkey)
         env.update(extra_env or {})
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m"] + argv + ["--exit-with-stdin"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-            universal_newlines=True, bufsize=1)
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m"] + argv
+                + ["--exit-with-stdin", "--ready-file", self.ready_file],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                universal_newlines=True, bufsize=1)
+        except OSError:
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
+            raise
         self.pid = self.popen.pid
-        self.ready_fields = None
-        self._ready = threading.Event()
-        self._lines = []
-        threading.Thread(target=self._read_stdout, name="minicw-%s-out" % role,
-                         daemon=True).start()
+        self._last_lines = collections.deque(maxlen=OUTPUT_LINES_KEPT)
+        self._reader = threading.Thread(target=self._forward_stdout,
+                                        name="minicw-%s-out" % role, daemon=True)
+        self._reader.start()
 
-    def _read_stdout(self) -> None:
+    def _forward_stdout(self) -> None:
         for line in self.popen.stdout:
             line = line.rstrip("\n")
-            if line.startswith(READY_PREFIX) and self.ready_fields is None:
-                self.ready_fields = line[len(READY_PREFIX):].split()
-                self._ready.set()
-            else:
-                self._lines.append(line)
-                log.info("[%s %d] %s", self.role, self.pid, line)
-        self._ready.set()  # EOF: the child ended, ready or not
+            self._last_lines.append(line)
+            log.info("[%s %d] %s", self.role, self.pid, line)
 
-    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> list:
-        """The child's READY fields; MinicwError if it exits or stalls first."""
-        if not self._ready.wait(timeout_s):
+    def wait_ready(self, timeout_s: float = config.READY_TIMEOUT_S) -> dict:
+        """The child's ready record; MinicwError (child stopped) if it exits or stalls first."""
+        try:
+            return wait_ready_file(self.ready_file, self.pid, self.alive,
+                                   "%s process" % self.role, timeout_s, self._end_of_output)
+        except MinicwError:
             self.stop()
-            raise MinicwError("the %s process (pid %d) did not become ready within %gs"
-                              % (self.role, self.pid, timeout_s))
-        if self.ready_fields is None:
-            code = self.popen.wait()
-            said = "; ".join(self._lines[-5:]) or "nothing on stdout; see stderr"
-            raise MinicwError("the %s process (pid %d) exited with code %s before it "
-                              "was ready: %s" % (self.role, self.pid, code, said))
-        return self.ready_fields
+            raise
+
+    def _end_of_output(self) -> str:
+        code = self.popen.poll()
+        if code is not None:
+            self._reader.join(1.0)  # let it read the last lines the child wrote
+        said = "; ".join(self._last_lines) or "nothing on stdout; see stderr"
+        return "exit code %s; its last output: %s" % (code, said)
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+    def stop(self, timeout_s: float = config.CHILD_STOP_TIMEOUT_S) -> int | None:
         """Ask the child to end (closing its stdin), then terminate, then kill."""
         if self.popen.poll() is None:
+            self._close(self.popen.stdin)
             try:
-                self.popen.stdin.close()
-            except OSError:
-                pass
-            try:
-                return self.popen.wait(timeout_s / 2)
+                return self._wait(timeout_s / 2)
             except subprocess.TimeoutExpired:
                 self.popen.terminate()
             try:
-                return self.popen.wait(timeout_s / 2)
+                return self._wait(timeout_s / 2)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
-        code = self.popen.wait()
+        return self._wait(None)
+
+    def _wait(self, timeout_s: float | None) -> int:
+        code = self.popen.wait(timeout_s)
         for stream in (self.popen.stdin, self.popen.stdout):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
+            self._close(stream)
+        shutil.rmtree(self._ready_dir, ignore_errors=True)
         return code
 
+    @staticmethod
+    def _close(stream) -> None:
+        try:
+            stream.close()
+        except (OSError, ValueError):
+            pass
 
-def start_master(host: str, port: int, authkey: bytes,
+
+def start_master(host: str, port: int, authkey: str | bytes,
                  heartbeat_timeout_s: float | None = None) -> tuple[ChildProcess, tuple]:
-    """Start ``python -m minicw.master``; returns the child and its (host, port)."""
+    """Start ``python -m minicw.master``; returns the child and the (host, port) to reach it."""
     argv = ["minicw.master", "--host", host, "--port", str(port)]
     if heartbeat_timeout_s is not None:
         argv += ["--heartbeat-timeout", str(heartbeat_timeout_s)]
     child = ChildProcess("master", argv, authkey)
-    fields = child.wait_ready()
-    return child, (fields[0], int(fields[1]))
+    record = child.wait_ready()
+    return child, (master_host(record, here=True), record["port"])
 
 
-def start_worker(address, authkey: bytes, nprocs: int | None = None,
+def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
                  start_method: str | None = None) -> ChildProcess:
     """Start ``python -m minicw.worker`` and wait until it has registered."""
     host, port = address
@@ -131,7 +254,7 @@ def start_worker(address, authkey: bytes, nprocs: int | None = None,
     return child
 
 
-def exit_with_stdin(on_eof) -> None:
+def exit_with_stdin(on_eof: Callable[[], None]) -> None:
     """In a child: call ``on_eof()`` when the parent closes our stdin or dies."""
     def watch():
         try:

@@ -1,20 +1,21 @@
 """Long-lived clusters in the background: ``minicw.start``, ``stop``, ``allocate``.
 
-    minicw.start(n) / stop() / allocate(n)
+    minicw.start(n) / stop() / allocate(n)        choose_backend()
         |
-        +-- sbatch on PATH --> minicw.slurm: a master job and a worker job (sbatch)
-        +-- otherwise -------> the local launcher below (this machine)
+        +-- sbatch on PATH --> slurm.start / stop: a master job and a worker job
+        +-- otherwise -------> local_start / local_stop below (this machine)
 
-    local_start(n)                                     run directory: --run-dir, else
-      key: $MINICW_AUTHKEY, else a new random one      $MINICW_RUN_DIR, else ~/.minicw/run
-        written with os.open(..., 0o600)  ---------->    authkey       the key, mode 600
+    local_start(n)                                     the run directory (rundir.py)
+      key: $MINICW_AUTHKEY, else a new random one ---> authkey       mode 600
       python -m minicw.master --host 127.0.0.1           master.json   host, port, and per
-          --port P --authkey-file RUN/authkey                          process: pid, start
-      python -m minicw.worker 127.0.0.1 P - -n N                       time, log, pid file
-          (key in $MINICW_AUTHKEY, never in argv)        master.pid, worker-1.pid, ...
-      each in a new session, stdin from /dev/null,       master.log, worker-1.log, ...
-      stdout and stderr to its log; start waits for
-      "listening on" / "joined" in the logs
+          --port P --ready-file RUN/master.ready                       process: pid, start
+      python -m minicw.worker 127.0.0.1 P - -n N                       time, log, pid and
+          --ready-file RUN/worker-K.ready                              ready files
+      each with launch.child_env(key) (the key in        master.pid, worker-K.pid
+      $MINICW_AUTHKEY, never argv), in a new session,    master.ready, worker-K.ready
+      stdin from /dev/null, output appended to its log   master.log, worker-K.log
+      start removes the old ready file, then waits
+      for one naming the new pid (launch.wait_ready_file)
 
     local_stop()    reads master.json; SIGTERM to each recorded PID (workers first,
                     so they finish the jobs they hold), SIGKILL to the process
@@ -22,165 +23,55 @@
                     Never by process name: a PID whose start time differs from
                     the recorded one is another process and is left alone.
 
-    clients         discover.py asks recorded_master() and read_authkey()
+    clients         discover.py asks recorded_master() and rundir.read_authkey()
 
 One cluster per run directory: starting a second master there is refused
 while the first still runs (a record whose processes are all gone is stale
-and is replaced).
+and is replaced), and while the run directory holds a SLURM cluster's record.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
-import re
-import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 
-from minicw import config
+from minicw import config, launch, rundir, slurm
 from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
-
-ENV_RUN_DIR = "MINICW_RUN_DIR"
-DEFAULT_RUN_DIR = os.path.join("~", ".minicw", "run")
-AUTHKEY_FILE = "authkey"
-LOCAL_RECORD = "master.json"
-SLURM_RECORD = "slurm.json"       # written by minicw.slurm; one cluster per run directory
-READY_TIMEOUT_S = 60.0     # a master must listen, a worker node join, within this
-STOP_GRACE_S = 10.0        # SIGTERM, then SIGKILL to the process group after this
-GROUP_LINGER_S = 2.0       # a group's other members may outlive its leader this long
-POLL_S = 0.05
-LOG_TAIL_LINES = 8
-
-MASTER_READY = re.compile(r"listening on (\S+):(\d+)")
-WORKER_READY = re.compile(r"joined ")
 
 # Popen objects of processes this interpreter started, so that stop() can reap them.
 _children: dict = {}
 
 
-# --- the run directory and the key file -------------------------------------------------
-
-def run_dir_path(run_dir: str | None = None) -> str:
-    """The run directory: ``run_dir``, else $MINICW_RUN_DIR, else ~/.minicw/run."""
-    path = run_dir or os.environ.get(ENV_RUN_DIR) or DEFAULT_RUN_DIR
-    return os.path.abspath(os.path.expanduser(path))
-
-
-def ensure_run_dir(run_dir: str | None = None) -> str:
-    """Create the run directory (mode 700) if needed; returns its absolute path."""
-    path = run_dir_path(run_dir)
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as exc:
-        raise MinicwError("cannot create the run directory %s: %s" % (path, exc.strerror)) from None
-    return path
-
-
-def authkey_path(run_dir: str | None = None) -> str:
-    return os.path.join(run_dir_path(run_dir), AUTHKEY_FILE)
-
-
-def choose_authkey() -> str:
-    """$MINICW_AUTHKEY if set (so clients that read it agree), else a new random key."""
-    return os.environ.get(config.ENV_AUTHKEY) or secrets.token_urlsafe(
-        config.GENERATED_AUTHKEY_BYTES)
-
-
-def write_authkey(run_dir: str, key: str) -> str:
-    """Write the key file with mode 600 from the start (never readable by others)."""
-    path = authkey_path(run_dir)
-    temporary = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o600)  # in case the file system ignored the mode
-        os.write(fd, key.encode("utf-8") + b"\n")
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    return path
-
-
-def read_authkey(run_dir: str | None = None) -> bytes | None:
-    """The key in the run directory's key file, None if there is none.
-
-    Raises MinicwError if group or others may read the file: a key that
-    leaked is no key.
-    """
-    path = authkey_path(run_dir)
-    try:
-        mode = os.stat(path).st_mode
-        with open(path, "rb") as handle:
-            key = handle.read().strip()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise MinicwError("cannot read the key file %s: %s" % (path, exc.strerror)) from None
-    if os.name == "posix" and mode & 0o077:
-        raise MinicwError("the key file %s is readable by group or others (mode %03o); "
-                          "run chmod 600 %s, or start the cluster again"
-                          % (path, mode & 0o777, path))
-    if not key:
-        raise MinicwError("the key file %s is empty" % path)
-    return key
-
-
-# --- JSON records -------------------------------------------------------------------
-
-def read_record(run_dir: str, name: str) -> dict | None:
-    """A JSON record of the run directory, None if absent."""
-    path = os.path.join(run_dir, name)
-    try:
-        with open(path, "r", encoding="utf-8") as handle:
-            return json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise MinicwError("cannot read %s: %s; remove it if no cluster runs" % (path, exc)) from None
-
-
-def write_record(run_dir: str, name: str, record: dict) -> str:
-    """Write a JSON record atomically (a reader never sees half of it)."""
-    path = os.path.join(run_dir, name)
-    temporary = "%s.%d.tmp" % (path, os.getpid())
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(record, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, path)
-    return path
-
-
-def remove_files(*paths) -> None:
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
 # --- processes, by PID ----------------------------------------------------------------
+
+def _proc_stat(pid: int) -> list | None:
+    """The fields of /proc/PID/stat after the command name (Linux), None if unreadable."""
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
 
 def process_start_time(pid: int) -> int | None:
     """The kernel's start time of ``pid`` (Linux), to tell it from a later reuse of the PID."""
+    fields = _proc_stat(pid)
     try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
+        return int(fields[19]) if fields else None
+    except (IndexError, ValueError):
         return None
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] == "Z"
 
 
 def process_alive(entry: dict) -> bool:
@@ -204,13 +95,21 @@ def process_alive(entry: dict) -> bool:
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs.
+
+    Zombies do not count: an orphan waits for init to reap it, and in a
+    container init may take seconds to do so.
+    """
     if not hasattr(os, "killpg"):
         return False
     try:
         os.killpg(pgid, 0)
     except OSError:
         return False
-    return True
+    if not os.path.isdir("/proc/self"):
+        return True
+    members = (_proc_stat(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    return any(fields and fields[2] == str(pgid) and fields[0] != "Z" for fields in members)
 
 
 def _signal(entry: dict, sig, group: bool = False) -> None:
@@ -225,10 +124,10 @@ def _reap(entry: dict) -> None:
     child = _children.pop(entry["pid"], None)
     if child is not None:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            child.wait(GROUP_LINGER_S)
+            child.wait(config.GROUP_LINGER_S)
 
 
-def end_processes(entries: list, grace_s: float = STOP_GRACE_S) -> None:
+def end_processes(entries: list, grace_s: float = config.LOCAL_STOP_GRACE_S) -> None:
     """SIGTERM each recorded process, wait, then SIGKILL the process group it leads.
 
     Each entry was started in a new session, so its PID is also the ID of a
@@ -241,7 +140,7 @@ def end_processes(entries: list, grace_s: float = STOP_GRACE_S) -> None:
     deadline = time.monotonic() + grace_s
     for entry in running:
         while process_alive(entry) and time.monotonic() < deadline:
-            time.sleep(POLL_S)
+            time.sleep(config.STOP_POLL_S)
         if process_alive(entry):
             log.warning("pid %d did not end within %gs of SIGTERM; killing its group",
                         entry["pid"], grace_s)
@@ -254,9 +153,9 @@ def _end_group_members(entry: dict) -> None:
     pgid = entry["pid"]
     if not entry.get("session") or process_alive(entry):
         return
-    deadline = time.monotonic() + GROUP_LINGER_S
+    deadline = time.monotonic() + config.GROUP_LINGER_S
     while _group_alive(pgid) and time.monotonic() < deadline:
-        time.sleep(POLL_S)
+        time.sleep(config.STOP_POLL_S)
     if _group_alive(pgid):
         log.warning("processes of group %d outlived their leader; killing them", pgid)
         _signal(entry, signal.SIGKILL, group=True)
@@ -277,61 +176,51 @@ def spawn_detached(argv: list, log_path: str, env: dict) -> dict:
             "session": os.name == "posix", "argv": argv[1:]}
 
 
-def tail(path: str, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log file, for error messages."""
+def _wait_ready(entry: dict, what: str, timeout_s: float) -> dict:
+    """The ready record of a detached process; MinicwError quoting its log if it fails."""
+    return launch.wait_ready_file(
+        entry["ready_file"], entry["pid"], lambda: process_alive(entry), what, timeout_s,
+        lambda: "the end of %s: %s" % (entry["log"], rundir.tail(entry["log"])))
+
+
+def _spawn_ready(run_dir: str, name: str, argv: list, key: str, what: str,
+                 timeout_s: float) -> tuple:
+    """Start ``argv`` detached as ``name`` and wait for its ready file: (entry, record).
+
+    A process that does not come up is ended and its files removed.
+    """
+    ready_file = os.path.join(run_dir, name + ".ready")
+    rundir.remove_files(ready_file)  # an old one must never pass for the new process's
+    entry = spawn_detached(argv + ["--ready-file", ready_file],
+                           os.path.join(run_dir, name + ".log"), launch.child_env(key))
+    entry["ready_file"] = ready_file
+    _write_pid_file(run_dir, name, entry)
     try:
-        with open(path, "r", encoding="utf-8", errors="replace") as handle:
-            text = handle.read().strip().splitlines()
-    except OSError:
-        return "(no log)"
-    return " | ".join(text[-lines:]) or "(empty log)"
+        return entry, _wait_ready(entry, what, timeout_s)
+    except MinicwError:
+        end_processes([entry], grace_s=1.0)
+        rundir.remove_files(entry["pid_file"], ready_file)
+        raise
 
-
-def wait_for_log(entry: dict, pattern, what: str, timeout_s: float):
-    """The first match of ``pattern`` in the entry's log; MinicwError if it ends or stalls."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with open(entry["log"], "r", encoding="utf-8", errors="replace") as handle:
-                match = pattern.search(handle.read())
-        except OSError:
-            match = None
-        if match:
-            return match
-        if not process_alive(entry):
-            raise MinicwError("the %s (pid %d) exited before it was ready; the end of %s: %s"
-                              % (what, entry["pid"], entry["log"], tail(entry["log"])))
-        if time.monotonic() > deadline:
-            raise MinicwError("the %s (pid %d) was not ready within %gs; see %s: %s"
-                              % (what, entry["pid"], timeout_s, entry["log"], tail(entry["log"])))
-        time.sleep(POLL_S)
-
-
-def child_env(key: str) -> dict:
-    """The environment of a launched process: the key, and this minicw importable."""
-    env = dict(os.environ)
-    env[config.ENV_AUTHKEY] = key
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(
-        [package_parent] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
-
-
-# --- the local launcher ---------------------------------------------------------------------
 
 def _record_entries(record: dict) -> list:
     return ([record["master"]] if record.get("master") else []) + list(record.get("workers", []))
 
 
+def _entry_files(entries: list) -> list:
+    return [entry[field] for entry in entries for field in ("pid_file", "ready_file")
+            if field in entry]
+
+
 def _live_local_record(run_dir: str) -> dict | None:
     """The local record if one of its processes runs; a stale record is removed."""
-    record = read_record(run_dir, LOCAL_RECORD)
+    record = rundir.read_record(run_dir, rundir.LOCAL_RECORD)
     if record is None:
         return None
     _require_this_host(run_dir, record)
     if any(process_alive(entry) for entry in _record_entries(record)):
         return record
-    log.info("removing the stale record %s", os.path.join(run_dir, LOCAL_RECORD))
+    log.info("removing the stale record %s", os.path.join(run_dir, rundir.LOCAL_RECORD))
     _remove_local_record(run_dir, record)
     return None
 
@@ -343,14 +232,14 @@ def _require_this_host(run_dir: str, record: dict) -> None:
                           "stop it there, or use another run directory (remove %s if that "
                           "host is gone)" % (run_dir, record.get("hostname"),
                                              socket.gethostname(),
-                                             os.path.join(run_dir, LOCAL_RECORD)))
+                                             os.path.join(run_dir, rundir.LOCAL_RECORD)))
 
 
 def _remove_local_record(run_dir: str, record: dict) -> None:
-    remove_files(*[entry["pid_file"] for entry in _record_entries(record) if "pid_file" in entry])
-    remove_files(os.path.join(run_dir, LOCAL_RECORD))
-    if read_record(run_dir, SLURM_RECORD) is None:  # a SLURM cluster there uses the same key
-        remove_files(authkey_path(run_dir))
+    rundir.remove_files(*_entry_files(_record_entries(record)))
+    rundir.remove_files(os.path.join(run_dir, rundir.LOCAL_RECORD))
+    if rundir.read_record(run_dir, rundir.SLURM_RECORD) is None:  # else a SLURM cluster uses it
+        rundir.remove_files(rundir.authkey_path(run_dir))
 
 
 def _write_pid_file(run_dir: str, name: str, entry: dict) -> None:
@@ -359,45 +248,34 @@ def _write_pid_file(run_dir: str, name: str, entry: dict) -> None:
         handle.write("%d\n" % entry["pid"])
 
 
-def _start_local_master(run_dir: str, port: int, key: str, timeout_s: float) -> dict:
-    key_file = write_authkey(run_dir, key)
+def _start_local_master(run_dir: str, port: int, key: str, timeout_s: float) -> tuple:
+    """Start the master; (its entry, the ready record)."""
+    key_file = rundir.write_authkey(run_dir, key)
     argv = [sys.executable, "-m", "minicw.master", "--host", "127.0.0.1", "--port", str(port),
-            "--authkey-file", key_file, "--log-level", "warning"]
-    entry = spawn_detached(argv, os.path.join(run_dir, "master.log"), child_env(key))
-    _write_pid_file(run_dir, "master", entry)
+            "--log-level", "warning"]
     try:
-        match = wait_for_log(entry, MASTER_READY, "master", timeout_s)
+        return _spawn_ready(run_dir, "master", argv, key, "master", timeout_s)
     except MinicwError:
-        end_processes([entry], grace_s=1.0)
-        remove_files(entry["pid_file"], key_file)
+        rundir.remove_files(key_file)
         raise
-    entry["host"], entry["port"] = match.group(1), int(match.group(2))
-    return entry
 
 
 def _start_local_workers(run_dir: str, record: dict, n: int, key: str, timeout_s: float) -> dict:
     index = record.get("next_worker", 1)
     record["next_worker"] = index + 1
-    name = "worker-%d" % index
     argv = [sys.executable, "-m", "minicw.worker", record["host"], str(record["port"]), "-",
             "-n", str(n)]
     if n > (os.cpu_count() or 1):
         argv.append("--oversubscribe")  # the caller asked for this many on purpose
-    entry = spawn_detached(argv, os.path.join(run_dir, name + ".log"), child_env(key))
-    entry["nprocs"] = n
-    _write_pid_file(run_dir, name, entry)
-    try:
-        wait_for_log(entry, WORKER_READY, "worker node", timeout_s)
-    except MinicwError:
-        end_processes([entry], grace_s=1.0)
-        remove_files(entry["pid_file"])
-        raise
+    entry, ready = _spawn_ready(run_dir, "worker-%d" % index, argv, key, "worker node",
+                                timeout_s)
+    entry["nprocs"] = ready["nprocs"]
     return entry
 
 
 def local_start(n: int | None = None, *, run_dir: str | None = None, port: int = 0,
                 master: bool = True, workers: bool = True,
-                timeout_s: float = READY_TIMEOUT_S) -> tuple:
+                timeout_s: float = config.READY_TIMEOUT_S) -> tuple:
     """Start a master and a worker node of ``n`` processes on this machine, in the background.
 
     ``master=False`` adds workers to the recorded master; ``workers=False``
@@ -410,7 +288,7 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
     n = (os.cpu_count() or 1) if n is None else int(n)
     if n < 1:
         raise MinicwError("the number of worker processes must be at least 1, not %d" % n)
-    run_dir = ensure_run_dir(run_dir)
+    run_dir = rundir.ensure(run_dir)
     record = _live_local_record(run_dir)
     if master:
         record = _new_local_master(run_dir, record, port, timeout_s)
@@ -418,10 +296,10 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
         raise MinicwError("no running local master is recorded in %s; start one first "
                           "(without -M / master=False)" % run_dir)
     if workers:
-        key = read_authkey(run_dir)
+        key = rundir.read_authkey(run_dir)
         if key is None:
             raise MinicwError("the key file %s is missing; stop the cluster and start it "
-                              "again" % authkey_path(run_dir))
+                              "again" % rundir.authkey_path(run_dir))
         try:
             entry = _start_local_workers(run_dir, record, n, key.decode("utf-8"), timeout_s)
         except MinicwError:
@@ -429,7 +307,7 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
                 local_stop(run_dir=run_dir, grace_s=1.0)
             raise
         record["workers"].append(entry)
-        write_record(run_dir, LOCAL_RECORD, record)
+        rundir.write_record(run_dir, rundir.LOCAL_RECORD, record)
     return record["host"], record["port"]
 
 
@@ -438,29 +316,29 @@ def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: f
         raise MinicwError("a local master already runs from %s (pid %d, %s:%d); stop it "
                           "first, or use another run directory"
                           % (run_dir, record["master"]["pid"], record["host"], record["port"]))
-    if read_record(run_dir, SLURM_RECORD) is not None:
+    if rundir.read_record(run_dir, rundir.SLURM_RECORD) is not None:
         raise MinicwError("%s holds the record of a SLURM cluster (slurm.json); stop it "
                           "first, or use another run directory" % run_dir)
-    entry = _start_local_master(run_dir, port, choose_authkey(), timeout_s)
-    record = {"kind": "local", "hostname": socket.gethostname(), "host": entry.pop("host"),
-              "port": entry.pop("port"), "master": entry,
-              "workers": list((record or {}).get("workers", [])),
-              "authkey_file": authkey_path(run_dir), "run_dir": run_dir,
+    entry, ready = _start_local_master(run_dir, port, rundir.choose_authkey(), timeout_s)
+    record = {"kind": "local", "hostname": socket.gethostname(),
+              "host": launch.master_host(ready, here=True), "port": ready["port"],
+              "master": entry, "workers": list((record or {}).get("workers", [])),
+              "authkey_file": rundir.authkey_path(run_dir), "run_dir": run_dir,
               "next_worker": (record or {}).get("next_worker", 1)}
-    write_record(run_dir, LOCAL_RECORD, record)
+    rundir.write_record(run_dir, rundir.LOCAL_RECORD, record)
     return record
 
 
 def local_stop(*, run_dir: str | None = None, master: bool = True, workers: bool = True,
-               grace_s: float = STOP_GRACE_S) -> list:
+               grace_s: float = config.LOCAL_STOP_GRACE_S) -> list:
     """End the recorded processes (by PID) and remove their records.
 
     ``master=False`` leaves the master running, ``workers=False`` the worker
     nodes.  Returns the entries of the processes it ended (empty if nothing
     was recorded).
     """
-    run_dir = run_dir_path(run_dir)
-    record = read_record(run_dir, LOCAL_RECORD)
+    run_dir = rundir.path(run_dir)
+    record = rundir.read_record(run_dir, rundir.LOCAL_RECORD)
     if record is None:
         return []
     _require_this_host(run_dir, record)
@@ -468,35 +346,24 @@ def local_stop(*, run_dir: str | None = None, master: bool = True, workers: bool
     if workers:
         ended += record.get("workers", [])
         end_processes(record.get("workers", []), grace_s)
-        remove_files(*[entry["pid_file"] for entry in record.get("workers", [])])
+        rundir.remove_files(*_entry_files(record.get("workers", [])))
         record["workers"] = []
     if master and record.get("master"):
         ended.append(record["master"])
         end_processes([record["master"]], grace_s)
-        remove_files(record["master"]["pid_file"])
+        rundir.remove_files(*_entry_files([record["master"]]))
         record["master"] = None
     if record.get("master") or record.get("workers"):
-        write_record(run_dir, LOCAL_RECORD, record)
+        rundir.write_record(run_dir, rundir.LOCAL_RECORD, record)
     else:
         _remove_local_record(run_dir, record)
     return ended
 
 
-@contextlib.contextmanager
-def local_allocate(n: int | None = None, **options):
-    """``with local_allocate(n) as (host, port):`` a local cluster for the block."""
-    stop_options = {k: v for k, v in options.items() if k == "run_dir"}
-    address = local_start(n, **options)
-    try:
-        yield address
-    finally:
-        local_stop(**stop_options)
-
-
 def recorded_master(run_dir: str | None = None) -> tuple | None:
     """(host, port) of the local master recorded in the run directory, if it runs here."""
     try:
-        record = read_record(run_dir_path(run_dir), LOCAL_RECORD)
+        record = rundir.read_record(rundir.path(run_dir), rundir.LOCAL_RECORD)
     except MinicwError as exc:
         log.warning("%s", exc)
         return None
@@ -515,7 +382,7 @@ def choose_backend(choice: str | None = None) -> str:
         if choice not in ("slurm", "local"):
             raise ValueError("backend must be 'slurm', 'local' or None, not %r" % (choice,))
         return choice
-    return "slurm" if shutil.which("sbatch") else "local"
+    return "slurm" if slurm.available() else "local"
 
 
 def start(n: int | None = None, *, backend: str | None = None, **options) -> tuple:
@@ -526,7 +393,6 @@ def start(n: int | None = None, *, backend: str | None = None, **options) -> tup
     master_options, worker_options, isolated, docker_image, docker_args, job_name.
     """
     if choose_backend(backend) == "slurm":
-        from minicw import slurm
         return slurm.start(n, **options)
     return local_start(n, **options)
 
@@ -534,7 +400,6 @@ def start(n: int | None = None, *, backend: str | None = None, **options) -> tup
 def stop(*, backend: str | None = None, **options) -> list:
     """Stop what ``start`` started (same backend choice); returns what was ended."""
     if choose_backend(backend) == "slurm":
-        from minicw import slurm
         return slurm.stop(**options)
     return local_stop(**options)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import secrets
 
-from minicw import config
+from minicw import config, launcher
 from minicw.master_node import MasterNode
 
 
@@ -60,5 +60,4 @@ def allocate(n: int | None = None, **options):
     """``with allocate(n) as (host, port):`` a background master and ``n`` worker
     processes on this machine, recorded in the run directory, stopped at the end
     of the block (see ``minicw.launcher.local_start`` for the options)."""
-    from minicw import launcher
-    return launcher.local_allocate(n, **options)
+    return launcher.allocate(n, backend="local", **options)

@@ -2,11 +2,14 @@
 
     start(n)  (scripts/slurm_start.py, or minicw.start(n) when sbatch is on PATH)
       | key: $MINICW_AUTHKEY or a new one -> RUN/authkey (mode 600, never in a script)
+      | removes RUN/master-address.json
       | sbatch --job-name=minicw-master ----------------> master job (any node)
-      |   (script on stdin)                                python -m minicw.slurm master
-      |                                                    listens on 0.0.0.0:PORT, key
-      | waits for RUN/master-address.json <--------------  from RUN/authkey; writes
-      |                                                    {host, port, job_id}
+      |   (script on stdin)                                python -m minicw.master
+      |                                                    (cli.master_main) on 0.0.0.0:
+      |                                                    PORT, --authkey-file RUN/authkey
+      | waits for RUN/master-address.json <--------------  --ready-file RUN/master-address
+      |   naming the job's id                              .json: {pid, host, port,
+      |                                                    hostname, job_id} (launch.py)
       | sbatch --job-name=minicw-workers --ntasks=N -----> worker job: srun, N tasks of
       |                                                    python -m minicw.worker HOST PORT - -n 1
       | RUN/slurm.json: job ids, job name, logs           (or docker run ... IMAGE -m minicw.worker)
@@ -16,11 +19,15 @@
     stop()             scancel the recorded job ids (no record: this user's jobs with
                        the minicw names), then wait until squeue no longer lists them
 
-RUN is the run directory (``--run-dir``, $MINICW_RUN_DIR, else ~/.minicw/run);
-it must be on the file system the nodes share, as must this Python and this
-minicw: the jobs run ``sys.executable`` with PYTHONPATH set to the directory
-that holds the minicw package.  SLURM is only involved in starting and
-stopping the master and the workers, never in running a job.
+RUN is the run directory (``--run-dir``, $MINICW_RUN_DIR, else ~/.minicw/run;
+rundir.py keeps its files); it must be on the file system the nodes share, as
+must this Python and this minicw: the jobs run ``sys.executable`` with
+PYTHONPATH set to the directory that holds the minicw package
+(launch.package_parent).  SLURM is only involved in starting and stopping the
+master and the workers, never in running a job.
+
+``python -m minicw.slurm address`` prints the master's host:port (``main``, a
+command-line front end like cli.py, the only code here that prints).
 """
 from __future__ import annotations
 
@@ -31,42 +38,24 @@ import os
 import re
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import namedtuple
 
-from minicw import config, launcher
-from minicw.errors import MinicwError
+from minicw import config, launch, rundir
+from minicw.errors import (  # noqa: F401  (minicw.slurm.SlurmError... are public)
+    MinicwError, SlurmCommandError, SlurmError, SlurmMasterNotFoundError)
+from minicw.launch import package_parent  # the jobs' PYTHONPATH
 
 log = logging.getLogger(__name__)
 
 DEFAULT_JOB_NAME = "minicw"        # jobs are named minicw-master and minicw-workers
-SLURM_RECORD = launcher.SLURM_RECORD
-ADDRESS_FILE = "master-address.json"
-COMMAND_TIMEOUT_S = 30.0           # one sbatch / squeue / scancel call
-MASTER_TIMEOUT_S = 120.0           # the master job must write its address within this
-STOP_TIMEOUT_S = 60.0              # cancelled jobs must leave the queue within this
-POLL_S = 0.2
-SQUEUE_EVERY_S = 1.0               # while waiting, ask squeue at most this often
+SLURM_RECORD = rundir.SLURM_RECORD
+ADDRESS_FILE = "master-address.json"   # the master job's ready file
 JOB_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 Job = namedtuple("Job", "job_id name state nodes reason")
-
-
-class SlurmError(MinicwError):
-    """SLURM is missing, a SLURM command failed, or the master job is not usable."""
-
-
-class SlurmCommandError(SlurmError):
-    """sbatch, squeue or scancel failed or did not answer; the message quotes its stderr."""
-
-
-class SlurmMasterNotFoundError(SlurmError):
-    """The current user has no minicw master job in the queue."""
 
 
 # --- SLURM commands -------------------------------------------------------------------
@@ -83,7 +72,8 @@ def _require(command: str) -> None:
                          "(scripts/local_start.py)" % command)
 
 
-def _run(argv: list, stdin_text: str | None = None, timeout_s: float = COMMAND_TIMEOUT_S) -> str:
+def _run(argv: list, stdin_text: str | None = None,
+         timeout_s: float = config.SLURM_COMMAND_TIMEOUT_S) -> str:
     """Run a SLURM command; its stdout, or SlurmCommandError quoting its stderr."""
     _require(argv[0])
     shown = " ".join(shlex.quote(part) for part in argv)
@@ -132,7 +122,7 @@ def scancel(job_ids: list) -> None:
         _run(["scancel"] + [str(job_id) for job_id in job_ids])
 
 
-def wait_jobs_gone(job_ids: list, timeout_s: float = STOP_TIMEOUT_S) -> None:
+def wait_jobs_gone(job_ids: list, timeout_s: float = config.SLURM_STOP_TIMEOUT_S) -> None:
     """Block until squeue lists none of ``job_ids``; SlurmError naming them on timeout."""
     wanted = {str(job_id) for job_id in job_ids}
     deadline = time.monotonic() + timeout_s
@@ -143,7 +133,7 @@ def wait_jobs_gone(job_ids: list, timeout_s: float = STOP_TIMEOUT_S) -> None:
         if time.monotonic() > deadline:
             raise SlurmError("jobs still in the queue %gs after scancel: %s" % (
                 timeout_s, ", ".join("%s (%s)" % (job.job_id, job.state) for job in left)))
-        time.sleep(POLL_S)
+        time.sleep(config.SLURM_POLL_S)
 
 
 # --- names, commands and batch scripts (pure) --------------------------------------------------
@@ -153,11 +143,6 @@ def job_names(job_name: str = DEFAULT_JOB_NAME) -> tuple:
     if not JOB_NAME_PATTERN.match(job_name or ""):
         raise SlurmError("job name %r: use letters, digits, '.', '_' and '-' only" % (job_name,))
     return job_name + "-master", job_name + "-workers"
-
-
-def package_parent() -> str:
-    """The directory holding the minicw package: the jobs' PYTHONPATH."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def worker_command(host: str, port: int, *, python: str | None = None, nprocs: int = 1,
@@ -182,17 +167,24 @@ def _script(comment: str, lines: list) -> str:
     return "\n".join(["#!/bin/sh", "# " + comment, pythonpath] + lines) + "\n"
 
 
+def master_command(run_dir: str, port: int, python: str | None = None) -> list:
+    """The argv of the master job: ``python -m minicw.master`` (cli.master_main) on
+    0.0.0.0:PORT, the key from the key file, the address file as its ready file."""
+    return [python or sys.executable, "-m", "minicw.master", "--host", "0.0.0.0",
+            "--port", str(int(port)), "--authkey-file", rundir.authkey_path(run_dir),
+            "--ready-file", os.path.join(run_dir, ADDRESS_FILE)]
+
+
 def master_script(run_dir: str, port: int, python: str | None = None) -> str:
     """The master job's batch script; the master reads the key from the key file."""
-    argv = [python or sys.executable, "-m", "minicw.slurm", "master",
-            "--run-dir", run_dir, "--port", str(int(port))]
     return _script("minicw master job (minicw.slurm); it reads the key from %s"
-                   % launcher.authkey_path(run_dir), ["exec " + _join(argv)])
+                   % rundir.authkey_path(run_dir),
+                   ["exec " + _join(master_command(run_dir, port, python))])
 
 
 def worker_script(run_dir: str, command: list) -> str:
     """The worker job's batch script: the key goes from the key file to the environment."""
-    key_file = shlex.quote(launcher.authkey_path(run_dir))
+    key_file = shlex.quote(rundir.authkey_path(run_dir))
     return _script("minicw worker job (minicw.slurm); the key is read from the key file at run time", [
         "%s=$(cat %s) || { echo \"minicw: cannot read the key file %s\" >&2; exit 1; }"
         % (config.ENV_AUTHKEY, key_file, key_file),
@@ -228,13 +220,13 @@ def master_address(run_dir: str | None = None) -> tuple:
     still pending; SlurmMasterNotFoundError when there is none.
     """
     _require("squeue")
-    run_dir = launcher.run_dir_path(run_dir)
-    record = launcher.read_record(run_dir, SLURM_RECORD) or {}
+    run_dir = rundir.path(run_dir)
+    record = rundir.read_record(run_dir, SLURM_RECORD) or {}
     jobs = user_jobs()
-    written = launcher.read_record(run_dir, ADDRESS_FILE)
+    written = rundir.read_record(run_dir, ADDRESS_FILE)
     if written and any(job.job_id == str(written.get("job_id")) and job.state == "RUNNING"
                        for job in jobs):
-        return written["host"], int(written["port"])
+        return launch.master_host(written), int(written["port"])
     master_name = job_names(record.get("job_name", DEFAULT_JOB_NAME))[0]
     masters = [job for job in jobs if job.name == master_name]
     return _address_from_queue(masters, master_name, record, run_dir)
@@ -278,7 +270,7 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
           port: int = config.DEFAULT_PORT, master: bool = True, workers: bool = True,
           master_options=(), worker_options=(), isolated: bool = False,
           docker_image: str | None = None, docker_args: str = "",
-          job_name: str = DEFAULT_JOB_NAME, timeout_s: float = MASTER_TIMEOUT_S,
+          job_name: str = DEFAULT_JOB_NAME, timeout_s: float = config.SLURM_MASTER_TIMEOUT_S,
           python: str | None = None) -> tuple:
     """Submit a master job and a job of ``nworkers`` worker tasks; the master's (host, port).
 
@@ -294,7 +286,7 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
         raise SlurmError("give the number of worker tasks (-n NWORKERS, at least 1), not %r"
                          % (nworkers,))
     job_names(job_name)
-    run_dir = launcher.ensure_run_dir(run_dir)
+    run_dir = rundir.ensure(run_dir)
     record = _live_record(run_dir)
     if master:
         record, written = _start_master(run_dir, record, port, job_name, list(master_options),
@@ -315,7 +307,7 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
 
 def _live_record(run_dir: str) -> dict:
     """The SLURM record, without job ids that left the queue (a stale record goes)."""
-    record = launcher.read_record(run_dir, SLURM_RECORD)
+    record = rundir.read_record(run_dir, SLURM_RECORD)
     if record is None:
         return {}
     queued = {job.job_id for job in user_jobs()}
@@ -323,8 +315,8 @@ def _live_record(run_dir: str) -> dict:
         if record.get(field) and record[field] not in queued:
             record[field] = None
     if not record.get("master_job") and not record.get("workers_job"):
-        launcher.remove_files(os.path.join(run_dir, SLURM_RECORD),
-                              os.path.join(run_dir, ADDRESS_FILE))
+        rundir.remove_files(os.path.join(run_dir, SLURM_RECORD),
+                            os.path.join(run_dir, ADDRESS_FILE))
         return {}
     return record
 
@@ -334,21 +326,22 @@ def _start_master(run_dir, record, port, job_name, options, timeout_s, python) -
         raise SlurmError("the master job %s recorded in %s is still in the queue; stop it "
                          "first (slurm_start.py stop), or use another --run-dir"
                          % (record["master_job"], run_dir))
-    if launcher.recorded_master(run_dir):
-        raise SlurmError("%s holds a running local cluster (master.json); stop it first, "
-                         "or use another --run-dir" % run_dir)
-    launcher.write_authkey(run_dir, launcher.choose_authkey())
-    launcher.remove_files(os.path.join(run_dir, ADDRESS_FILE))
+    if rundir.read_record(run_dir, rundir.LOCAL_RECORD) is not None:
+        raise SlurmError("%s holds the record of a local cluster (%s); stop it first "
+                         "(scripts/local_start.py stop), or use another --run-dir"
+                         % (run_dir, rundir.LOCAL_RECORD))
+    rundir.write_authkey(run_dir, rundir.choose_authkey())
+    rundir.remove_files(os.path.join(run_dir, ADDRESS_FILE))  # the new job's ready file
     name = job_names(job_name)[0]
     log_pattern = os.path.join(run_dir, name + "-%j.log")
     job_id = sbatch(master_script(run_dir, port, python), sbatch_options(name, log_pattern, options))
     record = dict(record, kind="slurm", job_name=job_name, port=int(port), run_dir=run_dir,
                   master_job=job_id, master_log=log_pattern.replace("%j", job_id))
-    launcher.write_record(run_dir, SLURM_RECORD, record)
+    rundir.write_record(run_dir, SLURM_RECORD, record)
     try:
         written = _wait_for_address(run_dir, job_id, record["master_log"], timeout_s)
     except SlurmError:
-        stop(run_dir=run_dir, workers=False, timeout_s=STOP_TIMEOUT_S)
+        stop(run_dir=run_dir, workers=False)
         raise
     return record, written
 
@@ -358,23 +351,23 @@ def _wait_for_address(run_dir: str, job_id: str, log_path: str, timeout_s: float
     next_squeue = 0.0
     job = None
     while True:
-        written = launcher.read_record(run_dir, ADDRESS_FILE)
+        written = rundir.read_record(run_dir, ADDRESS_FILE)
         if written and str(written.get("job_id")) == job_id:
             return written
         if time.monotonic() >= next_squeue:
             job = next((j for j in user_jobs() if j.job_id == job_id), None)
-            next_squeue = time.monotonic() + SQUEUE_EVERY_S
+            next_squeue = time.monotonic() + config.SQUEUE_EVERY_S
             if job is None:
                 raise SlurmError("the master job %s ended before writing its address; the "
-                                 "end of %s: %s" % (job_id, log_path, launcher.tail(log_path)))
+                                 "end of %s: %s" % (job_id, log_path, rundir.tail(log_path)))
         if time.monotonic() > deadline:
             raise SlurmError(
                 "the master job %s did not write its address to %s within %gs (it is %s, "
                 "reason: %s); it was cancelled. Its log: %s: %s. Raise the timeout "
                 "(--timeout) if the queue is busy"
                 % (job_id, os.path.join(run_dir, ADDRESS_FILE), timeout_s, job.state,
-                   job.reason, log_path, launcher.tail(log_path)))
-        time.sleep(POLL_S)
+                   job.reason, log_path, rundir.tail(log_path)))
+        time.sleep(config.SLURM_POLL_S)
 
 
 def _start_workers(run_dir, record, address, nworkers, options, isolated, docker_image,
@@ -382,9 +375,9 @@ def _start_workers(run_dir, record, address, nworkers, options, isolated, docker
     if record.get("workers_job"):
         raise SlurmError("the worker job %s recorded in %s is still in the queue; stop it "
                          "first (slurm_start.py -M stop)" % (record["workers_job"], run_dir))
-    if launcher.read_authkey(run_dir) is None:
+    if rundir.read_authkey(run_dir) is None:
         raise SlurmError("no key file %s: start the master with slurm_start.py (without -M)"
-                         % launcher.authkey_path(run_dir))
+                         % rundir.authkey_path(run_dir))
     job_name = record.get("job_name", DEFAULT_JOB_NAME)
     name = job_names(job_name)[1]
     log_pattern = os.path.join(run_dir, name + "-%j.log")
@@ -394,16 +387,16 @@ def _start_workers(run_dir, record, address, nworkers, options, isolated, docker
                     sbatch_options(name, log_pattern, options, ntasks=nworkers, isolated=isolated))
     record.update(kind="slurm", job_name=job_name, run_dir=run_dir, workers_job=job_id,
                   nworkers=nworkers, workers_log=log_pattern.replace("%j", job_id))
-    launcher.write_record(run_dir, SLURM_RECORD, record)
+    rundir.write_record(run_dir, SLURM_RECORD, record)
 
 
 def stop(*, run_dir: str | None = None, master: bool = True, workers: bool = True,
-         job_name: str | None = None, timeout_s: float = STOP_TIMEOUT_S) -> list:
+         job_name: str | None = None, timeout_s: float = config.SLURM_STOP_TIMEOUT_S) -> list:
     """Cancel the recorded jobs (no record: this user's jobs with the minicw names),
     wait until they leave the queue, and remove the records.  Returns the job ids."""
     _require("scancel")
-    run_dir = launcher.run_dir_path(run_dir)
-    record = launcher.read_record(run_dir, SLURM_RECORD)
+    run_dir = rundir.path(run_dir)
+    record = rundir.read_record(run_dir, SLURM_RECORD)
     if record is not None:
         fields = [f for f, wanted in (("workers_job", workers), ("master_job", master)) if wanted]
         job_ids = [record[f] for f in fields if record.get(f)]
@@ -421,69 +414,31 @@ def stop(*, run_dir: str | None = None, master: bool = True, workers: bool = Tru
 
 def _forget(run_dir: str, record: dict | None, master: bool, workers: bool) -> None:
     if master:
-        launcher.remove_files(os.path.join(run_dir, ADDRESS_FILE))
+        rundir.remove_files(os.path.join(run_dir, ADDRESS_FILE))
     if record is not None:
         if workers:
             record["workers_job"] = None
         if master:
             record["master_job"] = None
         if record.get("master_job") or record.get("workers_job"):
-            launcher.write_record(run_dir, SLURM_RECORD, record)
+            rundir.write_record(run_dir, SLURM_RECORD, record)
             return
-        launcher.remove_files(os.path.join(run_dir, SLURM_RECORD))
-    if master and launcher.read_record(run_dir, launcher.LOCAL_RECORD) is None:
-        launcher.remove_files(launcher.authkey_path(run_dir))  # unless a local cluster uses it
+        rundir.remove_files(os.path.join(run_dir, SLURM_RECORD))
+    if master and rundir.read_record(run_dir, rundir.LOCAL_RECORD) is None:
+        rundir.remove_files(rundir.authkey_path(run_dir))  # unless a local cluster uses it
 
 
-# --- inside the master job: python -m minicw.slurm master --------------------------------------
-
-def run_master_job(run_dir: str, port: int) -> int:
-    """Serve as the master and publish the address in the run directory until SIGTERM."""
-    from minicw.master import Master
-    try:
-        key = launcher.read_authkey(run_dir)
-    except MinicwError as exc:
-        print("minicw master job: error: %s" % exc, file=sys.stderr)
-        return 2
-    if key is None:
-        print("minicw master job: error: no key file %s" % launcher.authkey_path(run_dir),
-              file=sys.stderr)
-        return 2
-    master = Master("0.0.0.0", port, key)
-    try:
-        port = master.start()[1]
-    except OSError as exc:
-        print("minicw master job: error: %s" % exc.strerror, file=sys.stderr)
-        return 2
-    job_id = os.environ.get("SLURM_JOB_ID", "")
-    address = {"host": socket.gethostname(), "port": port, "job_id": job_id, "pid": os.getpid()}
-    path = launcher.write_record(run_dir, ADDRESS_FILE, address)
-    print("minicw master job %s listening on %s:%d (address in %s)"
-          % (job_id, address["host"], port, path), flush=True)
-    for name in ("SIGTERM", "SIGINT"):
-        signal.signal(getattr(signal, name),
-                      lambda signum, frame: threading.Thread(target=master.shutdown).start())
-    while not master.wait(1.0):
-        pass
-    written = launcher.read_record(run_dir, ADDRESS_FILE)
-    if written and written.get("job_id") == job_id:
-        launcher.remove_files(path)
-    print("minicw master job %s shut down" % job_id, flush=True)
-    return 0
-
+# --- command line: python -m minicw.slurm address ----------------------------------------
 
 def main(argv=None) -> int:
+    """``python -m minicw.slurm address``: a command-line front end (it prints)."""
     parser = argparse.ArgumentParser(
         prog="python -m minicw.slurm",
-        description="SLURM helpers: 'address' prints the current user's master as "
-                    "host:port; 'master' is what the master job runs.")
-    parser.add_argument("what", choices=("address", "master"))
+        description="SLURM helpers: 'address' prints the current user's master as host:port.")
+    parser.add_argument("what", choices=("address",))
     parser.add_argument("--run-dir", default=None, help="the run directory "
-                        "(default: $%s, else %s)" % (launcher.ENV_RUN_DIR, launcher.DEFAULT_RUN_DIR))
-    parser.add_argument("--port", type=int, default=config.DEFAULT_PORT)
+                        "(default: $%s, else %s)" % (config.ENV_RUN_DIR, config.DEFAULT_RUN_DIR))
     args = parser.parse_args(argv)
-    if args.what == "master":
-        return run_master_job(launcher.run_dir_path(args.run_dir), args.port)
     try:
         print("%s:%d" % master_address(args.run_dir))
     except MinicwError as exc:

@@ -19,7 +19,7 @@ try:
 except ImportError:  # a clean checkout: use the package next to this script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicw import launcher  # noqa: E402
+from minicw import config, launcher, rundir  # noqa: E402
 from minicw.errors import MinicwError  # noqa: E402
 
 
@@ -37,16 +37,16 @@ def parser() -> argparse.ArgumentParser:
                    help="leave the workers alone (start: only the master)")
     p.add_argument("--run-dir", default=None,
                    help="where to record the cluster (default: $%s, else %s)"
-                   % (launcher.ENV_RUN_DIR, launcher.DEFAULT_RUN_DIR))
+                   % (config.ENV_RUN_DIR, config.DEFAULT_RUN_DIR))
     p.add_argument("--port", type=int, default=0,
                    help="the master's port on 127.0.0.1 (default: a free one)")
-    p.add_argument("--timeout", type=float, default=launcher.READY_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=config.READY_TIMEOUT_S, metavar="SECONDS",
                    help="how long a process may take to come up (default: %(default)g)")
     return p
 
 
 def report_start(run_dir: str) -> None:
-    record = launcher.read_record(run_dir, launcher.LOCAL_RECORD) or {}
+    record = rundir.read_record(run_dir, rundir.LOCAL_RECORD) or {}
     master = record.get("master")
     if master:
         print("master   %s:%d  pid %d  log %s" % (record["host"], record["port"],
@@ -54,15 +54,15 @@ def report_start(run_dir: str) -> None:
     for entry in record.get("workers", []):
         print("workers  %d processes  pid %d  log %s" % (entry["nprocs"], entry["pid"],
                                                         entry["log"]))
-    print("key file %s (mode 600)" % launcher.authkey_path(run_dir))
-    print("record   %s" % os.path.join(run_dir, launcher.LOCAL_RECORD))
+    print("key file %s (mode 600)" % rundir.authkey_path(run_dir))
+    print("record   %s" % os.path.join(run_dir, rundir.LOCAL_RECORD))
     print("clients on this machine find the master and the key by themselves; "
           "stop with: %s stop --run-dir %s" % (sys.argv[0], run_dir))
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    run_dir = launcher.run_dir_path(args.run_dir)
+    run_dir = rundir.path(args.run_dir)
     try:
         if args.action == "start":
             launcher.local_start(args.nworkers, run_dir=run_dir, port=args.port,

@@ -24,7 +24,7 @@ try:
 except ImportError:  # a clean checkout: use the package next to this script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicw import config, launcher, slurm  # noqa: E402
+from minicw import config, rundir, slurm  # noqa: E402
 from minicw.errors import MinicwError  # noqa: E402
 
 
@@ -50,13 +50,14 @@ def parser() -> argparse.ArgumentParser:
                    help="more arguments for docker run, e.g. '-v /shared:/shared'")
     p.add_argument("--run-dir", default=None,
                    help="where to record the cluster, on the shared file system "
-                        "(default: $%s, else %s)" % (launcher.ENV_RUN_DIR, launcher.DEFAULT_RUN_DIR))
+                        "(default: $%s, else %s)" % (config.ENV_RUN_DIR, config.DEFAULT_RUN_DIR))
     p.add_argument("--port", type=int, default=config.DEFAULT_PORT,
                    help="the master's port; 0 picks a free one (default: %(default)s)")
     p.add_argument("--job-name", default=slurm.DEFAULT_JOB_NAME,
                    help="job name prefix: jobs are PREFIX-master and PREFIX-workers "
                         "(default: %(default)s)")
-    p.add_argument("--timeout", type=float, default=slurm.MASTER_TIMEOUT_S, metavar="SECONDS",
+    p.add_argument("--timeout", type=float, default=config.SLURM_MASTER_TIMEOUT_S,
+                   metavar="SECONDS",
                    help="start: how long the master job may take to write its address; "
                         "stop: to leave the queue (default: %(default)g)")
     return p
@@ -69,21 +70,21 @@ def do_start(args, run_dir: str) -> None:
         worker_options=args.worker_options, isolated=args.isolated,
         docker_image=args.docker_image, docker_args=args.docker_args,
         job_name=args.job_name, timeout_s=args.timeout)
-    record = launcher.read_record(run_dir, slurm.SLURM_RECORD) or {}
+    record = rundir.read_record(run_dir, rundir.SLURM_RECORD) or {}
     print("master   %s:%d  job %s  log %s" % (host, port, record.get("master_job"),
                                               record.get("master_log")))
     if args.workers:
         print("workers  %d tasks  job %s  log %s" % (args.nworkers, record.get("workers_job"),
                                                      record.get("workers_log")))
-    print("key file %s (mode 600)" % launcher.authkey_path(run_dir))
+    print("key file %s (mode 600)" % rundir.authkey_path(run_dir))
     print("clients: minicw.slurm.master_host() finds the master; a client given no host "
           "or key finds both by itself (with %s=%s if not the default)"
-          % (launcher.ENV_RUN_DIR, run_dir))
+          % (config.ENV_RUN_DIR, run_dir))
 
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    run_dir = launcher.run_dir_path(args.run_dir)
+    run_dir = rundir.path(args.run_dir)
     try:
         if args.action == "start":
             do_start(args, run_dir)

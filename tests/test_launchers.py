@@ -1,5 +1,6 @@
 """The local launcher: scripts/local_start.py, minicw.launcher, minicw.local.allocate,
-and how clients find what it started (minicw.discover).
+how clients find what it started (minicw.discover), and the ready-file handshake
+(minicw.launch) by which a parent knows that the master or node it started is up.
 
 The launched master and workers run in their own sessions; a script that
 started them has exited, so they are not this process's descendants and the
@@ -19,7 +20,7 @@ import sys
 import pytest
 
 import minicw
-from minicw import discover, launcher, local
+from minicw import config, discover, launch, launcher, local, rundir
 from minicw.errors import MinicwError
 
 from conftest import ROOT
@@ -37,7 +38,7 @@ def run_script(*args, env=None, cwd=None):
 
 
 def recorded_entries(run_dir):
-    record = launcher.read_record(str(run_dir), launcher.LOCAL_RECORD) or {}
+    record = rundir.read_record(str(run_dir), rundir.LOCAL_RECORD) or {}
     return ([record["master"]] if record.get("master") else []) + record.get("workers", [])
 
 
@@ -83,7 +84,7 @@ def no_slurm_env(monkeypatch, tmp_path):
     monkeypatch.delenv("MINICW_MASTER", raising=False)
     monkeypatch.delenv("MINICW_AUTHKEY", raising=False)
     run_dir = tmp_path / "run"
-    monkeypatch.setenv(launcher.ENV_RUN_DIR, str(run_dir))
+    monkeypatch.setenv(config.ENV_RUN_DIR, str(run_dir))
     return run_dir
 
 
@@ -127,12 +128,12 @@ def test_master_only_then_workers_then_workers_stop_alone(no_slurm_env):
     run_dir = str(no_slurm_env)
     with stopped(run_dir) as seen:
         address = launcher.local_start(run_dir=run_dir, workers=False)
-        assert launcher.read_record(run_dir, launcher.LOCAL_RECORD)["workers"] == []
+        assert rundir.read_record(run_dir, rundir.LOCAL_RECORD)["workers"] == []
         assert launcher.local_start(1, run_dir=run_dir, master=False) == address
         assert launcher.local_start(1, run_dir=run_dir, master=False) == address
         seen.extend(recorded_entries(run_dir))
         master, workers = seen[0], seen[1:]
-        assert len(run_squares(address, launcher.read_authkey(run_dir), 200)) == 200
+        assert len(run_squares(address, rundir.read_authkey(run_dir), 200)) == 200
 
         ended = launcher.local_stop(run_dir=run_dir, master=False)
         assert [e["pid"] for e in ended] == [w["pid"] for w in workers]
@@ -172,8 +173,94 @@ def test_a_master_that_cannot_listen_is_reported_with_its_log(no_slurm_env):
     message = str(caught.value)
     assert "master" in message and "exited before it was ready" in message
     assert os.path.join(run_dir, "master.log") in message and "cannot listen" in message
-    assert launcher.read_record(run_dir, launcher.LOCAL_RECORD) is None
-    assert not os.path.exists(launcher.authkey_path(run_dir))
+    assert rundir.read_record(run_dir, rundir.LOCAL_RECORD) is None
+    assert not os.path.exists(rundir.authkey_path(run_dir))
+
+
+@contextlib.contextmanager
+def port_held(port):
+    """Keep ``port`` taken, so that a master started meanwhile must get another one."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", port))
+        holder.listen(1)
+        yield
+
+
+def script_start_reports(run_dir):
+    """Start with the script; the port it printed, after checking the record agrees."""
+    done = run_script("-n", "2", "start", "--run-dir", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    printed = int(done.stdout.split("master   127.0.0.1:")[1].split()[0])
+    assert rundir.read_record(str(run_dir), rundir.LOCAL_RECORD)["port"] == printed
+    return printed
+
+
+def test_script_start_stop_start_reports_the_new_master(no_slurm_env):
+    # The logs are appended to: the second start must not take the first master's
+    # "listening on" line for its own (it reads the new master's ready file).
+    run_dir = no_slurm_env
+    with stopped(run_dir) as seen:
+        first_port = script_start_reports(run_dir)
+        seen.extend(recorded_entries(run_dir))
+        assert len(run_squares(("127.0.0.1", first_port), discover.authkey(), 100)) == 100
+        assert run_script("stop", "--run-dir", str(run_dir)).returncode == 0
+        with port_held(first_port):
+            second_port = script_start_reports(run_dir)
+        seen.extend(recorded_entries(run_dir))
+        assert second_port != first_port
+        assert discover.master_address() == ("127.0.0.1", second_port)
+        assert len(run_squares(("127.0.0.1", second_port), discover.authkey(), 100)) == 100
+        assert open(run_dir / "master.log").read().count("listening on") == 2
+    assert not any(launcher.process_alive(entry) for entry in seen)
+
+
+def test_two_allocate_blocks_in_a_row(no_slurm_env):
+    with stopped(no_slurm_env) as seen:
+        with minicw.allocate(2, backend="local") as first:
+            seen.extend(recorded_entries(no_slurm_env))
+            assert len(run_squares(first, discover.authkey(), 100)) == 100
+        with port_held(first[1]), minicw.allocate(2, backend="local") as second:
+            seen.extend(recorded_entries(no_slurm_env))
+            assert second != first and discover.master_address() == second
+            assert len(run_squares(second, discover.authkey(), 100)) == 100
+    assert len(seen) == 4 and not any(launcher.process_alive(e) for e in seen)
+
+
+def test_ready_file_of_a_master_run_from_the_command_line(tmp_path):
+    ready_file = str(tmp_path / "master.ready")
+    rundir.write_json(ready_file, {"pid": 1, "host": "127.0.0.1", "port": 1})  # stale
+    child = subprocess.Popen([sys.executable, "-m", "minicw.master", "--host", "127.0.0.1",
+                              "--port", "0", "--ready-file", ready_file],
+                             env=launch.child_env("k" * 20), stdout=subprocess.DEVNULL)
+    try:
+        record = launch.wait_ready_file(ready_file, child.pid, lambda: child.poll() is None,
+                                        "master", 30, lambda: "(output not kept)")
+        assert record["pid"] == child.pid and record["hostname"] == socket.gethostname()
+        assert record["host"] == "127.0.0.1" and not port_is_free(record["port"])
+        assert "job_id" not in record
+    finally:
+        child.terminate()
+        child.wait(30)
+    assert not os.path.exists(ready_file)   # removed by the master at shutdown
+
+
+def test_a_child_that_exits_first_is_reported():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        with pytest.raises(MinicwError, match=r"the worker node \(pid %d\) exited before it "
+                                              r"was ready; the end: nothing" % child.pid):
+            launch.wait_ready_file(os.devnull + ".absent", child.pid,
+                                   lambda: child.poll() is None, "worker node", 30,
+                                   lambda: "the end: nothing")
+    finally:
+        child.wait(30)
+
+
+def test_child_env_carries_the_key_and_this_minicw():
+    env = launch.child_env(b"sekrit")
+    assert env["MINICW_AUTHKEY"] == "sekrit"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == launch.package_parent() == ROOT
 
 
 def test_allocate_from_python(no_slurm_env):
@@ -183,7 +270,7 @@ def test_allocate_from_python(no_slurm_env):
             seen.extend(recorded_entries(run_dir))
             assert launcher.recorded_master(run_dir) == address
             assert len(run_squares(address, discover.authkey(), 300)) == 300
-        assert launcher.read_record(run_dir, launcher.LOCAL_RECORD) is None
+        assert rundir.read_record(run_dir, rundir.LOCAL_RECORD) is None
     assert len(seen) == 2 and not any(launcher.process_alive(e) for e in seen)
     assert port_is_free(address[1])
 
@@ -223,13 +310,13 @@ def test_stop_leaves_a_reused_pid_alone(no_slurm_env):
             pytest.skip("no /proc start times on this platform")
         entry = {"pid": bystander.pid, "start_time": start_time - 1, "log": "x",
                  "session": True, "pid_file": os.path.join(run_dir, "master.pid"), "argv": []}
-        launcher.write_record(run_dir, launcher.LOCAL_RECORD, {
+        rundir.write_record(run_dir, rundir.LOCAL_RECORD, {
             "hostname": socket.gethostname(), "host": "127.0.0.1", "port": 1,
             "master": entry, "workers": []})
         assert launcher.recorded_master(run_dir) is None   # not the process we started
         launcher.local_stop(run_dir=run_dir, grace_s=1)
         assert bystander.poll() is None
-        assert launcher.read_record(run_dir, launcher.LOCAL_RECORD) is None
+        assert rundir.read_record(run_dir, rundir.LOCAL_RECORD) is None
     finally:
         bystander.kill()
         bystander.wait()
@@ -240,7 +327,7 @@ def test_a_stale_record_is_replaced(no_slurm_env):
     os.makedirs(run_dir)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    launcher.write_record(run_dir, launcher.LOCAL_RECORD, {
+    rundir.write_record(run_dir, rundir.LOCAL_RECORD, {
         "hostname": socket.gethostname(), "host": "127.0.0.1", "port": 1, "workers": [],
         "master": {"pid": dead.pid, "start_time": None, "pid_file": "/nonexistent"}})
     assert launcher.recorded_master(run_dir) is None
@@ -252,7 +339,7 @@ def test_a_stale_record_is_replaced(no_slurm_env):
 def test_another_hosts_record_is_left_alone(no_slurm_env):
     run_dir = str(no_slurm_env)
     os.makedirs(run_dir)
-    launcher.write_record(run_dir, launcher.LOCAL_RECORD, {
+    rundir.write_record(run_dir, rundir.LOCAL_RECORD, {
         "hostname": "some-other-host", "host": "127.0.0.1", "port": 1, "workers": [],
         "master": {"pid": os.getpid(), "start_time": None, "pid_file": "/nonexistent"}})
     assert launcher.recorded_master(run_dir) is None
@@ -260,29 +347,29 @@ def test_another_hosts_record_is_left_alone(no_slurm_env):
                  lambda: launcher.local_start(1, run_dir=run_dir)):
         with pytest.raises(MinicwError, match="records a local cluster of host some-other-host"):
             call()
-    assert launcher.read_record(run_dir, launcher.LOCAL_RECORD)["hostname"] == "some-other-host"
+    assert rundir.read_record(run_dir, rundir.LOCAL_RECORD)["hostname"] == "some-other-host"
 
 
 def test_key_file_is_600_and_a_readable_one_is_refused(tmp_path):
     run_dir = str(tmp_path)
-    path = launcher.write_authkey(run_dir, "k" * 32)
+    path = rundir.write_authkey(run_dir, "k" * 32)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert launcher.read_authkey(run_dir) == b"k" * 32
+    assert rundir.read_authkey(run_dir) == b"k" * 32
     if os.name != "posix":
         return
     os.chmod(path, 0o644)
     with pytest.raises(MinicwError, match=r"readable by group or others \(mode 644\); run "
                                           r"chmod 600"):
-        launcher.read_authkey(run_dir)
+        rundir.read_authkey(run_dir)
 
 
 def test_discover_precedence(no_slurm_env, monkeypatch):
     run_dir = str(no_slurm_env)
     assert discover.master_address() == ("127.0.0.1", 8888)
-    with pytest.raises(MinicwError, match="no authkey: .*%s" % launcher.authkey_path(run_dir)):
+    with pytest.raises(MinicwError, match="no authkey: .*%s" % rundir.authkey_path(run_dir)):
         discover.authkey()
     os.makedirs(run_dir)
-    launcher.write_authkey(run_dir, "from-the-file")
+    rundir.write_authkey(run_dir, "from-the-file")
     assert discover.authkey() == b"from-the-file"
     monkeypatch.setenv("MINICW_AUTHKEY", "from-the-env")
     assert discover.authkey() == b"from-the-env"

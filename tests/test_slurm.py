@@ -27,7 +27,7 @@ import time
 import pytest
 
 import minicw
-from minicw import config, discover, launcher, slurm
+from minicw import config, discover, launcher, rundir, slurm
 
 from conftest import ROOT
 
@@ -63,7 +63,7 @@ def test_batch_scripts_hold_the_key_file_path_never_the_key(tmp_path):
     run_dir = str(tmp_path / "run dir")
     os.makedirs(run_dir)
     key = "sekrit-" + "x" * 30
-    launcher.write_authkey(run_dir, key)
+    rundir.write_authkey(run_dir, key)
     master = slurm.master_script(run_dir, 0, python="/py")
     workers = slurm.worker_script(run_dir, slurm.worker_command("h", 5, python="/py"))
     for script in (master, workers):
@@ -71,7 +71,8 @@ def test_batch_scripts_hold_the_key_file_path_never_the_key(tmp_path):
         assert script.startswith("#!/bin/sh\n")
         assert "PYTHONPATH=%s${PYTHONPATH:+:$PYTHONPATH}" % slurm.package_parent() in script
     assert master.rstrip().endswith(
-        "exec /py -m minicw.slurm master --run-dir '%s' --port 0" % run_dir)
+        "exec /py -m minicw.master --host 0.0.0.0 --port 0 --authkey-file '%s/authkey' "
+        "--ready-file '%s/master-address.json'" % (run_dir, run_dir))
     assert "MINICW_AUTHKEY=$(cat '%s/authkey')" % run_dir in workers
     assert workers.rstrip().endswith("exec srun /py -m minicw.worker h 5 - -n 1")
 
@@ -79,7 +80,7 @@ def test_batch_scripts_hold_the_key_file_path_never_the_key(tmp_path):
 def test_batch_scripts_run_in_a_shell(tmp_path):
     # The worker script, with srun replaced by a stub, exports the key from the file.
     run_dir = str(tmp_path)
-    launcher.write_authkey(run_dir, "the-key")
+    rundir.write_authkey(run_dir, "the-key")
     script = slurm.worker_script(run_dir, [sys.executable, "-c",
                                            "import os; print(os.environ['MINICW_AUTHKEY'])"])
     stub = tmp_path / "srun"
@@ -127,7 +128,7 @@ def fake_slurm(tmp_path, monkeypatch):
             "sys.exit(int(os.environ.get('FAKE_%%s_RC' %% name, '0')))\n" % sys.executable)
         path.chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.setenv(launcher.ENV_RUN_DIR, str(tmp_path / "run"))
+    monkeypatch.setenv(config.ENV_RUN_DIR, str(tmp_path / "run"))
     monkeypatch.delenv("MINICW_MASTER", raising=False)
     monkeypatch.delenv("MINICW_AUTHKEY", raising=False)
 
@@ -178,11 +179,11 @@ def test_pending_master(fake_slurm):
 def test_master_from_squeue_and_recorded_port(fake_slurm, tmp_path):
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
-    launcher.write_record(run_dir, slurm.SLURM_RECORD, {"job_name": "minicw", "port": 7777})
+    rundir.write_record(run_dir, slurm.SLURM_RECORD, {"job_name": "minicw", "port": 7777})
     fake_slurm("squeue", squeue_lines(("5", "minicw-master", "RUNNING", "node3", "None")))
     assert slurm.master_address() == ("node3", 7777)
     # The address the job wrote wins while its job is queued ...
-    launcher.write_record(run_dir, slurm.ADDRESS_FILE, {"host": "node3.lan", "port": 41000,
+    rundir.write_record(run_dir, slurm.ADDRESS_FILE, {"host": "node3.lan", "port": 41000,
                                                         "job_id": "5"})
     assert slurm.master_address() == ("node3.lan", 41000)
     assert slurm.master_host() == "node3.lan"
@@ -312,7 +313,7 @@ def cluster(tmp_path_factory):
     require_slurm()
     run_dir = str(tmp_path_factory.mktemp("slurm-run"))
     saved = {name: os.environ.pop(name, None) for name in ("MINICW_MASTER", "MINICW_AUTHKEY")}
-    os.environ[launcher.ENV_RUN_DIR] = run_dir
+    os.environ[config.ENV_RUN_DIR] = run_dir
     try:
         # --overcommit: the 2 worker tasks share one CPU, so master and workers run
         # at once even on a 2-core machine whose SLURM advertises its real CPUs.
@@ -322,7 +323,7 @@ def cluster(tmp_path_factory):
         print(done.stdout)
         yield run_dir, done.stdout
     finally:
-        os.environ.pop(launcher.ENV_RUN_DIR, None)
+        os.environ.pop(config.ENV_RUN_DIR, None)
         os.environ.update({k: v for k, v in saved.items() if v is not None})
         cancel_everything_of_ours(run_dir)
 
@@ -330,7 +331,7 @@ def cluster(tmp_path_factory):
 @pytest.mark.slurm
 def test_master_host_finds_the_master_job(cluster):
     run_dir, output = cluster
-    record = launcher.read_record(run_dir, slurm.SLURM_RECORD)
+    record = rundir.read_record(run_dir, slurm.SLURM_RECORD)
     host, port = slurm.master_address()
     assert host == slurm.master_host() == socket.gethostname()
     assert "master   %s:%d  job %s" % (host, port, record["master_job"]) in output
@@ -340,12 +341,12 @@ def test_master_host_finds_the_master_job(cluster):
     assert jobs[JOB_NAME + "-workers"].job_id == record["workers_job"]
     # A client given nothing finds the SLURM master and the key file by itself.
     assert discover.master_address() == (host, port)
-    assert discover.authkey() == launcher.read_authkey(run_dir)
+    assert discover.authkey() == rundir.read_authkey(run_dir)
 
 
 @pytest.mark.slurm
 def test_masternode_flow_runs_1000_jobs(cluster):
-    address, key = slurm.master_address(), launcher.read_authkey(cluster[0])
+    address, key = slurm.master_address(), rundir.read_authkey(cluster[0])
     wait_for_worker_nodes(address, key, 2)
     node = minicw.MasterNode(address[0], address[1], key).connect()
     try:
@@ -363,7 +364,7 @@ def test_cluster_executor_runs_1000_jobs(cluster):
     pytest.importorskip("minicw.executor", reason="minicw.ClusterExecutor is not written yet")
     host = slurm.master_host()
     port = slurm.master_address()[1]
-    key = launcher.read_authkey(cluster[0])
+    key = rundir.read_authkey(cluster[0])
     with minicw.ClusterExecutor(host, port, key) as executor:
         assert list(executor.map(lambda x: x * x, range(1000))) == [x * x for x in range(1000)]
         assert executor.submit(pow, 3, 4).result(timeout=60) == 81
@@ -376,21 +377,21 @@ def test_cluster_executor_runs_1000_jobs(cluster):
 @pytest.mark.slurm
 def test_workers_restart_alone(cluster):
     run_dir = cluster[0]
-    record = launcher.read_record(run_dir, slurm.SLURM_RECORD)
+    record = rundir.read_record(run_dir, slurm.SLURM_RECORD)
     done = slurm_start("-M", "stop", "--run-dir", run_dir)
     assert done.returncode == 0, done.stderr
     assert "cancelled jobs %s" % record["workers_job"] in done.stdout
     assert [job.name for job in our_jobs()] == [JOB_NAME + "-master"]
     done = slurm_start("-M", "-n", "2", "start", "--run-dir", run_dir, "--Xworkers=--overcommit")
     assert done.returncode == 0, done.stderr
-    assert launcher.read_record(run_dir, slurm.SLURM_RECORD)["master_job"] == record["master_job"]
-    wait_for_worker_nodes(slurm.master_address(), launcher.read_authkey(run_dir), 2)
+    assert rundir.read_record(run_dir, slurm.SLURM_RECORD)["master_job"] == record["master_job"]
+    wait_for_worker_nodes(slurm.master_address(), rundir.read_authkey(run_dir), 2)
 
 
 @pytest.mark.slurm
 def test_stop_cancels_and_empties_the_queue(cluster):
     run_dir = cluster[0]
-    record = launcher.read_record(run_dir, slurm.SLURM_RECORD)
+    record = rundir.read_record(run_dir, slurm.SLURM_RECORD)
     address = slurm.master_address()
     done = slurm_start("stop", "--run-dir", run_dir)
     assert done.returncode == 0, done.stderr
@@ -416,7 +417,7 @@ def test_minicw_allocate_uses_slurm_when_sbatch_is_there(tmp_path):
             assert address == slurm.master_address(run_dir)
             assert {job.name for job in our_jobs()} == {JOB_NAME + "-master",
                                                         JOB_NAME + "-workers"}
-            key = launcher.read_authkey(run_dir)
+            key = rundir.read_authkey(run_dir)
             wait_for_worker_nodes(address, key, 2)
             node = minicw.MasterNode(address[0], address[1], key).connect()
             try:
