@@ -27,7 +27,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 
@@ -136,9 +135,9 @@ def master_main(argv=None) -> int:
 
 def _print_master_started(host: str, port: int, generated_key: str | None,
                           key_source: str) -> None:
-    reach = launch.master_host({"host": host, "hostname": socket.gethostname()})
+    reach = launch.ready_address(launch.master_ready_record(host, port))
     print("minicw master listening on %s:%d (workers and clients connect to %s:%d)"
-          % (host, port, reach, port), flush=True)
+          % ((host, port) + reach), flush=True)
     if generated_key:
         print("authkey (generated, shown once): %s" % generated_key, flush=True)
     else:

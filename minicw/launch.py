@@ -137,15 +137,16 @@ def _ready_record(ready_path: str) -> dict | None:
         return None
 
 
-def master_host(record: dict, here: bool = False) -> str:
-    """The host to reach the master of a ready ``record`` at.
+def ready_address(record: dict, here: bool = False) -> tuple:
+    """The (host, port) to reach the master of a ready ``record`` at.
 
     A master listening on all interfaces is reached at 127.0.0.1 from its own
     machine (``here``), else at its host name; one bound to a host, there.
     """
-    if record["host"] not in WILDCARD_HOSTS:
-        return record["host"]
-    return "127.0.0.1" if here else record["hostname"]
+    host = record["host"]
+    if host in WILDCARD_HOSTS:
+        host = "127.0.0.1" if here else record["hostname"]
+    return host, int(record["port"])
 
 
 # --- a child of this process --------------------------------------------------------------
@@ -237,7 +238,7 @@ def start_master(host: str, port: int, authkey: str | bytes,
         argv += ["--heartbeat-timeout", str(heartbeat_timeout_s)]
     child = ChildProcess("master", argv, authkey)
     record = child.wait_ready()
-    return child, (master_host(record, here=True), record["port"])
+    return child, ready_address(record, here=True)
 
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,

@@ -320,8 +320,8 @@ def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: f
         raise MinicwError("%s holds the record of a SLURM cluster (slurm.json); stop it "
                           "first, or use another run directory" % run_dir)
     entry, ready = _start_local_master(run_dir, port, rundir.choose_authkey(), timeout_s)
-    record = {"kind": "local", "hostname": socket.gethostname(),
-              "host": launch.master_host(ready, here=True), "port": ready["port"],
+    host, port = launch.ready_address(ready, here=True)
+    record = {"kind": "local", "hostname": socket.gethostname(), "host": host, "port": port,
               "master": entry, "workers": list((record or {}).get("workers", [])),
               "authkey_file": rundir.authkey_path(run_dir), "run_dir": run_dir,
               "next_worker": (record or {}).get("next_worker", 1)}

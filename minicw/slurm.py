@@ -226,7 +226,7 @@ def master_address(run_dir: str | None = None) -> tuple:
     written = rundir.read_record(run_dir, ADDRESS_FILE)
     if written and any(job.job_id == str(written.get("job_id")) and job.state == "RUNNING"
                        for job in jobs):
-        return launch.master_host(written), int(written["port"])
+        return launch.ready_address(written)
     master_name = job_names(record.get("job_name", DEFAULT_JOB_NAME))[0]
     masters = [job for job in jobs if job.name == master_name]
     return _address_from_queue(masters, master_name, record, run_dir)
@@ -291,7 +291,7 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
     if master:
         record, written = _start_master(run_dir, record, port, job_name, list(master_options),
                                         timeout_s, python)
-        address = (written["host"], int(written["port"]))
+        address = launch.ready_address(written)
     else:
         address = master_address(run_dir)
     if workers:
