@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 
-from minicw import config, launch, rundir, transport
+from minicw import config, discover, launch, rundir, transport
 from minicw.errors import MasterConnectionError, MinicwError
 from minicw.node import WorkerNode
 from minicw.server import Master
@@ -47,11 +47,6 @@ def _on_signals(handler, signals=("SIGTERM", "SIGINT")) -> None:
     for name in signals:
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), handler)
-
-
-def _split_master(text: str):
-    host, _, port = text.rpartition(":")
-    return (host or config.DEFAULT_HOST), int(port)
 
 
 def _add_common_options(parser: argparse.ArgumentParser) -> None:
@@ -172,10 +167,13 @@ def worker_parser() -> argparse.ArgumentParser:
 
 
 def _worker_master(args) -> tuple:
-    """The master's (host, port): the arguments, else $MINICW_MASTER, else the defaults."""
+    """The master's (host, port): the arguments, else $MINICW_MASTER, else the defaults.
+
+    Raises MinicwError for a $MINICW_MASTER that is not host:port.
+    """
     env_host, env_port = config.DEFAULT_HOST, config.DEFAULT_PORT
     if os.environ.get(config.ENV_MASTER):
-        env_host, env_port = _split_master(os.environ[config.ENV_MASTER])
+        env_host, env_port = discover.parse_master(os.environ[config.ENV_MASTER])
     return args.host or env_host, args.port if args.port is not None else env_port
 
 
@@ -183,7 +181,10 @@ def worker_main(argv=None) -> int:
     """Run a worker node until SIGTERM (drained), EOF on stdin or the master's shutdown."""
     args = worker_parser().parse_args(argv)
     _setup_logging(args.log_level)
-    host, port = _worker_master(args)
+    try:
+        host, port = _worker_master(args)
+    except MinicwError as exc:
+        return _error("minicw-worker", exc)
     key = os.environ.get(config.ENV_AUTHKEY) if args.key == "-" else args.key
     if not key:
         return _error("minicw-worker", "KEY is '-' but $%s is not set" % config.ENV_AUTHKEY)
