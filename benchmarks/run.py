@@ -55,7 +55,7 @@ memory     (a) a master with no worker: RSS growth per queued job after
            ``executor.map`` over a generator of 10,000,000 [1,000,000] items:
            master peak RSS < 100 MB (sampled every 0.5 s).
 scale      200 [50] simulated worker nodes (in 4 processes, each driving
-           its nodes' ``minicw.runner.Runner`` slots from one thread; see
+           its nodes' ``minicw.worker_process.Runner`` slots from one thread; see
            workloads.py) while a client maps 100,000
            [20,000] jobs: throughput >= 0.8x that of one real node of 2
            processes, and no node without jobs.  A run lasts tens of

@@ -1,6 +1,6 @@
 """The client's working directory and sys.path, replayed around its jobs.
 
-    client (Session)                         worker process (runner.py)
+    client (Session)                         worker process (worker_process.py)
     ----------------                         --------------------------
     describe(): (cwd, sys.path entries  ---> BLOB_CONTEXT, fetched once per process
                  that exist on the client)    |
@@ -21,7 +21,7 @@ per context as a note that travels back to the client with the results.
 Undoing a job's changes must cost nothing for the millions of jobs that
 make none: the process wraps ``os.chdir`` once so that a call raises a flag,
 and sys.path is a TrackedPath that raises the same flag when edited in place;
-after a job the runner reads the flag and checks sys.path by identity.
+after a job the worker process reads the flag and checks sys.path by identity.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def make_blob(cwd, entries) -> tuple[str, bytes]:
 # --- in the worker process ---------------------------------------------------------
 
 class _Flags:
-    """Module state read in the runner's inner loop (one attribute lookup)."""
+    """Module state read in the worker process's inner loop (one attribute lookup)."""
     touched = False        # a job called os.chdir or edited sys.path in place
 
 
@@ -76,7 +76,7 @@ class TrackedPath(list):
     """sys.path while a client's jobs run: a list that raises ``flags.touched``
     when it is edited in place.
 
-    The runner checks after every job whether sys.path changed.  Comparing
+    The worker process checks after every job whether sys.path changed.  Comparing
     the lists entry by entry cost a sixth of a no-op job; with this, the
     check is a flag and an identity test (a job that rebinds sys.path is seen
     by identity).
@@ -111,7 +111,7 @@ class JobContext:
     """A client's context as one worker process applies it.
 
     ``notes`` collects what the client should hear (a missing directory);
-    the runner takes them after ``enter()``.
+    the worker process takes them after ``enter()``.
     """
 
     def __init__(self, cwd, entries):
@@ -125,7 +125,7 @@ class JobContext:
         for entry in entries:
             if os.path.isdir(entry):
                 # Interned, so that checking sys.path after every job compares
-                # strings by identity even when several runners share a process.
+                # strings by identity even when several Runners share a process.
                 self.entries.append(sys.intern(entry))
             else:
                 self.notes.append("the client's sys.path entry %s does not exist on worker "

@@ -30,10 +30,12 @@ REPL and a notebook.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -265,3 +267,29 @@ def exit_with_stdin(on_eof: Callable[[], None]) -> None:
             pass
         on_eof()
     threading.Thread(target=watch, name="minicw-parent-watch", daemon=True).start()
+
+
+# --- in the child: the options and habits of a launched master or node -------------------
+
+def add_child_options(parser: argparse.ArgumentParser) -> None:
+    """The options every launched command takes: --log-level, --ready-file, and
+    --exit-with-stdin (hidden: only ChildProcess passes it)."""
+    parser.add_argument("--log-level", default="warning",
+                        help="debug, info, warning (default) or error")
+    parser.add_argument("--ready-file", metavar="PATH",
+                        help="once ready, write a JSON record here (for a program that "
+                        "started this one; see minicw/launch.py); removed at exit")
+    parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
+
+
+def start_logging(level: str) -> None:
+    """Log to stderr at ``level`` (a name: debug, info, warning, error)."""
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def on_signals(handler, names=("SIGTERM", "SIGINT")) -> None:
+    """Call ``handler(signum, frame)`` on each signal of ``names`` this platform has."""
+    for name in names:
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), handler)

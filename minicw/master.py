@@ -1,13 +1,109 @@
 """``python -m minicw.master``: run a master from the command line.
 
-The master itself is ``minicw.server.Master``; this module is its command
-line (``cli.master_main``) and keeps ``from minicw.master import Master``,
-the import path of the first release, working.
-"""
-import sys
+    master_main(argv)
+      key: --authkey > --authkey-file (rundir.read_key_file, mode 600)
+           > $MINICW_AUTHKEY > a new one, printed once
+      server.Master(host, port, key).start()
+      --ready-file PATH: the ready record (launch.py) once listening
+      serves until SIGTERM / SIGINT, or EOF on stdin (--exit-with-stdin)
 
-from minicw.server import Master  # noqa: F401  (public import path)
+The one master main loop: ``LocalCluster``/``MasterNode`` (launch.py), the
+local launcher and the SLURM master job all run it.  The master itself is
+``minicw.server.Master``; importing it from here, the path of the first
+release, keeps working.  Printing is for people; a parent that started this
+reads the ready file instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+from minicw import config, launch, rundir
+from minicw.errors import MinicwError
+from minicw.server import Master
+
+EXIT_USAGE = 2
+
+
+def _error(program: str, message) -> int:
+    print("%s: error: %s" % (program, message), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def master_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minicw.master",
+        description="Run a minicw master: it holds the job and result queues that "
+                    "worker nodes and clients connect to.")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="interface to listen on (default: all, 0.0.0.0)")
+    parser.add_argument("--port", type=int, default=config.DEFAULT_PORT,
+                        help="port to listen on; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--authkey", help="the cluster's key (visible in ps; prefer "
+                        "--authkey-file or %s)" % config.ENV_AUTHKEY)
+    parser.add_argument("--authkey-file", help="read the key from this file (it must be "
+                        "readable by its owner only: chmod 600)")
+    parser.add_argument("--heartbeat-timeout", type=float, default=None, metavar="SECONDS",
+                        help="declare a silent worker node or client dead after this "
+                        "long (default: $%s or %g)" % (config.ENV_HEARTBEAT_TIMEOUT_S,
+                                                       config.DEFAULT_HEARTBEAT_TIMEOUT_S))
+    launch.add_child_options(parser)
+    return parser
+
+
+def _master_key(args) -> tuple:
+    """(key, where it came from, whether it was generated); MinicwError from the key file."""
+    if args.authkey:
+        return args.authkey, "--authkey", False
+    if args.authkey_file:
+        return rundir.read_key_file(args.authkey_file), args.authkey_file, False
+    if os.environ.get(config.ENV_AUTHKEY):
+        return os.environ[config.ENV_AUTHKEY], config.ENV_AUTHKEY, False
+    return rundir.new_authkey(), "", True
+
+
+def master_main(argv=None) -> int:
+    """Run a master until SIGTERM, SIGINT or (--exit-with-stdin) EOF on stdin; the exit code."""
+    args = master_parser().parse_args(argv)
+    launch.start_logging(args.log_level)
+    try:
+        key, key_source, generated = _master_key(args)
+    except MinicwError as exc:
+        return _error("minicw-master", exc)
+    master = Master(args.host, args.port, key, heartbeat_timeout_s=args.heartbeat_timeout)
+    try:
+        host, port = master.start()
+    except OSError as exc:
+        return _error("minicw-master", exc.strerror)
+    _print_master_started(host, port, key if generated else None, key_source)
+    if args.exit_with_stdin:
+        launch.exit_with_stdin(master.shutdown)
+    launch.on_signals(lambda signum, frame: threading.Thread(target=master.shutdown).start())
+    if args.ready_file:  # last: whoever reads it may signal us at once
+        launch.write_ready_file(args.ready_file, launch.master_ready_record(host, port))
+    while not master.wait(1.0):  # wake now and then so signals are handled promptly
+        pass
+    if args.ready_file:
+        launch.remove_ready_file(args.ready_file)
+    try:
+        print("minicw master on port %d shut down" % port, flush=True)
+    except OSError:  # whoever read our output has gone (the parent of --exit-with-stdin)
+        pass
+    return 0
+
+
+def _print_master_started(host: str, port: int, generated_key: str | None,
+                          key_source: str) -> None:
+    reach = launch.ready_address(launch.master_ready_record(host, port))
+    print("minicw master listening on %s:%d (workers and clients connect to %s:%d)"
+          % ((host, port) + reach), flush=True)
+    if generated_key:
+        print("authkey (generated, shown once): %s" % generated_key, flush=True)
+    else:
+        print("authkey from %s" % key_source, flush=True)
+
 
 if __name__ == "__main__":
-    from minicw.cli import master_main
     sys.exit(master_main())

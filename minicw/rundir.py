@@ -13,7 +13,7 @@
     writers                                 readers
     -------                                 -------
     launcher.local_start, slurm.start  -->  discover (clients given no host or key),
-    cli (a master's or node's ready         launcher.local_stop, slurm.stop,
+    master.py, worker.py (their ready       launcher.local_stop, slurm.stop,
     file, through launch.py)                scripts/*_start.py
 
 Every JSON file is written to a temporary name and renamed, so a reader

@@ -2,7 +2,7 @@
 
 Everything the master knows lives in one ``Scheduler`` behind one lock; every
 method is a complete transition, called from the master's event loop (and
-its reaper and shutdown; see master.py).  Nothing here touches the network.
+its reaper and shutdown; see server.py).  Nothing here touches the network.
 A call that may wait (``exchange``, ``fetch``, ``poll``) returns its reply
 or a ``Waiter``; the transition that settles a Waiter queues its reply, and
 the reply is handed to the Waiter's ``on_reply`` once the lock is released

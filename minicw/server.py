@@ -22,7 +22,7 @@ the contract) takes ``on_reply`` first and returns its reply, or a Waiter
 that the state change which settles it answers later through the event
 loop; nothing blocks a thread, and nothing sleeps in a loop.
 
-``python -m minicw.master`` runs one (cli.py); ``Master`` can also run
+``python -m minicw.master`` runs one (master.py); ``Master`` can also run
 inside any process (``start()`` / ``shutdown()``), as the tests do.
 """
 from __future__ import annotations

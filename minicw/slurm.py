@@ -5,7 +5,7 @@
       | removes RUN/master-address.json
       | sbatch --job-name=minicw-master ----------------> master job (any node)
       |   (script on stdin)                                python -m minicw.master
-      |                                                    (cli.master_main) on 0.0.0.0:
+      |                                                    (master_main) on 0.0.0.0:
       |                                                    PORT, --authkey-file RUN/authkey
       | waits for RUN/master-address.json <--------------  --ready-file RUN/master-address
       |   naming the job's id                              .json: {pid, host, port,
@@ -27,7 +27,7 @@ PYTHONPATH set to the directory that holds the minicw package
 master and the workers, never in running a job.
 
 ``python -m minicw.slurm address`` prints the master's host:port (``main``, a
-command-line front end like cli.py, the only code here that prints).
+command-line front end like master.py and worker.py, the only code here that prints).
 """
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def _script(comment: str, lines: list) -> str:
 
 
 def master_command(run_dir: str, port: int, python: str | None = None) -> list:
-    """The argv of the master job: ``python -m minicw.master`` (cli.master_main) on
+    """The argv of the master job: ``python -m minicw.master`` (master_main) on
     0.0.0.0:PORT, the key from the key file, the address file as its ready file."""
     return [python or sys.executable, "-m", "minicw.master", "--host", "0.0.0.0",
             "--port", str(int(port)), "--authkey-file", rundir.authkey_path(run_dir),

@@ -1,13 +1,117 @@
 """``python -m minicw.worker HOST PORT KEY -n N``: run a worker node from the command line.
 
-The node itself is ``minicw.node.WorkerNode``; this module is its command
-line (``cli.worker_main``) and keeps ``from minicw.worker import WorkerNode``,
-the import path of the first release, working.
-"""
-import sys
+    worker_main(argv)
+      master: HOST PORT > $MINICW_MASTER > 127.0.0.1:8888
+      key: KEY, or - for $MINICW_AUTHKEY
+      node.WorkerNode(host, port, key).join_cluster()
+      --ready-file PATH: the ready record (launch.py) once joined
+      runs until SIGTERM (drained), EOF on stdin (--exit-with-stdin) or the
+      master's shutdown
 
-from minicw.node import WorkerNode  # noqa: F401  (public import path)
+Nothing here imports the master's modules: a worker node never loads them.
+The node itself is ``minicw.node.WorkerNode``; importing it from here, the
+path of the first release, keeps working.  Printing is for people; a parent
+that started this reads the ready file instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+
+from minicw import config, discover, launch, transport
+from minicw.errors import MasterConnectionError, MinicwError
+from minicw.node import WorkerNode
+
+EXIT_USAGE = 2
+
+
+def _error(program: str, message) -> int:
+    print("%s: error: %s" % (program, message), file=sys.stderr)
+    return EXIT_USAGE
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minicw.worker",
+        description="Run a minicw worker node: N local processes that run jobs "
+                    "from the master at HOST:PORT.")
+    parser.add_argument("host", nargs="?", default=None,
+                        help="the master's host (default: from $%s, else %s)"
+                        % (config.ENV_MASTER, config.DEFAULT_HOST))
+    parser.add_argument("port", nargs="?", type=int, default=None,
+                        help="the master's port (default: from $%s, else %d)"
+                        % (config.ENV_MASTER, config.DEFAULT_PORT))
+    parser.add_argument("key", nargs="?", default="-",
+                        help="the cluster's key, or - to read $%s (default)" % config.ENV_AUTHKEY)
+    parser.add_argument("-n", "--nprocs", type=int, default=None,
+                        help="worker processes (default: the CPU count; capped at it)")
+    parser.add_argument("--oversubscribe", action="store_true",
+                        help="allow more processes than CPUs")
+    parser.add_argument("--start-method", default=config.DEFAULT_START_METHOD,
+                        choices=("spawn", "forkserver", "fork"))
+    parser.add_argument("--no-reconnect", action="store_true",
+                        help="exit when the master is lost instead of waiting for it")
+    launch.add_child_options(parser)
+    return parser
+
+
+def _worker_master(args) -> tuple:
+    """The master's (host, port): the arguments, else $MINICW_MASTER, else the defaults.
+
+    Raises MinicwError for a $MINICW_MASTER that is not host:port.
+    """
+    env_host, env_port = config.DEFAULT_HOST, config.DEFAULT_PORT
+    if os.environ.get(config.ENV_MASTER):
+        env_host, env_port = discover.parse_master(os.environ[config.ENV_MASTER])
+    return args.host or env_host, args.port if args.port is not None else env_port
+
+
+def worker_main(argv=None) -> int:
+    """Run a worker node until SIGTERM (drained), EOF on stdin or the master's shutdown."""
+    args = worker_parser().parse_args(argv)
+    launch.start_logging(args.log_level)
+    try:
+        host, port = _worker_master(args)
+    except MinicwError as exc:
+        return _error("minicw-worker", exc)
+    key = os.environ.get(config.ENV_AUTHKEY) if args.key == "-" else args.key
+    if not key:
+        return _error("minicw-worker", "KEY is '-' but $%s is not set" % config.ENV_AUTHKEY)
+    try:
+        node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
+                          reconnect=not args.no_reconnect,
+                          allow_oversubscribe=args.oversubscribe)
+    except ValueError as exc:
+        return _error("minicw-worker", exc)
+    threading.Thread(target=_announce_joined, args=(node, args.ready_file),
+                     daemon=True).start()
+    if args.exit_with_stdin:
+        launch.exit_with_stdin(node.stop)
+    launch.on_signals(lambda signum, frame: node.stop(drain=True))
+    try:
+        node.join_cluster()
+    except MasterConnectionError as exc:
+        return _error("minicw-worker", exc)
+    finally:
+        if args.ready_file:
+            launch.remove_ready_file(args.ready_file)
+    if node.master_shut_down:
+        print("minicw worker node: the master at %s shut down; exiting"
+              % transport.format_address((host, port)), file=sys.stderr, flush=True)
+    return 0
+
+
+def _announce_joined(node: WorkerNode, ready_file: str | None) -> None:
+    if not node.wait_registered(3600 * 24 * 365):
+        return
+    host, port = node.address
+    print("minicw worker node %s joined %s:%d with %d processes"
+          % (node.node_id, host, port, node.nprocs), flush=True)
+    if ready_file:
+        launch.write_ready_file(ready_file, launch.worker_ready_record(node.node_id, node.nprocs))
+
 
 if __name__ == "__main__":
-    from minicw.cli import worker_main
     sys.exit(worker_main())
