@@ -282,6 +282,15 @@ def add_child_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
 
 
+EXIT_USAGE = 2   # a launched command's exit code for bad arguments or a refused start
+
+
+def command_error(program: str, message) -> int:
+    """Say what went wrong on stderr, as argparse does; returns EXIT_USAGE."""
+    print("%s: error: %s" % (program, message), file=sys.stderr)
+    return EXIT_USAGE
+
+
 def start_logging(level: str) -> None:
     """Log to stderr at ``level`` (a name: debug, info, warning, error)."""
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),

@@ -24,14 +24,6 @@ from minicw import config, launch, rundir
 from minicw.errors import MinicwError
 from minicw.server import Master
 
-EXIT_USAGE = 2
-
-
-def _error(program: str, message) -> int:
-    print("%s: error: %s" % (program, message), file=sys.stderr)
-    return EXIT_USAGE
-
-
 def master_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minicw.master",
@@ -71,12 +63,12 @@ def master_main(argv=None) -> int:
     try:
         key, key_source, generated = _master_key(args)
     except MinicwError as exc:
-        return _error("minicw-master", exc)
+        return launch.command_error("minicw-master", exc)
     master = Master(args.host, args.port, key, heartbeat_timeout_s=args.heartbeat_timeout)
     try:
         host, port = master.start()
     except OSError as exc:
-        return _error("minicw-master", exc.strerror)
+        return launch.command_error("minicw-master", exc.strerror)
     _print_master_started(host, port, key if generated else None, key_source)
     if args.exit_with_stdin:
         launch.exit_with_stdin(master.shutdown)

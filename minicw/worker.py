@@ -24,14 +24,6 @@ from minicw import config, discover, launch, transport
 from minicw.errors import MasterConnectionError, MinicwError
 from minicw.node import WorkerNode
 
-EXIT_USAGE = 2
-
-
-def _error(program: str, message) -> int:
-    print("%s: error: %s" % (program, message), file=sys.stderr)
-    return EXIT_USAGE
-
-
 def worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m minicw.worker",
@@ -75,16 +67,16 @@ def worker_main(argv=None) -> int:
     try:
         host, port = _worker_master(args)
     except MinicwError as exc:
-        return _error("minicw-worker", exc)
+        return launch.command_error("minicw-worker", exc)
     key = os.environ.get(config.ENV_AUTHKEY) if args.key == "-" else args.key
     if not key:
-        return _error("minicw-worker", "KEY is '-' but $%s is not set" % config.ENV_AUTHKEY)
+        return launch.command_error("minicw-worker", "KEY is '-' but $%s is not set" % config.ENV_AUTHKEY)
     try:
         node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
                           reconnect=not args.no_reconnect,
                           allow_oversubscribe=args.oversubscribe)
     except ValueError as exc:
-        return _error("minicw-worker", exc)
+        return launch.command_error("minicw-worker", exc)
     threading.Thread(target=_announce_joined, args=(node, args.ready_file),
                      daemon=True).start()
     if args.exit_with_stdin:
@@ -93,7 +85,7 @@ def worker_main(argv=None) -> int:
     try:
         node.join_cluster()
     except MasterConnectionError as exc:
-        return _error("minicw-worker", exc)
+        return launch.command_error("minicw-worker", exc)
     finally:
         if args.ready_file:
             launch.remove_ready_file(args.ready_file)
