@@ -60,18 +60,14 @@ def _proc_stat(pid: int) -> list | None:
         return None
 
 
-def process_start_time(pid: int) -> int | None:
-    """The kernel's start time of ``pid`` (Linux), to tell it from a later reuse of the PID."""
-    fields = _proc_stat(pid)
+def process_start_time(pid: int, fields: list | None = None) -> int | None:
+    """The kernel's start time of ``pid`` (Linux), to tell it from a later reuse of
+    the PID; ``fields``: its /proc stat fields, when already read."""
+    fields = fields if fields is not None else _proc_stat(pid)
     try:
         return int(fields[19]) if fields else None
     except (IndexError, ValueError):
         return None
-
-
-def _is_zombie(pid: int) -> bool:
-    fields = _proc_stat(pid)
-    return bool(fields) and fields[0] == "Z"
 
 
 def process_alive(entry: dict) -> bool:
@@ -88,10 +84,11 @@ def process_alive(entry: dict) -> bool:
         return False  # another user's process: the PID was reused
     except OSError:
         return False
-    if _is_zombie(pid):
-        return False
+    fields = _proc_stat(pid)
+    if fields and fields[0] == "Z":
+        return False  # ended, not yet reaped
     recorded = entry.get("start_time")
-    return recorded is None or process_start_time(pid) in (None, recorded)
+    return recorded is None or process_start_time(pid, fields) in (None, recorded)
 
 
 def _group_alive(pgid: int) -> bool:

@@ -372,10 +372,14 @@ class MasterManager(Manager):
     """What peers connect with: one typeid per role of protocol.ROLES, no callables."""
 
 
-for _role in protocol.ROLES:
-    _names = protocol.call_names(_role)
-    MasterManager.register(_role, exposed=_names, proxytype=private_proxy_type(
-        "%sProxy" % _role.capitalize(), _names))
+def _register_roles() -> None:
+    for role in protocol.ROLES:
+        names = protocol.call_names(role)
+        MasterManager.register(role, exposed=names, proxytype=private_proxy_type(
+            "%sProxy" % role.capitalize(), names))
+
+
+_register_roles()
 
 
 def connect_master(address, authkey) -> MasterManager:
