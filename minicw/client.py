@@ -234,8 +234,10 @@ class Session:
             return [delivery for delivery in map(self._first_time, deliveries)
                     if delivery is not None]
 
-    def _first_time(self, delivery: protocol.Delivery):
-        """The delivery with repeated jobs masked; None if none of it is new."""
+    def _first_time(self, fields: tuple):
+        """The Delivery (as it travelled: ``fields``) with repeated jobs masked; None
+        if none of it is new."""
+        delivery = protocol.view(protocol.Delivery, fields)
         chunk_id, indices = delivery.chunk_id, delivery.indices
         unfinished = self._in_flight.get(chunk_id)
         if unfinished is None:
@@ -312,16 +314,17 @@ class Session:
 
 
 def submit_batches(specs: list):
-    """``specs`` cut into the batches of one submit call each: up to about
-    SUBMIT_BYTES_PER_CALL of payloads (a chunk larger than that goes alone)."""
+    """``specs`` cut into the batches of one submit call each, as they travel:
+    up to about SUBMIT_BYTES_PER_CALL of payloads (a chunk larger than that
+    goes alone)."""
     start, size = 0, 0
     for end, spec in enumerate(specs):
         if size and size + len(spec.payload) > config.SUBMIT_BYTES_PER_CALL:
-            yield specs[start:end]
+            yield [protocol.on_wire(spec) for spec in specs[start:end]]
             start, size = end, 0
         size += len(spec.payload)
     if start < len(specs):
-        yield specs[start:]
+        yield [protocol.on_wire(spec) for spec in specs[start:]]
 
 
 def _discard_connection(api) -> None:

@@ -78,7 +78,8 @@ class Chunk:
     __slots__ = ("client", "chunk_id", "func_keys", "payload", "timeout_s", "max_retries",
                  "context_key", "selection", "token", "holder", "done", "crashes")
 
-    def __init__(self, client, spec: protocol.ChunkSpec):
+    def __init__(self, client, fields: tuple):
+        spec = protocol.view(protocol.ChunkSpec, fields)
         self.chunk_id = spec.chunk_id
         self.payload = spec.payload
         self.timeout_s = spec.timeout_s
@@ -196,7 +197,7 @@ class Scheduler:
             return self._blobs.transfers(keys)
 
     def submit(self, client_id: int, specs) -> None:
-        """Queue chunks: ``specs`` is a list of protocol ChunkSpec tuples."""
+        """Queue chunks: ``specs`` lists ChunkSpecs as they travel (plain tuples)."""
         with self._changing:
             self._check_open()
             client = self._client(client_id)
@@ -523,9 +524,9 @@ class Scheduler:
             jobs = len(chunk.selection)
             client.queued_jobs -= jobs
             client.running_jobs += jobs
-            leases.append(protocol.Lease(chunk.token, client.client_id, chunk.chunk_id,
-                                         chunk.func_keys, chunk.payload, chunk.selection,
-                                         chunk.timeout_s, chunk.context_key))
+            leases.append(protocol.on_wire(protocol.Lease(
+                chunk.token, client.client_id, chunk.chunk_id, chunk.func_keys, chunk.payload,
+                chunk.selection, chunk.timeout_s, chunk.context_key)))
         return leases
 
     def _next_fair_chunk(self):
@@ -561,7 +562,8 @@ class Scheduler:
             client.deficit = 0
         return chunk if cost else None
 
-    def _accept_report(self, node: NodeState, slot: int, report: protocol.Report) -> None:
+    def _accept_report(self, node: NodeState, slot: int, fields: tuple) -> None:
+        report = protocol.view(protocol.Report, fields)
         start, count = report.start, report.count
         chunk = self._leases.get(report.token)
         if chunk is None or chunk.holder != (node, slot) or start != chunk.done:
@@ -649,9 +651,9 @@ class Scheduler:
         else:
             self._rotation.append(client)
 
-    def _deliver(self, client: ClientState, delivery) -> None:
+    def _deliver(self, client: ClientState, delivery: protocol.Delivery) -> None:
         client.delivery_seq += 1
-        client.deliveries.append((client.delivery_seq, delivery))
+        client.deliveries.append((client.delivery_seq, protocol.on_wire(delivery)))
         if client.fetches:
             self._fed_clients.append(client)
 

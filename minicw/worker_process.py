@@ -146,7 +146,7 @@ class Runner:
 
     def run_next_lease(self) -> None:
         """Run the first lease held (unless its client cancelled it)."""
-        lease = self.leases.popleft()
+        lease = protocol.view(protocol.Lease, self.leases.popleft())
         if lease.token in self.revoked:
             self.revoked.discard(lease.token)
             return
@@ -274,7 +274,8 @@ class Runner:
         except Exception:
             values, errors = _picklable_results(values, errors)
             results = protocol.pack_results(values, errors, seconds, notes)
-        self.reports.append(protocol.Report(token, start, len(values), results))
+        self.reports.append(protocol.on_wire(protocol.Report(token, start, len(values),
+                                                             results)))
 
     # --- functions -------------------------------------------------------------------
 

@@ -73,7 +73,7 @@ def fetch(scheduler, client):
 
 
 def report(lease, start, count, results=b"r"):
-    return protocol.Report(lease.token, start, count, results)
+    return protocol.Report(protocol.view(protocol.Lease, lease).token, start, count, results)
 
 
 def test_lease_report_deliver_exactly_once():
