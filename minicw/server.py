@@ -47,11 +47,15 @@ def _check_protocol(info: dict, role: str) -> None:
                                    % (role, info.get("protocol"), protocol.PROTOCOL_VERSION))
 
 
-class ClientAPI:
-    """What a client may call (protocol.CLIENT_CALLS); see Scheduler for each contract."""
+class _RoleAPI:
+    """A role's calls, each one Scheduler transition (see Scheduler for its contract)."""
 
     def __init__(self, scheduler: Scheduler):
         self._scheduler = scheduler
+
+
+class ClientAPI(_RoleAPI):
+    """What a client may call (protocol.CLIENT_CALLS); see Scheduler for each contract."""
 
     def hello(self, info: dict):
         _check_protocol(info, "client")
@@ -90,11 +94,8 @@ class ClientAPI:
         return self._scheduler.blob_transfers(keys)
 
 
-class NodeAPI:
+class NodeAPI(_RoleAPI):
     """What a worker node may call (protocol.NODE_CALLS)."""
-
-    def __init__(self, scheduler: Scheduler):
-        self._scheduler = scheduler
 
     def register(self, info: dict):
         _check_protocol(info, "worker node")
@@ -114,11 +115,8 @@ class NodeAPI:
         self._scheduler.unregister_node(node_id)
 
 
-class ProcessAPI:
+class ProcessAPI(_RoleAPI):
     """What a worker process may call (protocol.PROCESS_CALLS): one report-and-lease call."""
-
-    def __init__(self, scheduler: Scheduler):
-        self._scheduler = scheduler
 
     def exchange(self, on_reply, node_id, slot, reports, want, timeout_s):
         return self._scheduler.exchange(node_id, slot, reports, want, timeout_s, on_reply)
