@@ -76,6 +76,16 @@ def child_env(authkey: str | bytes) -> dict:
     return env
 
 
+def own_session() -> dict:
+    """Popen options that start a child outside this process's session (POSIX) or
+    process group (Windows): the terminal's Ctrl-C goes to the foreground group,
+    and a child minicw starts for the user must not receive it.  Such a child
+    ends with its parent through its lifeline (--exit-with-stdin), or by PID."""
+    if os.name == "posix":
+        return {"start_new_session": True}
+    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+
+
 # --- the ready file: the child's side ------------------------------------------------------
 
 def master_ready_record(host: str, port: int) -> dict:
@@ -168,7 +178,7 @@ class ChildProcess:
                 [sys.executable, "-m"] + argv
                 + ["--exit-with-stdin", "--ready-file", self.ready_file],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                universal_newlines=True, bufsize=1)
+                universal_newlines=True, bufsize=1, **own_session())
         except OSError:
             shutil.rmtree(self._ready_dir, ignore_errors=True)
             raise

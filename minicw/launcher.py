@@ -160,14 +160,10 @@ def _end_group_members(entry: dict) -> None:
 
 def spawn_detached(argv: list, log_path: str, env: dict) -> dict:
     """Start ``argv`` in a new session with its output in ``log_path``; its record entry."""
-    kwargs = {}
-    if os.name == "posix":
-        kwargs["start_new_session"] = True
-    else:
-        kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
     with open(log_path, "ab") as log_file:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
-                                 stderr=subprocess.STDOUT, env=env, close_fds=True, **kwargs)
+                                 stderr=subprocess.STDOUT, env=env, close_fds=True,
+                                 **launch.own_session())
     _children[popen.pid] = popen
     return {"pid": popen.pid, "start_time": process_start_time(popen.pid), "log": log_path,
             "session": os.name == "posix", "argv": argv[1:]}

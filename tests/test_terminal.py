@@ -1,0 +1,123 @@
+"""minicw at a real terminal: an interactive interpreter on a pseudo-terminal,
+code typed into it, and Ctrl-C typed as a person types it (the terminal's
+interrupt character, which the line discipline turns into SIGINT for the
+whole foreground process group)."""
+import os
+import select
+import signal
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT = b">>> "
+STEP_TIMEOUT_S = float(os.environ.get("MINICW_TEST_TERMINAL_TIMEOUT_S", "60"))
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
+
+
+class Terminal:
+    """``python3 -i`` on a pty of its own (its session, its controlling terminal)."""
+
+    def __init__(self):
+        import pty
+        env = dict(os.environ, PYTHONPATH=ROOT, TERM="dumb", PYTHONSTARTUP="")
+        env.pop("MINICW_MASTER", None)
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child: the interpreter
+            os.execvpe(sys.executable, [sys.executable, "-q", "-i"], env)
+        self.output = b""
+
+    def read_until(self, wanted: bytes, timeout_s: float = STEP_TIMEOUT_S) -> bytes:
+        """Everything read up to and including ``wanted``; AssertionError on timeout."""
+        deadline = time.monotonic() + timeout_s
+        start = len(self.output)
+        while wanted not in self.output[start:]:
+            left = deadline - time.monotonic()
+            assert left > 0, "no %r; the terminal shows: %r" % (wanted, self.output[-800:])
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 4096)
+                except OSError:   # EIO: the interpreter is gone
+                    chunk = b""
+                assert chunk, "the interpreter ended: %r" % self.output[-800:]
+                self.output += chunk
+        return self.output[start:]
+
+    def type(self, line: str) -> None:
+        os.write(self.fd, line.encode() + b"\r")
+
+    def run(self, line: str) -> bytes:
+        """Type a line and wait for the next prompt; what was printed."""
+        mark = len(self.output)
+        self.type(line)
+        self.read_until(PROMPT)
+        return self.output[mark:]
+
+    def descendants(self) -> list:
+        return _descendants(self.pid)
+
+    def close(self) -> None:
+        leftovers = self.descendants()
+        for pid in [self.pid] + leftovers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass
+        os.close(self.fd)
+
+
+def _descendants(pid: int) -> list:
+    children = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name) as handle:
+                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.fixture
+def terminal():
+    term = Terminal()
+    try:
+        term.read_until(PROMPT)
+        yield term
+    finally:
+        term.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the cluster's processes in /proc")
+def test_ctrl_c_at_the_terminal_cancels_the_run_and_the_cluster_lives_on(terminal):
+    terminal.run("import time; from minicw import LocalCluster")
+    terminal.run("c = LocalCluster(n_workers=2).start(); ex = c.executor()")
+    cluster = terminal.descendants()
+    assert len(cluster) >= 4   # master, worker node, its two worker processes
+    terminal.type("list(ex.map(time.sleep, [0.5] * 40))")
+    time.sleep(1.5)            # a person waits a moment, then presses Ctrl-C
+    os.write(terminal.fd, b"\x03")
+    interrupted = terminal.read_until(PROMPT)
+    assert b"KeyboardInterrupt" in interrupted
+    assert [pid for pid in cluster if not os.path.exists("/proc/%d" % pid)] == []
+    printed = terminal.run("print('SUM', sum(ex.map(abs, range(-5, 5))))")
+    assert b"SUM 25" in printed, printed
+    assert b"Error" not in printed
+    terminal.run("ex.shutdown(); c.shutdown()")
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while terminal.descendants() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert terminal.descendants() == []
