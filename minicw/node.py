@@ -20,9 +20,16 @@ master which job a dead process was running.
 
 Processes are created through an explicit multiprocessing context, ``spawn``
 by default: the Windows and macOS default, and safe beside the node's threads.
+Under spawn and forkserver, multiprocessing makes each new process (and the
+fork server) run the parent's main module first.  A worker process needs
+nothing from it (functions travel by value, its target is importable), and a
+script that starts a node at top level, without ``if __name__ ==
+"__main__":``, would start another node in each of them; so the main module
+is hidden from multiprocessing while a worker process starts (``_main_hidden``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -31,6 +38,7 @@ import sys
 import queue
 import threading
 import time
+import types
 from collections import OrderedDict
 from multiprocessing import connection, get_context
 
@@ -71,6 +79,41 @@ def cap_nprocs(nprocs: int | None) -> int:
                     nprocs, cpus, cpus)
         return cpus
     return nprocs
+
+
+class _MainWithoutSource(types.ModuleType):
+    """The user's main module as multiprocessing's start methods see it while a
+    worker process starts: no ``__file__`` and no ``__spec__``, so the new
+    process does not run it; every other attribute is the real module's, so
+    another thread that pickles something of ``__main__`` meanwhile finds it."""
+
+    def __init__(self, main: types.ModuleType):
+        super().__init__("__main__")
+        self.__spec__ = None
+        self._real_main = main
+
+    def __getattr__(self, name: str):
+        if name == "__file__":
+            raise AttributeError(name)
+        return getattr(self._real_main, name)
+
+
+_main_swap_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _main_hidden():
+    """Hide the main module from multiprocessing for the start of one process."""
+    with _main_swap_lock:
+        main = sys.modules.get("__main__")
+        if main is None:
+            yield
+            return
+        sys.modules["__main__"] = _MainWithoutSource(main)
+        try:
+            yield
+        finally:
+            sys.modules["__main__"] = main
 
 
 class _Slot:
@@ -439,7 +482,8 @@ class WorkerNode:
                 "slot_state": state, "address": self.address, "authkey": self.authkey}
         process = self.context.Process(target=worker_process.run_process, args=(spec,),
                                        name="minicw-worker-%d" % index, daemon=True)
-        process.start()
+        with _main_hidden():
+            process.start()
         process_end.close()
         self._slots[index] = _Slot(index, process, node_end, state)
 

@@ -1,0 +1,79 @@
+"""minicw the way a lab runs it: the ancestors' lines pasted into scripts with
+no ``if __name__ == "__main__":`` guard, run as ``python script.py``, and
+processes started in the order people start them."""
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from helpers import KEY, PY, Proc, env_with_key, start_master
+from minicw import ClusterExecutor
+
+START_METHODS = ["spawn", "forkserver"]
+
+
+def _script(tmp_path, name, source):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return str(path)
+
+
+def _nodes(executor):
+    return executor.list_workers()
+
+
+def _wait_nodes(executor, count, timeout_s=30):
+    deadline = time.monotonic() + timeout_s
+    while len(_nodes(executor)) != count:
+        assert time.monotonic() < deadline, "nodes: %r" % (_nodes(executor),)
+        time.sleep(0.05)
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_worker_node_script_without_a_main_guard(tmp_path, start_method):
+    # The minimalcluster README's worker lines at the top level of worker.py.
+    master, port = start_master()
+    script = _script(tmp_path, "worker.py", """
+        from minicw import WorkerNode
+        WorkerNode("127.0.0.1", %d, %r, nprocs=2, start_method=%r).join_cluster()
+        """ % (port, KEY, start_method))
+    worker = Proc([PY, script], env=env_with_key(), stdin=subprocess.DEVNULL)
+    try:
+        executor = ClusterExecutor("127.0.0.1", port, KEY)
+        try:
+            _wait_nodes(executor, 1)
+            assert list(executor.map(_square, range(50), timeout=60)) == [x * x for x in range(50)]
+            [node] = _nodes(executor)   # one node: its processes did not run the script
+            assert node["nprocs"] == 2 and node["jobs_done"] == 50
+        finally:
+            executor.shutdown()
+        assert not any("bootstrapping phase" in line for line in worker.err), worker.err[-5:]
+    finally:
+        worker.stop()
+        master.stop()
+
+
+def test_a_master_node_script_without_a_main_guard(tmp_path):
+    # The minimalcluster README's master lines, with its own local worker node.
+    script = _script(tmp_path, "master.py", """
+        from minicw import MasterNode
+        master = MasterNode(HOST="127.0.0.1", PORT=0, AUTHKEY=%r)
+        master.start_master_server(nprocs=2)
+        master.load_envir("def f(x):\\n    return x + 1\\n", from_file=False)
+        master.register_target_function("f")
+        master.load_args(range(30))
+        result = master.execute()
+        print("NODES", len(master.list_workers()), "SUM", sum(result.values()))
+        master.shutdown()
+        """ % KEY)
+    done = subprocess.run([PY, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=env_with_key(), timeout=120,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "NODES 1 SUM 465" in done.stdout
