@@ -168,7 +168,9 @@ class WorkerNode:
 
     ``WorkerNode(IP, PORT, AUTHKEY, nprocs).join_cluster()`` blocks and serves
     until ``stop()`` is called (from another thread), the master shuts down,
-    or SIGTERM/Ctrl-C in the command-line worker.  ``nprocs`` defaults to the
+    or SIGTERM/Ctrl-C in the command-line worker.  Ctrl-C at an interactive
+    prompt takes the node out of the cluster at once (its jobs go to other
+    nodes) and raises KeyboardInterrupt.  ``nprocs`` defaults to the
     CPU count and is capped at it.
     """
 
@@ -269,20 +271,32 @@ class WorkerNode:
             return ENDED_SHUTDOWN
         except (EOFError, OSError):
             return ENDED_LOST
+        with self._commands_lock:
+            self._commands.clear()  # an earlier registration's news is no news for this one
         self._start_heartbeat(api, heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT)
         fetcher = threading.Thread(target=self._fetch_blobs, args=(api,),
                                    name="minicw-blob-fetcher", daemon=True)
         fetcher.start()
-        for index in range(self.nprocs):
-            self._start_process(index)
-        self._registered.set()
-        log.info("node %s serving %d processes for %s", self.node_id, self.nprocs,
-                 transport.format_address(self.address))
         try:
+            for index in range(self.nprocs):
+                self._start_process(index)
+            self._registered.set()
+            log.info("node %s serving %d processes for %s", self.node_id, self.nprocs,
+                     transport.format_address(self.address))
             outcome = self._supervise(api)
         except (EOFError, OSError) as exc:
             log.warning("connection to the master failed: %s", exc)
             outcome = ENDED_LOST
+        except BaseException:
+            # Ctrl-C at an interactive prompt, say: leave the cluster now, so
+            # that the master hands the jobs this node held to other nodes.
+            self._leave(api, fetcher, ENDED_STOPPED)
+            raise
+        return self._leave(api, fetcher, outcome)
+
+    def _leave(self, api, fetcher: threading.Thread, outcome: str) -> str:
+        """End a registration: its processes, its fetcher, and (``ENDED_STOPPED``:
+        the node leaves on purpose) its place in the master."""
         self._registered.clear()
         self._blob_requests.put(None)
         fetcher.join()

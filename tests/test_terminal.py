@@ -121,3 +121,57 @@ def test_ctrl_c_at_the_terminal_cancels_the_run_and_the_cluster_lives_on(termina
     while terminal.descendants() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert terminal.descendants() == []
+
+
+def _workers(pids: list) -> list:
+    """The processes among ``pids`` that are not multiprocessing's resource
+    tracker (it lives as long as the interpreter that started it)."""
+    workers = []
+    for pid in pids:
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                if b"resource_tracker" not in handle.read():
+                    workers.append(pid)
+        except OSError:
+            pass
+    return workers
+
+
+def _slow_echo(x):
+    import time
+    time.sleep(0.5)
+    return x
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the node's processes in /proc")
+def test_ctrl_c_on_an_interactive_worker_node_takes_it_out_at_once(terminal):
+    from helpers import KEY, start_master, start_worker
+    from minicw import ClusterExecutor
+    # A long heartbeat timeout: the node can only leave this soon by saying so.
+    master, port = start_master(extra_args=["--heartbeat-timeout", "60"])
+    other = None
+    executor = ClusterExecutor("127.0.0.1", port, KEY)
+    try:
+        terminal.run("from minicw import WorkerNode")
+        terminal.run("n = WorkerNode('127.0.0.1', %d, %r, nprocs=2)" % (port, KEY))
+        terminal.type("n.join_cluster()")
+        futures = [executor.submit(_slow_echo, i) for i in range(6)]
+        deadline = time.monotonic() + STEP_TIMEOUT_S
+        while not any(node["busy"] for node in executor.list_workers()):
+            assert time.monotonic() < deadline, "the node never took a job"
+            time.sleep(0.05)
+        os.write(terminal.fd, b"\x03")
+        assert b"KeyboardInterrupt" in terminal.read_until(PROMPT)
+        while executor.list_workers():   # gone long before the 60 s timeout
+            assert time.monotonic() < deadline, executor.list_workers()
+            time.sleep(0.05)
+        while _workers(terminal.descendants()):    # its worker processes ended
+            assert time.monotonic() < deadline, terminal.descendants()
+            time.sleep(0.05)
+        other = start_worker(port, nprocs=2)   # the jobs it held run elsewhere
+        assert sorted(f.result(timeout=STEP_TIMEOUT_S) for f in futures) == list(range(6))
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+        if other is not None:
+            other.stop()
+        master.stop()
