@@ -176,8 +176,11 @@ class WorkerNode:
 
     def __init__(self, IP: str, PORT: int, AUTHKEY, nprocs: int | None = None,
                  start_method: str = config.DEFAULT_START_METHOD,
-                 reconnect: bool = True, allow_oversubscribe: bool = False):
+                 reconnect: bool = True, allow_oversubscribe: bool = False,
+                 connect_timeout_s: float | None = 0.0):
         self.address = (IP, int(PORT))
+        self.connect_timeout_s = connect_timeout_s  # how long join_cluster waits for a
+                                                    # master not started yet (None: ever)
         self.authkey = transport.as_authkey(AUTHKEY)
         self.nprocs = int(nprocs) if allow_oversubscribe and nprocs else cap_nprocs(nprocs)
         self.context = get_context(start_method)
@@ -201,10 +204,17 @@ class WorkerNode:
         """Connect, register, run the processes; blocks until the node stops.
 
         Raises a MasterConnectionError naming host and port when the master
-        cannot be reached at first (wrong host, nothing listening, wrong key).
-        Once joined, a lost master is waited for and rejoined with backoff.
+        cannot be reached at first: a wrong host or key at once; nothing
+        listening after ``connect_timeout_s`` (the master may start later: the
+        node waits that long, and says once that it waits).  Once joined, a
+        lost master is waited for and rejoined with backoff.
         """
-        manager = self._connect()
+        manager = self._connect_patiently(
+            None if self.connect_timeout_s is None else time.monotonic() + self.connect_timeout_s,
+            "waiting for the master at %s: nothing accepts connections there yet; this node "
+            "joins when it starts" % transport.format_address(self.address))
+        if manager is None:
+            return  # stop() was called while it waited
         try:
             while not self._stop_requested.is_set():
                 outcome = self._serve_registration(manager)
@@ -235,22 +245,41 @@ class WorkerNode:
         return transport.connect_master(self.address, self.authkey)
 
     def _reconnect_with_backoff(self):
-        pause_s = 0.1
         where = transport.format_address(self.address)
         log.warning("lost the master at %s; reconnecting", where)
+        try:
+            manager = self._connect_patiently(None)
+        except (MasterHostUnknownError, AuthkeyMismatchError) as exc:
+            log.error("cannot rejoin %s: %s", where, exc)
+            return None
+        if manager is not None:
+            log.warning("reconnected to the master at %s", where)
+        return manager
+
+    def _connect_patiently(self, deadline: float | None, waiting_note: str | None = None):
+        """A connection, tried again with backoff while the master is not there (not
+        started yet, or restarting); None if stop() is called meanwhile.
+
+        Raises MasterHostUnknownError and AuthkeyMismatchError at once (waiting
+        cures neither), and the last MasterConnectionError once the
+        time.monotonic() ``deadline`` (None: never) would pass.  ``waiting_note``
+        is logged once, at the first failed try.
+        """
+        pause_s = 0.1
         while not self._stop_requested.is_set():
             try:
-                manager = self._connect()
-            except (MasterHostUnknownError, AuthkeyMismatchError) as exc:
-                log.error("cannot rejoin %s: %s", where, exc)
-                return None
+                return self._connect()
+            except (MasterHostUnknownError, AuthkeyMismatchError):
+                raise
             except MasterConnectionError:
-                if self._stop_requested.wait(pause_s):
-                    return None
-                pause_s = min(pause_s * 2, config.NODE_RECONNECT_MAX_S)
-                continue
-            log.warning("reconnected to the master at %s", where)
-            return manager
+                if deadline is not None and time.monotonic() + pause_s > deadline:
+                    raise
+                if waiting_note:
+                    log.warning("%s", waiting_note)
+                    waiting_note = None
+            if self._stop_requested.wait(pause_s):
+                break
+            pause_s = min(pause_s * 2, config.NODE_RECONNECT_MAX_S)
         return None
 
     def _info(self) -> dict:

@@ -45,6 +45,9 @@ def worker_parser() -> argparse.ArgumentParser:
                         choices=("spawn", "forkserver", "fork"))
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit when the master is lost instead of waiting for it")
+    parser.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up when no master listens at HOST:PORT within this long "
+                        "(default: wait for it; a wrong key or host fails at once)")
     launch.add_child_options(parser)
     return parser
 
@@ -74,7 +77,8 @@ def worker_main(argv=None) -> int:
     try:
         node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
                           reconnect=not args.no_reconnect,
-                          allow_oversubscribe=args.oversubscribe)
+                          allow_oversubscribe=args.oversubscribe,
+                          connect_timeout_s=args.connect_timeout)
     except ValueError as exc:
         return launch.command_error("minicw-worker", exc)
     threading.Thread(target=_announce_joined, args=(node, args.ready_file),

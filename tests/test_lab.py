@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from helpers import KEY, PY, Proc, env_with_key, start_master
+from helpers import KEY, PY, Proc, env_with_key, start_master, start_worker
 from minicw import ClusterExecutor
 
 START_METHODS = ["spawn", "forkserver"]
@@ -77,3 +77,33 @@ def test_a_master_node_script_without_a_main_guard(tmp_path):
                           cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert "NODES 1 SUM 465" in done.stdout
+
+
+def _free_port():
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_worker_started_before_its_master_waits_and_joins():
+    port = _free_port()
+    worker = start_worker(port, nprocs=2, wait=False)   # the master is not up yet
+    master = None
+    try:
+        worker.wait_for(r"waiting for the master at 127\.0\.0\.1:%d" % port, stream="err")
+        assert worker.popen.poll() is None
+        master, _ = start_master(port=port)
+        worker.wait_for(r"joined 127\.0\.0\.1:%d" % port)
+        executor = ClusterExecutor("127.0.0.1", port, KEY)
+        try:
+            assert sum(executor.map(_square, range(20), timeout=60)) == 2470
+        finally:
+            executor.shutdown()
+        said = [line for line in worker.err if "waiting for the master" in line]
+        assert len(said) == 1, worker.err   # said once, not at every try
+    finally:
+        worker.stop()
+        if master is not None:
+            master.stop()
+

@@ -64,7 +64,7 @@ def test_worker_cli_wrong_key_exits_with_message():
         worker = start_worker(port, key="not-the-key", wait=False)
         assert worker.wait(30) == 2
         worker.wait_for("rejected our authkey", stream="err")
-        worker = start_worker(_free_port(), wait=False)
+        worker = start_worker(_free_port(), wait=False, extra_args=["--connect-timeout", "0.5"])
         assert worker.wait(30) == 2
         worker.wait_for("nothing is listening", stream="err")
     finally:
