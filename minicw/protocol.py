@@ -121,6 +121,30 @@ class Command(NamedTuple):
     position: int = -1       # and the position of the job to end
 
 
+class NodeRecord(NamedTuple):
+    """A worker node, as ``list_workers()`` and ``status()`` show it: first the
+    minimalcluster ancestor's ``(hostname, number of processes, pid, busy)``,
+    then minicw's own fields.  ``record["nprocs"]`` works too (minicw 0.1
+    returned dicts)."""
+    hostname: str
+    nprocs: int
+    pid: int
+    busy: bool               # any of its processes holds a job (1/0 in the ancestor)
+    node_id: str
+    python: Optional[str]    # e.g. "CPython 3.11.7"
+    platform: Optional[str]
+    start_method: Optional[str]
+    jobs_done: int
+    busy_processes: int
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self._fields:
+                raise KeyError(key)
+            return getattr(self, key)
+        return tuple.__getitem__(self, key)
+
+
 # --- calls, by role --------------------------------------------------------------------
 
 class Call(NamedTuple):
@@ -141,8 +165,8 @@ CLIENT_CALLS = (
     Call("kill", ("client_id", "chunk_id", "index"), "KILL_*"),
     Call("touch", ("client_id",), "None"),
     Call("goodbye", ("client_id",), "None"),
-    Call("list_nodes", (), "[node record]"),
-    Call("status", (), "{nodes, clients, queued_chunks, leased_chunks, blobs}"),
+    Call("list_nodes", (), "[NodeRecord]"),
+    Call("status", (), "{nodes: [NodeRecord], clients, queued_chunks, leased_chunks, blobs}"),
     Call("blob_transfers", ("keys",), "{key: (times put, times fetched)}"),
 )
 NODE_CALLS = (

@@ -764,9 +764,11 @@ class Scheduler:
             }
 
     @staticmethod
-    def _node_record(node: NodeState) -> dict:
+    def _node_record(node: NodeState) -> protocol.NodeRecord:
         info = node.info
         busy = node.busy_processes
-        return {"node_id": node.node_id, "hostname": info["hostname"], "pid": info["pid"],
-                "nprocs": info["nprocs"], "python": info.get("python"),
-                "busy": busy > 0, "busy_processes": busy, "jobs_done": node.jobs_done}
+        return protocol.NodeRecord(
+            hostname=info["hostname"], nprocs=info["nprocs"], pid=info["pid"], busy=busy > 0,
+            node_id=node.node_id, python=info.get("python"), platform=info.get("platform"),
+            start_method=info.get("start_method"), jobs_done=node.jobs_done,
+            busy_processes=busy)

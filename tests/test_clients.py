@@ -416,7 +416,7 @@ def test_status_shows_nodes_and_per_client_counts(cluster):
             [i * i for i in range(30)]
         status = executor.status()
         [node] = status["nodes"]
-        assert node["nprocs"] == 2 and "busy_processes" in node
+        assert node["nprocs"] == 2 and "busy_processes" in node._fields
         mine = [c for c in status["clients"] if c["done"] >= 30]
         assert mine and mine[0]["queued"] == 0 and mine[0]["failed"] == 0
         assert executor.list_workers()[0]["nprocs"] == 2

@@ -2,6 +2,7 @@
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -329,3 +330,15 @@ def test_args_travel_through_the_closure_serializer(cluster):
     add = lambda v: v + offset  # noqa: E731 - a closure the workers cannot import
     cluster.load_args([(add, 1), (add, 2)])
     assert cluster.execute() == {(add, 1): 11, (add, 2): 12}
+
+
+def test_list_workers_records_are_the_ancestors_tuples_with_names(cluster):
+    # minimalcluster documents (hostname, number of processes, pid, busy 1/0).
+    [node] = cluster.list_workers()
+    hostname, nprocs, pid, busy = node[:4]
+    assert (hostname, nprocs, busy) == (socket.gethostname(), 2, False)
+    assert pid == node.pid and pid != os.getpid()
+    assert node.nprocs == node["nprocs"] == 2
+    assert node.python.endswith("%d.%d.%d" % sys.version_info[:3])
+    assert node.start_method in ("spawn", "forkserver", "fork") and node.platform
+    assert node.node_id.startswith(hostname) and node.busy_processes == 0
