@@ -72,10 +72,20 @@ class MasterNode:
         return self.AUTHKEY
 
     def start_master_server(self, if_join_as_worker: bool = True, nprocs: int | None = None):
-        """Start the master in the background; by default also a local worker node."""
+        """Start the master in the background; by default also a local worker node.
+
+        Raises MinicwError if the master this object started still runs.  One
+        that has ended (killed, crashed) is replaced by a new one on the same
+        port, so that worker nodes waiting for it rejoin.
+        """
         if self._master_process is not None:
-            raise MinicwError("the master server is already running at %s"
-                              % transport.format_address(self._address))
+            if self._master_process.alive():
+                raise MinicwError("the master server is already running at %s"
+                                  % transport.format_address(self._address))
+            log.warning("the master started earlier (pid %d) has ended with exit code %s; "
+                        "starting a new one on port %d", self._master_process.pid,
+                        self._master_process.popen.poll(), self.PORT)
+            self.shutdown()
         bind_host = self.HOST if self.HOST else "0.0.0.0"
         self._master_process, (host, port) = launch.start_master(
             bind_host, self.PORT, self.AUTHKEY, self.heartbeat_timeout_s)

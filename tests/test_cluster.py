@@ -342,3 +342,23 @@ def test_list_workers_records_are_the_ancestors_tuples_with_names(cluster):
     assert node.python.endswith("%d.%d.%d" % sys.version_info[:3])
     assert node.start_method in ("spawn", "forkserver", "fork") and node.platform
     assert node.node_id.startswith(hostname) and node.busy_processes == 0
+
+
+def test_start_master_server_replaces_a_master_that_died():
+    master = MasterNode(HOST="127.0.0.1", PORT=0, AUTHKEY=KEY)
+    master.start_master_server(nprocs=1)
+    try:
+        with pytest.raises(MinicwError, match="already running"):
+            master.start_master_server(nprocs=1)
+        first = master._master_process
+        port = master.PORT
+        os.kill(first.pid, signal.SIGKILL)
+        first.popen.wait(30)
+        master.start_master_server(nprocs=1)
+        assert master._master_process.pid != first.pid and master.PORT == port
+        master.load_envir("def f(x):\n    return -x\n", from_file=False)
+        master.register_target_function("f")
+        master.load_args([1, 2, 3])
+        assert master.execute() == {1: -1, 2: -2, 3: -3}
+    finally:
+        master.shutdown()
