@@ -65,6 +65,23 @@ DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it
 DEFAULT_START_METHOD = "spawn"  # the Windows and macOS default; safe with threads
 NODE_RECONNECT_MAX_S = 5.0      # longest pause between reconnect attempts to a lost master
 NODE_BLOB_CACHE_BYTES = 1 << 30  # blobs (functions, broadcast data) a node keeps, least recently used dropped
+ENV_START_METHOD = "MINICW_START_METHOD"  # overrides DEFAULT_START_METHOD for a node given none
+START_METHODS = ("spawn", "forkserver", "fork")
+
+
+def start_method(explicit: str | None = None) -> str:
+    """How a worker node starts its processes: ``explicit`` if given, else the
+    environment, else the default.  ValueError for a name not in START_METHODS.
+
+    The environment reaches the nodes minicw starts for a user who has no
+    argument to give (LocalCluster, MasterNode, the launchers' workers).
+    """
+    method = explicit or os.environ.get(ENV_START_METHOD) or DEFAULT_START_METHOD
+    if method not in START_METHODS:
+        source = "start_method" if explicit else ENV_START_METHOD
+        raise ValueError("%s=%r: use one of %s" % (source, method, ", ".join(START_METHODS)))
+    return method
+
 
 # --- launchers: launch.py, launcher.py, slurm.py ------------------------------------
 ENV_RUN_DIR = "MINICW_RUN_DIR"  # the run directory of the launchers (rundir.py) ...

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 OUTPUT_LINES_KEPT = 5     # a ChildProcess's last stdout lines, quoted if it fails to start
 WILDCARD_HOSTS = ("0.0.0.0", "", "::")
+STDIN_FD = 0              # the lifeline of --exit-with-stdin
+LIFELINE_READ_BYTES = 4096
 
 
 # --- the child's environment -----------------------------------------------------------
@@ -255,25 +257,35 @@ def start_master(host: str, port: int, authkey: str | bytes,
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
                  start_method: str | None = None) -> ChildProcess:
-    """Start ``python -m minicw.worker`` and wait until it has registered."""
+    """Start ``python -m minicw.worker`` and wait until it has registered.
+
+    ``start_method`` None: $MINICW_START_METHOD, else spawn (config.start_method;
+    a bad name raises ValueError here, before any process starts).
+    """
     host, port = address
-    argv = ["minicw.worker", str(host), str(port), "-"]
+    argv = ["minicw.worker", str(host), str(port), "-",
+            "--start-method", config.start_method(start_method)]
     if nprocs is not None:
         argv += ["-n", str(nprocs)]
-    if start_method is not None:
-        argv += ["--start-method", start_method]
     child = ChildProcess("worker", argv, authkey)
     child.wait_ready()
     return child
 
 
 def exit_with_stdin(on_eof: Callable[[], None]) -> None:
-    """In a child: call ``on_eof()`` when the parent closes our stdin or dies."""
+    """In a child: call ``on_eof()`` when the parent closes our stdin or dies.
+
+    The watcher reads file descriptor 0 itself and never touches ``sys.stdin``:
+    a worker process forked (``--start-method fork``) while the watcher waits
+    inside ``sys.stdin.readline()`` would inherit its buffered reader's lock
+    held, and multiprocessing closes ``sys.stdin`` in every new process, which
+    would then wait for that lock forever.
+    """
     def watch():
         try:
-            while sys.stdin.readline():
+            while os.read(STDIN_FD, LIFELINE_READ_BYTES):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         on_eof()
     threading.Thread(target=watch, name="minicw-parent-watch", daemon=True).start()

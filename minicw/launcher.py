@@ -10,7 +10,8 @@
       python -m minicw.master --host 127.0.0.1           master.json   host, port, and per
           --port P --ready-file RUN/master.ready                       process: pid, start
       python -m minicw.worker 127.0.0.1 P - -n N                       time, log, pid and
-          --ready-file RUN/worker-K.ready                              ready files
+          --start-method M --ready-file RUN/worker-K.ready             ready files
+          (M: config.start_method(), $MINICW_START_METHOD or spawn)
       each with launch.child_env(key) (the key in        master.pid, worker-K.pid
       $MINICW_AUTHKEY, never argv), in a new session,    master.ready, worker-K.ready
       stdin from /dev/null, output appended to its log   master.log, worker-K.log
@@ -253,11 +254,12 @@ def _start_local_master(run_dir: str, port: int, key: str, timeout_s: float) -> 
         raise
 
 
-def _start_local_workers(run_dir: str, record: dict, n: int, key: str, timeout_s: float) -> dict:
+def _start_local_workers(run_dir: str, record: dict, n: int, key: str, start_method: str,
+                         timeout_s: float) -> dict:
     index = record.get("next_worker", 1)
     record["next_worker"] = index + 1
     argv = [sys.executable, "-m", "minicw.worker", record["host"], str(record["port"]), "-",
-            "-n", str(n)]
+            "-n", str(n), "--start-method", start_method]
     if n > (os.cpu_count() or 1):
         argv.append("--oversubscribe")  # the caller asked for this many on purpose
     entry, ready = _spawn_ready(run_dir, "worker-%d" % index, argv, key, "worker node",
@@ -276,11 +278,12 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
     master's (host, port); everything is recorded in the run directory.
     Raises MinicwError when the run directory already holds a running master,
     when there is no master to join, or when a process fails to come up (its
-    log is quoted).
+    log is quoted); ValueError for a bad $MINICW_START_METHOD.
     """
     n = (os.cpu_count() or 1) if n is None else int(n)
     if n < 1:
         raise MinicwError("the number of worker processes must be at least 1, not %d" % n)
+    start_method = config.start_method()  # a bad one is refused before anything starts
     run_dir = rundir.ensure(run_dir)
     record = _live_local_record(run_dir)
     if master:
@@ -294,7 +297,8 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
             raise MinicwError("the key file %s is missing; stop the cluster and start it "
                               "again" % rundir.authkey_path(run_dir))
         try:
-            entry = _start_local_workers(run_dir, record, n, key.decode("utf-8"), timeout_s)
+            entry = _start_local_workers(run_dir, record, n, key.decode("utf-8"), start_method,
+                                         timeout_s)
         except MinicwError:
             if master:
                 local_stop(run_dir=run_dir, grace_s=1.0)

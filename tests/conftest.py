@@ -1,5 +1,10 @@
 """Shared fixtures: short timeouts, and a check that no test leaves a process or port behind.
 
+The worker nodes the tests start run their processes under the start method
+named by $MINICW_START_METHOD (spawn, forkserver or fork; default spawn), as
+a user's would (config.start_method): ``MINICW_START_METHOD=fork pytest``
+runs the suite under fork.  The header of pytest's report names it.
+
 The check walks /proc (Linux only; elsewhere it is skipped): every process
 descended from this pytest process, and every listening TCP socket held by
 this process or a descendant, must be gone when a test ends.  A leftover is
@@ -22,6 +27,15 @@ if ROOT not in sys.path:
 # Children started by the tests import minicw from this checkout too.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+from minicw import config as minicw_config  # noqa: E402  (once sys.path holds this checkout)
+
+START_METHOD = minicw_config.start_method()  # a bad $MINICW_START_METHOD stops the run here
+
+
+def pytest_report_header(config):
+    return "minicw worker nodes start their processes with %s ($%s)" % (
+        START_METHOD, minicw_config.ENV_START_METHOD)
 
 HAVE_PROC = os.path.isdir("/proc/self/fd")
 

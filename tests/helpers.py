@@ -6,6 +6,8 @@ import sys
 import threading
 import time
 
+from minicw import config
+
 PY = sys.executable
 KEY = "test-key-0123456789abcdefghijklmnop"
 
@@ -82,7 +84,10 @@ def start_master(port=0, key=KEY, extra_args=(), env=None):
 
 
 def start_worker(port, nprocs=1, key=KEY, extra_args=(), wait=True):
-    proc = Proc([PY, "-m", "minicw.worker", "127.0.0.1", str(port), "-", "-n", str(nprocs)]
+    """``python -m minicw.worker`` for the master on 127.0.0.1:port, with the start
+    method the suite runs under (conftest.py; ``extra_args`` may override it)."""
+    proc = Proc([PY, "-m", "minicw.worker", "127.0.0.1", str(port), "-", "-n", str(nprocs),
+                 "--start-method", config.start_method()]
                 + list(extra_args), env=env_with_key(key))
     if wait:
         proc.wait_for(r"joined 127\.0\.0\.1:%d" % port)
