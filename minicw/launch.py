@@ -16,7 +16,8 @@
                                              child ends when the parent ends, however
 
 Three parents use the handshake: ``ChildProcess`` here (a private temporary
-ready file; stdout forwarded to the log), the detached local launcher
+ready file; stdout and stderr forwarded to the log, their last lines quoted
+when the child fails to start), the detached local launcher
 (launcher.py: ready files in the run directory) and the SLURM master job
 (slurm.py: the run directory's master-address.json is its ready file, read by
 clients too).  A ready file is data, not text to match: a restarted master in
@@ -49,7 +50,7 @@ from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
 
-OUTPUT_LINES_KEPT = 5     # a ChildProcess's last stdout lines, quoted if it fails to start
+OUTPUT_LINES_KEPT = 5     # a ChildProcess's last output lines, quoted if it fails to start
 WILDCARD_HOSTS = ("0.0.0.0", "", "::")
 STDIN_FD = 0              # the lifeline of --exit-with-stdin
 LIFELINE_READ_BYTES = 4096
@@ -179,22 +180,31 @@ class ChildProcess:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m"] + argv
                 + ["--exit-with-stdin", "--ready-file", self.ready_file],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-                universal_newlines=True, bufsize=1, **own_session())
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=env, universal_newlines=True, bufsize=1, **own_session())
         except OSError:
             shutil.rmtree(self._ready_dir, ignore_errors=True)
             raise
         self.pid = self.popen.pid
         self._last_lines = collections.deque(maxlen=OUTPUT_LINES_KEPT)
-        self._reader = threading.Thread(target=self._forward_stdout,
-                                        name="minicw-%s-out" % role, daemon=True)
-        self._reader.start()
+        # Two pipes, not one: the child's stdout says what it did (info), its
+        # stderr what went wrong (its warnings, errors, tracebacks), which must
+        # stay as visible as when the child wrote to our terminal.
+        self._readers = [self._start_forwarding(self.popen.stdout, logging.INFO, "out"),
+                         self._start_forwarding(self.popen.stderr, logging.WARNING, "err")]
 
-    def _forward_stdout(self) -> None:
-        for line in self.popen.stdout:
+    def _start_forwarding(self, stream, level: int, name: str) -> threading.Thread:
+        reader = threading.Thread(target=self._forward, args=(stream, level),
+                                  name="minicw-%s-%s" % (self.role, name), daemon=True)
+        reader.start()
+        return reader
+
+    def _forward(self, stream, level: int) -> None:
+        """Log each line of the child's ``stream``, keeping the last ones for errors."""
+        for line in stream:
             line = line.rstrip("\n")
             self._last_lines.append(line)
-            log.info("[%s %d] %s", self.role, self.pid, line)
+            log.log(level, "[%s %d] %s", self.role, self.pid, line)
 
     def wait_ready(self, timeout_s: float = config.READY_TIMEOUT_S) -> dict:
         """The child's ready record; MinicwError (child stopped) if it exits or stalls first."""
@@ -208,8 +218,9 @@ class ChildProcess:
     def _end_of_output(self) -> str:
         code = self.popen.poll()
         if code is not None:
-            self._reader.join(1.0)  # let it read the last lines the child wrote
-        said = "; ".join(self._last_lines) or "nothing on stdout; see stderr"
+            for reader in self._readers:  # let them read the last lines the child wrote
+                reader.join(1.0)
+        said = "; ".join(self._last_lines) or "none"
         return "exit code %s; its last output: %s" % (code, said)
 
     def alive(self) -> bool:
@@ -231,7 +242,7 @@ class ChildProcess:
 
     def _wait(self, timeout_s: float | None) -> int:
         code = self.popen.wait(timeout_s)
-        for stream in (self.popen.stdin, self.popen.stdout):
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
             self._close(stream)
         shutil.rmtree(self._ready_dir, ignore_errors=True)
         return code

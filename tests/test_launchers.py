@@ -257,6 +257,20 @@ def test_a_child_that_exits_first_is_reported():
         child.wait(30)
 
 
+def test_a_child_master_that_cannot_listen_says_why():
+    # The child's reason is on its stderr; the error the user sees must quote it.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(MinicwError) as caught:
+            launch.start_master("127.0.0.1", port, "k" * 20)
+    message = str(caught.value)
+    assert "exited before it was ready; exit code %d" % launch.EXIT_USAGE in message
+    assert "cannot listen on 127.0.0.1:%d" % port in message
+    assert "address already in use" in message.lower()
+
+
 def test_child_env_carries_the_key_and_this_minicw():
     env = launch.child_env(b"sekrit")
     assert env["MINICW_AUTHKEY"] == "sekrit"
