@@ -267,6 +267,10 @@ class Session:
                     self._forget_jobs(chunk_id, cancelled)
         return outcome
 
+    def leased(self, jobs) -> list:
+        """``[(chunk_id, index)]`` -> whether a worker process holds each job."""
+        return self._call("leased", list(jobs))
+
     def kill(self, chunk_id: int, index: int) -> str:
         outcome = self._call("kill", chunk_id, index)
         if outcome == protocol.KILL_CANCELLED:

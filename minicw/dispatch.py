@@ -318,6 +318,17 @@ class Dispatcher:
             self._settle_locked(job)
         return True
 
+    def job_leased(self, job: Job) -> bool:
+        """Whether a worker process holds the job now (it can no longer be cancelled)."""
+        with self._lock:
+            if job.settled or job.chunk_id is None:
+                return False
+        try:
+            [held] = self.session.leased([(job.chunk_id, job.index)])
+        except MinicwError:
+            return False
+        return held
+
     def kill_job(self, job: Job) -> bool:
         """End a job wherever it is; True if it will end as cancelled."""
         if self.cancel_job(job):

@@ -13,8 +13,8 @@
 Futures behave as the standard library's: ``result()`` re-raises the job's
 own exception (its remote traceback chained as ``__cause__``), ``wait``,
 ``as_completed`` and ``asyncio.wrap_future`` work, ``shutdown`` follows the
-documented contract.  A future stays PENDING until its job is done: the
-master does not tell clients when a job starts.
+documented contract.  ``running()`` asks the master while the future is
+PENDING: a job a worker process holds is RUNNING (no longer cancellable).
 """
 from __future__ import annotations
 
@@ -112,7 +112,24 @@ class ClusterFuture(Future):
             return False
         return self._mark_cancelled()
 
+    def running(self) -> bool:
+        """True once a worker process holds the job: it runs, or is next in that
+        process, and can no longer be cancelled (as ``concurrent.futures``'
+        RUNNING).  The master is asked while the future is PENDING."""
+        with self._condition:
+            if self._state != "PENDING" or self._job is None:
+                return self._state == "RUNNING"
+        if not self._dispatcher.job_leased(self._job):
+            return False
+        with self._condition:
+            if self._state == "PENDING":
+                self.set_running_or_notify_cancel()
+            return self._state == "RUNNING"
+
     def _mark_cancelled(self) -> bool:
+        with self._condition:
+            if self._state == "RUNNING":   # killed while it ran (executor.kill)
+                self._state = "PENDING"    # so Future.cancel, which refuses RUNNING, settles it
         if not Future.cancel(self):
             return self.cancelled()
         self.set_running_or_notify_cancel()  # wakes wait() and as_completed()

@@ -59,7 +59,7 @@ import pickle
 import traceback
 from typing import NamedTuple, Optional
 
-PROTOCOL_VERSION = 2    # 2: records are named (NamedTuple), missing_blobs is gone
+PROTOCOL_VERSION = 2    # 2: named records, no missing_blobs, leased()
 PICKLE_PROTOCOL = 5  # every supported Python (3.8+) reads it
 
 # --- records ---------------------------------------------------------------------------
@@ -163,6 +163,7 @@ CLIENT_CALLS = (
     Call("fetch", ("client_id", "timeout_s", "ack=0"), "(last, [Delivery])", waits=True),
     Call("cancel", ("client_id", "requests"), "[(chunk_id, [index])]"),
     Call("kill", ("client_id", "chunk_id", "index"), "KILL_*"),
+    Call("leased", ("client_id", "jobs"), "[bool]: which (chunk_id, index) a process holds"),
     Call("touch", ("client_id",), "None"),
     Call("goodbye", ("client_id",), "None"),
     Call("list_nodes", (), "[NodeRecord]"),

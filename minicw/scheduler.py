@@ -276,6 +276,18 @@ class Scheduler:
                     outcome.append((chunk_id, self._cancel_queued(chunk, indices)))
             return outcome
 
+    def leased(self, client_id: int, jobs) -> list:
+        """For each ``(chunk_id, index)`` of ``jobs``: whether a worker process holds
+        it (LEASED: it runs or is about to, and can no longer be cancelled)."""
+        with self._changing:
+            client = self._client(client_id)
+            held = []
+            for chunk_id, index in jobs:
+                chunk = client.chunks.get(chunk_id)
+                held.append(chunk is not None and bool(chunk.token)
+                            and index in chunk.selection[chunk.done:])
+            return held
+
     def kill(self, client_id: int, chunk_id: int, index: int) -> str:
         """End job ``index`` of a chunk wherever it is.
 

@@ -78,6 +78,9 @@ class ClientAPI(_RoleAPI):
     def kill(self, client_id, chunk_id, index):
         return self._scheduler.kill(client_id, chunk_id, index)
 
+    def leased(self, client_id, jobs):
+        return self._scheduler.leased(client_id, jobs)
+
     def touch(self, client_id):
         self._scheduler.touch(client_id)
 

@@ -596,3 +596,42 @@ def test_a_long_chunk_sends_its_first_results_before_it_ends(solo, tmp_path):
         rest = list(results)
     assert first == 0
     assert rest == list(range(1, 2030)) + [True]
+
+
+def _nap(x):
+    import time
+    time.sleep(0.6)
+    return x
+
+
+def test_future_running_is_true_while_a_process_holds_its_job(solo):
+    with solo.executor() as executor:
+        first, second = executor.submit(_nap, 1), executor.submit(_nap, 2)
+        deadline = time.monotonic() + 30
+        while not first.running():
+            assert time.monotonic() < deadline and not first.done()
+            time.sleep(0.01)
+        assert not first.done() and first.cancel() is False   # running: not cancellable
+        assert second.running() is False                       # queued behind it
+        assert first.result(30) == 1 and first.running() is False
+        assert second.result(30) == 2 and not second.running()
+        assert not first.cancelled()
+
+
+def _long_nap(x):
+    import time
+    time.sleep(30)
+    return x
+
+
+def test_a_running_future_that_is_killed_ends_cancelled(solo):
+    with solo.executor() as executor:
+        future = executor.submit(_long_nap, 1)
+        deadline = time.monotonic() + 30
+        while not future.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert executor.kill(future) is True
+        with pytest.raises(cf.CancelledError):
+            future.result(30)
+        assert future.cancelled() and not future.running()
