@@ -90,6 +90,8 @@ class Session:
         self._chunk_ids = itertools.count(1)
         self._context = (None, None)      # (described context, its blob key)
         self._warned = set()
+        self._progress_at = time.monotonic()  # last delivery, or first submit since idle
+        self._told_no_nodes = False           # said that no worker node is connected
         self._closed = threading.Event()
         self.master_shut_down = False
         self._open()
@@ -177,9 +179,23 @@ class Session:
         while not self._closed.wait(self.heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT):
             try:
                 self._call("touch")
+                self._tell_if_no_nodes()
             except Exception as exc:
                 log.debug("keepalive stopped: %s", exc)
                 return
+
+    def _tell_if_no_nodes(self) -> None:
+        """Jobs waited ``no_worker_warning_s`` with nothing delivered: say once if that is
+        because no worker node is connected (they keep waiting: a node may join)."""
+        if self._told_no_nodes or not self._in_flight:
+            return
+        if time.monotonic() - self._progress_at < config.no_worker_warning_s():
+            return
+        if not self.list_nodes():
+            self._told_no_nodes = True
+            log.warning("no worker node is connected to the master at %s; the jobs wait "
+                        "until one joins (python -m minicw.worker %s %d KEY)",
+                        transport.format_address(self.address), *self.address)
 
     # --- requests ------------------------------------------------------------------
 
@@ -217,6 +233,8 @@ class Session:
 
     def submit(self, specs: list) -> None:
         with self._in_flight_lock:
+            if not self._in_flight:
+                self._progress_at = time.monotonic()
             for spec in specs:
                 self._in_flight[spec.chunk_id] = _Unfinished(spec)
         for batch in submit_batches(specs):
@@ -230,6 +248,8 @@ class Session:
             self._acked = last
         if not deliveries:
             return deliveries
+        self._progress_at = time.monotonic()
+        self._told_no_nodes = False   # a node works now; say it again if all leave
         with self._in_flight_lock:
             return [delivery for delivery in map(self._first_time, deliveries)
                     if delivery is not None]

@@ -35,6 +35,17 @@ def heartbeat_timeout_s(explicit: float | None = None) -> float:
     return float(text) if text else DEFAULT_HEARTBEAT_TIMEOUT_S
 
 
+ENV_NO_WORKER_WARNING_S = "MINICW_NO_WORKER_WARNING_S"
+DEFAULT_NO_WORKER_WARNING_S = 10.0  # jobs waiting this long with no worker node connected: say so
+
+
+def no_worker_warning_s() -> float:
+    """How long a client's jobs wait with nothing delivered before it looks whether any
+    worker node is connected, and says so once if none is."""
+    text = os.environ.get(ENV_NO_WORKER_WARNING_S)
+    return float(text) if text else DEFAULT_NO_WORKER_WARNING_S
+
+
 ENV_RECONNECT_TIMEOUT_S = "MINICW_RECONNECT_TIMEOUT_S"
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0  # a client waits this long for a lost master to return
 
@@ -94,6 +105,8 @@ LOCAL_STOP_GRACE_S = 10.0       # local launcher: SIGTERM, then SIGKILL to the g
 GROUP_LINGER_S = 2.0            # a process group's members may outlive its leader this long
 STOP_POLL_S = 0.05              # how often the local launcher looks whether a process ended
 SLURM_COMMAND_TIMEOUT_S = 30.0  # one sbatch / squeue / scancel call
+SLURM_RETRY_S = 60.0            # discover.py: a client that saw squeue fail does not
+                                # run it again for this long
 SLURM_MASTER_TIMEOUT_S = 120.0  # the master job must write its ready file within this
                                 # (it may wait in the queue meanwhile)
 SLURM_STOP_TIMEOUT_S = 60.0     # cancelled jobs must leave the queue within this

@@ -194,7 +194,10 @@ class MasterNode:
     def execute(self, job_timeout: float | None = None) -> dict:
         """Run the target function on every arg across the cluster; returns {arg: result}.
 
-        Raises RemoteError (type, message, arg and remote traceback) at the
+        With no worker node connected the jobs wait for one; if nothing is
+        delivered for MINICW_NO_WORKER_WARNING_S (10 s) and no node is
+        connected, a warning says so once.  Raises RemoteError (type,
+        message, arg and remote traceback) at the
         first job that raised, WorkerCrashedError for a job that killed its
         process more than ``self.max_retries`` times, JobTimeoutError (a
         TimeoutError) for one that ran over ``job_timeout`` seconds.  Then,
@@ -209,12 +212,8 @@ class MasterNode:
             raise ArgsError("nothing to execute: call load_args() first")
         func_key = self._store_function(session)
         args = self._args
-        nodes = session.list_nodes()
-        if not nodes:
-            raise MinicwError("no worker node is connected to the master at %s; start one "
-                              "with join_as_worker() or python -m minicw.worker"
-                              % transport.format_address(session.address))
-        processes = sum(node["nprocs"] for node in nodes)
+        # With no worker node yet the jobs wait for one (the session says so).
+        processes = sum(node.nprocs for node in session.list_nodes())
         window = chunking.window_chunks(processes)
         return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries,
                          job_timeout, self._job_times, processes)

@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
@@ -205,19 +207,28 @@ def test_repl_flow_master_node_and_worker_node_process():
         assert worker.wait(20) == 0
 
 
-def test_master_node_join_and_stop_as_worker():
+def test_master_node_join_and_stop_as_worker(monkeypatch, caplog):
+    monkeypatch.setenv("MINICW_NO_WORKER_WARNING_S", "0.3")
     master = MasterNode(HOST="127.0.0.1", PORT=0)
     try:
         master.start_master_server()
         assert len(master.list_workers()) == 1
         master.stop_as_worker()
         assert master.list_workers() == []
-        with pytest.raises(MinicwError, match="no worker node"):
-            master.load_envir(DOUBLE, from_file=False)
-            master.register_target_function("f")
-            master.load_args([1])
-            master.execute()
-        master.join_as_worker(nprocs=1)
+        master.load_envir(DOUBLE, from_file=False)
+        master.register_target_function("f")
+        master.load_args([1])
+        results = []
+        waiting = threading.Thread(target=lambda: results.append(master.execute()))
+        waiting.start()          # no worker node: execute() waits, and says so once
+        deadline = time.monotonic() + 30
+        said = "no worker node is connected to the master at 127.0.0.1:%d" % master.PORT
+        while said not in caplog.text:
+            assert time.monotonic() < deadline and waiting.is_alive(), caplog.text
+            time.sleep(0.05)
+        master.join_as_worker(nprocs=1)     # a node joins: the run finishes
+        waiting.join(30)
+        assert results == [{1: 2}] and caplog.text.count(said) == 1
         assert master.execute() == {1: 2}
     finally:
         master.shutdown()

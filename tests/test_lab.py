@@ -107,3 +107,29 @@ def test_a_worker_started_before_its_master_waits_and_joins():
         if master is not None:
             master.stop()
 
+
+
+def test_jobs_sent_before_any_worker_node_wait_and_say_so_once(monkeypatch, caplog):
+    monkeypatch.setenv("MINICW_NO_WORKER_WARNING_S", "0.3")
+    master, port = start_master()
+    worker = None
+    try:
+        executor = ClusterExecutor("127.0.0.1", port, KEY)
+        try:
+            future = executor.submit(_square, 7)
+            squares = executor.map(_square, range(10))
+            said = "no worker node is connected to the master at 127.0.0.1:%d" % port
+            deadline = time.monotonic() + 30
+            while said not in caplog.text:
+                assert time.monotonic() < deadline and not future.done(), caplog.text
+                time.sleep(0.05)
+            worker = start_worker(port, nprocs=2)
+            assert future.result(60) == 49
+            assert list(squares) == [x * x for x in range(10)]
+            assert caplog.text.count(said) == 1
+        finally:
+            executor.shutdown()
+    finally:
+        if worker is not None:
+            worker.stop()
+        master.stop()
