@@ -66,17 +66,19 @@ def python_version() -> str:
     return "%s %d.%d.%d" % ((platform.python_implementation(),) + tuple(sys.version_info[:3]))
 
 
-def cap_nprocs(nprocs: int | None) -> int:
-    """The number of processes to run: the CPU count by default, never above it."""
+def cap_nprocs(nprocs: int | None, oversubscribe: bool = False) -> int:
+    """The number of processes to run: the CPU count by default, and never above it
+    unless ``oversubscribe`` (jobs that mostly wait, on I/O or on other machines)."""
     cpus = os.cpu_count() or 1
     if nprocs is None:
         return cpus
     nprocs = int(nprocs)
     if nprocs < 1:
         raise ValueError("nprocs must be at least 1, not %d" % nprocs)
-    if nprocs > cpus:
-        log.warning("nprocs=%d is more than the %d CPUs of this machine; using %d",
-                    nprocs, cpus, cpus)
+    if nprocs > cpus and not oversubscribe:
+        log.warning("%d processes asked for, but this machine has %d CPUs; using %d (to run "
+                    "%d anyway: --oversubscribe on the command line, oversubscribe=True in "
+                    "Python)", nprocs, cpus, cpus, nprocs)
         return cpus
     return nprocs
 
@@ -176,13 +178,14 @@ class WorkerNode:
 
     def __init__(self, IP: str, PORT: int, AUTHKEY, nprocs: int | None = None,
                  start_method: str = config.DEFAULT_START_METHOD,
-                 reconnect: bool = True, allow_oversubscribe: bool = False,
-                 connect_timeout_s: float | None = 0.0):
+                 reconnect: bool = True, oversubscribe: bool = False,
+                 connect_timeout_s: float | None = 0.0, allow_oversubscribe: bool = False):
         self.address = (IP, int(PORT))
         self.connect_timeout_s = connect_timeout_s  # how long join_cluster waits for a
                                                     # master not started yet (None: ever)
         self.authkey = transport.as_authkey(AUTHKEY)
-        self.nprocs = int(nprocs) if allow_oversubscribe and nprocs else cap_nprocs(nprocs)
+        # allow_oversubscribe: the name of minicw 0.1
+        self.nprocs = cap_nprocs(nprocs, oversubscribe or allow_oversubscribe)
         self.context = get_context(start_method)
         self.reconnect = reconnect
         self.node_id = None

@@ -77,7 +77,7 @@ def worker_main(argv=None) -> int:
     try:
         node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
                           reconnect=not args.no_reconnect,
-                          allow_oversubscribe=args.oversubscribe,
+                          oversubscribe=args.oversubscribe,
                           connect_timeout_s=args.connect_timeout)
     except ValueError as exc:
         return launch.command_error("minicw-worker", exc)

@@ -1,6 +1,7 @@
 """minicw the way a lab runs it: the ancestors' lines pasted into scripts with
 no ``if __name__ == "__main__":`` guard, run as ``python script.py``, and
 processes started in the order people start them."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -133,3 +134,12 @@ def test_jobs_sent_before_any_worker_node_wait_and_say_so_once(monkeypatch, capl
         if worker is not None:
             worker.stop()
         master.stop()
+
+
+def test_more_processes_than_cpus_are_capped_unless_asked_for_on_purpose(caplog):
+    from minicw import WorkerNode
+    cpus = os.cpu_count() or 1
+    capped = WorkerNode("127.0.0.1", 1, KEY, nprocs=cpus + 2)
+    assert capped.nprocs == cpus
+    assert "--oversubscribe" in caplog.text and "oversubscribe=True" in caplog.text
+    assert WorkerNode("127.0.0.1", 1, KEY, nprocs=cpus + 2, oversubscribe=True).nprocs == cpus + 2
