@@ -18,16 +18,18 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX p
 
 
 class Terminal:
-    """``python3 -i`` on a pty of its own (its session, its controlling terminal)."""
+    """``python3 -i`` (or ``python3 ARGS``) on a pty of its own: its session, its
+    controlling terminal."""
 
-    def __init__(self):
+    def __init__(self, args=("-q", "-i")):
         import pty
         env = dict(os.environ, PYTHONPATH=ROOT, TERM="dumb", PYTHONSTARTUP="")
         env.pop("MINICW_MASTER", None)
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: the interpreter
-            os.execvpe(sys.executable, [sys.executable, "-q", "-i"], env)
+            os.execvpe(sys.executable, [sys.executable] + list(args), env)
         self.output = b""
+        self.exit_status = None
 
     def read_until(self, wanted: bytes, timeout_s: float = STEP_TIMEOUT_S) -> bytes:
         """Everything read up to and including ``wanted``; AssertionError on timeout."""
@@ -59,17 +61,21 @@ class Terminal:
     def descendants(self) -> list:
         return _descendants(self.pid)
 
+    def wait_exit(self) -> int:
+        """The interpreter's exit status, once it has ended by itself."""
+        self.exit_status = os.waitpid(self.pid, 0)[1]
+        return self.exit_status
+
     def close(self) -> None:
-        leftovers = self.descendants()
-        for pid in [self.pid] + leftovers:
+        """Kill (by PID) whatever of it still runs, the interpreter last."""
+        pids = self.descendants() + ([self.pid] if self.exit_status is None else [])
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        if self.exit_status is None:
+            self.wait_exit()
         os.close(self.fd)
 
 
@@ -175,3 +181,35 @@ def test_ctrl_c_on_an_interactive_worker_node_takes_it_out_at_once(terminal):
         if other is not None:
             other.stop()
         master.stop()
+
+
+SCRIPT_CATCHING_CTRL_C = """
+import time
+from minicw import LocalCluster
+with LocalCluster(n_workers=2) as cluster:
+    executor = cluster.executor()
+    print("RUNNING", flush=True)
+    try:
+        list(executor.map(time.sleep, [0.5] * 40))
+    except KeyboardInterrupt:
+        print("INTERRUPTED", flush=True)
+    print("SUM", sum(executor.map(abs, range(-5, 5))), flush=True)
+    executor.shutdown()
+print("DONE", flush=True)
+"""
+
+
+def test_ctrl_c_in_a_script_that_catches_it_leaves_the_cluster_usable(tmp_path):
+    script = tmp_path / "catching.py"
+    script.write_text(SCRIPT_CATCHING_CTRL_C)   # no main guard, as users write it
+    term = Terminal([str(script)])
+    try:
+        term.read_until(b"RUNNING")
+        time.sleep(1.0)            # the map is under way when the person presses Ctrl-C
+        os.write(term.fd, b"\x03")
+        term.read_until(b"DONE")
+        assert b"INTERRUPTED" in term.output and b"SUM 25" in term.output, term.output
+        assert b"Traceback" not in term.output, term.output
+        assert term.wait_exit() == 0
+    finally:
+        term.close()
