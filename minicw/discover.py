@@ -5,11 +5,11 @@
         v
     master_address(host, port):  explicit host
                                  >  $MINICW_MASTER ("host:port")
-                                 >  the user's SLURM master job, when sbatch is on
-                                    PATH (slurm.master_address(); none found or
-                                    squeue failing: fall through, logged)
                                  >  the local launcher's record, if its master
                                     runs on this machine (launcher.recorded_master())
+                                 >  the user's SLURM master job, when sbatch is on
+                                    PATH (slurm.master_address(); none found or
+                                    squeue failing: fall through)
                                  >  127.0.0.1 and the default port
                                  (an explicit port always wins over a found one)
     authkey(explicit):           explicit  >  $MINICW_AUTHKEY
@@ -20,16 +20,33 @@ The run directory is $MINICW_RUN_DIR, else ~/.minicw/run: where
 scripts/local_start.py and scripts/slurm_start.py record what they started.
 So one program runs unchanged on a laptop and on a cluster: the launchers
 record the master and the key, or the program is given them explicitly.
+
+The local record comes before SLURM: it costs a file read where squeue costs
+a round trip to slurmctld (seconds when that is down), and the two cannot
+disagree about one run directory (each launcher refuses to start while the
+other's record is there), so a live local master is the cluster whose key
+``authkey()`` reads from that run directory; a SLURM master found by name in
+squeue would not take it.  A failing squeue is said once per process (per
+squeue program) at WARNING, later at DEBUG, and is not run again for
+config.SLURM_RETRY_S: every client constructed meanwhile would wait for it
+(up to config.SLURM_COMMAND_TIMEOUT_S) to learn the same thing.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import threading
+import time
 
 from minicw import config, launcher, rundir, slurm, transport
 from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
+
+# When squeue last failed, by its path (another PATH may hold a working SLURM).
+_squeue_failed_at: dict = {}
+_squeue_failed_lock = threading.Lock()
 
 
 def parse_master(text: str) -> tuple:
@@ -60,15 +77,41 @@ def master_address(host: str | None = None, port: int | None = None) -> tuple:
 
 
 def launched_master() -> tuple | None:
-    """(host, port) of a master the launchers started: SLURM first, then local; else None."""
-    if slurm.available():
-        try:
-            return slurm.master_address()
-        except slurm.SlurmMasterNotFoundError as exc:
-            log.debug("%s", exc)
-        except slurm.SlurmCommandError as exc:
-            log.warning("looking for a SLURM master: %s", exc)
-    return launcher.recorded_master()
+    """(host, port) of a master the launchers started: local first, then SLURM; else None."""
+    return launcher.recorded_master() or _slurm_master()
+
+
+def _slurm_master() -> tuple | None:
+    """(host, port) of the user's SLURM master job, when sbatch is on the PATH; None
+    when there is none, or squeue fails (or failed less than SLURM_RETRY_S ago).
+
+    Raises SlurmError when SLURM shows a master that cannot be used.
+    """
+    squeue = shutil.which("squeue")
+    if not slurm.available() or squeue is None or _failed_recently(squeue):
+        return None
+    try:
+        return slurm.master_address()
+    except slurm.SlurmMasterNotFoundError as exc:
+        log.debug("%s", exc)
+    except slurm.SlurmCommandError as exc:
+        _remember_failure(squeue, exc)
+    return None
+
+
+def _failed_recently(squeue: str) -> bool:
+    with _squeue_failed_lock:
+        failed_at = _squeue_failed_at.get(squeue)
+    return failed_at is not None and time.monotonic() - failed_at < config.SLURM_RETRY_S
+
+
+def _remember_failure(squeue: str, exc: Exception) -> None:
+    with _squeue_failed_lock:
+        first = squeue not in _squeue_failed_at
+        _squeue_failed_at[squeue] = time.monotonic()
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "looking for a SLURM master: %s (not asked again for %gs; set %s=host:port "
+            "to name the master)", exc, config.SLURM_RETRY_S, config.ENV_MASTER)
 
 
 def authkey(explicit=None) -> bytes:

@@ -4,6 +4,8 @@
         |
         +-- sbatch on PATH --> slurm.start / stop: a master job and a worker job
         +-- otherwise -------> local_start / local_stop below (this machine)
+    (stop() first goes by the record in the run directory; a SLURM command that
+    fails under start() names backend="local" and scripts/local_start.py)
 
     local_start(n)                                     the run directory (rundir.py)
       key: $MINICW_AUTHKEY, else a new random one ---> authkey       mode 600
@@ -388,17 +390,41 @@ def start(n: int | None = None, *, backend: str | None = None, **options) -> tup
 
     Options (both): run_dir, port, master, workers, timeout_s.  SLURM only:
     master_options, worker_options, isolated, docker_image, docker_args, job_name.
+    Raises what local_start or slurm.start raise; a SLURM command that fails
+    when SLURM was chosen for the caller (slurmctld down, say) says how to run
+    on this machine instead.
     """
-    if choose_backend(backend) == "slurm":
+    if choose_backend(backend) == "local":
+        return local_start(n, **options)
+    try:
         return slurm.start(n, **options)
-    return local_start(n, **options)
+    except slurm.SlurmCommandError as exc:
+        if backend is not None:
+            raise
+        raise slurm.SlurmCommandError(
+            "%s -- SLURM was chosen because sbatch is on the PATH; to start the cluster on "
+            "this machine instead, pass backend=\"local\" (minicw.start(n, backend=\"local\"), "
+            "minicw.allocate(n, backend=\"local\")) or run scripts/local_start.py" % exc) from None
 
 
 def stop(*, backend: str | None = None, **options) -> list:
-    """Stop what ``start`` started (same backend choice); returns what was ended."""
-    if choose_backend(backend) == "slurm":
+    """Stop what ``start`` started; returns what was ended.  ``backend`` None: the
+    one whose record is in the run directory, else the one ``start`` would choose."""
+    if _recorded_backend(options.get("run_dir"), backend) == "slurm":
         return slurm.stop(**options)
     return local_stop(**options)
+
+
+def _recorded_backend(run_dir: str | None, backend: str | None) -> str:
+    """``backend`` if given; else the kind of cluster recorded in the run directory
+    (a local cluster started on a machine with sbatch is stopped locally)."""
+    if backend is None:
+        run_dir = rundir.path(run_dir)
+        if rundir.read_record(run_dir, rundir.LOCAL_RECORD) is not None:
+            return "local"
+        if rundir.read_record(run_dir, rundir.SLURM_RECORD) is not None:
+            return "slurm"
+    return choose_backend(backend)
 
 
 @contextlib.contextmanager

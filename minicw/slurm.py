@@ -334,7 +334,13 @@ def _start_master(run_dir, record, port, job_name, options, timeout_s, python) -
     rundir.remove_files(os.path.join(run_dir, ADDRESS_FILE))  # the new job's ready file
     name = job_names(job_name)[0]
     log_pattern = os.path.join(run_dir, name + "-%j.log")
-    job_id = sbatch(master_script(run_dir, port, python), sbatch_options(name, log_pattern, options))
+    try:
+        job_id = sbatch(master_script(run_dir, port, python),
+                        sbatch_options(name, log_pattern, options))
+    except SlurmError:
+        if not record.get("workers_job"):  # else a queued worker job still reads it
+            rundir.remove_files(rundir.authkey_path(run_dir))
+        raise
     record = dict(record, kind="slurm", job_name=job_name, port=int(port), run_dir=run_dir,
                   master_job=job_id, master_log=log_pattern.replace("%j", job_id))
     rundir.write_record(run_dir, SLURM_RECORD, record)

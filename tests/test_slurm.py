@@ -17,6 +17,7 @@ so they never touch a user's minicw jobs, and cancel them in a finalizer
 that also sweeps any job of that name still queued.
 """
 import functools
+import logging
 import os
 import shutil
 import socket
@@ -235,6 +236,98 @@ def test_stop_without_record_falls_back_to_job_names(fake_slurm, tmp_path):
                                                "5 \\(RUNNING\\), 6 \\(RUNNING\\)"):
         slurm.stop(timeout_s=0.5)   # the fake queue never empties
     assert log_path.read_text() == "6 5\n"
+
+
+# --- SLURM installed, its controller unreachable -------------------------------------------
+
+UNREACHABLE = {   # what the real programs print when no slurmctld answers
+    "sbatch": "sbatch: error: Batch job submission failed: Unable to contact slurm "
+              "controller (connect failure)",
+    "squeue": "slurm_load_jobs error: Unable to contact slurm controller (connect failure)",
+    "scancel": "scancel: error: Kill job error on job id 5: Unable to contact slurm "
+               "controller (connect failure)",
+}
+
+
+@pytest.fixture
+def unreachable_slurm(tmp_path, monkeypatch):
+    """A PATH whose sbatch, squeue and scancel fail as they do when slurmctld is down.
+
+    A stand-in: a real unreachable controller needs SLURM installed and no
+    slurmctld running, which CI (it starts one) and most machines cannot offer.
+    The real programs retry for seconds first; these wait briefly, say what
+    the real ones say and exit 1.  Returns a function: how often NAME ran.
+    """
+    bin_dir = tmp_path / "unreachable-bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    calls.write_text("")
+    for name, message in UNREACHABLE.items():
+        path = bin_dir / name
+        path.write_text("#!%s\nimport sys, time\nopen(%r, 'a').write(%r)\ntime.sleep(0.2)\n"
+                        "sys.exit(%r)\n" % (sys.executable, str(calls), name + "\n", message))
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv(config.ENV_RUN_DIR, str(tmp_path / "run"))
+    monkeypatch.delenv("MINICW_MASTER", raising=False)
+    monkeypatch.delenv("MINICW_AUTHKEY", raising=False)
+    return lambda name: calls.read_text().split().count(name)
+
+
+def test_start_with_slurm_unreachable_says_how_to_run_locally(unreachable_slurm, tmp_path):
+    run_dir = str(tmp_path / "run")
+    with pytest.raises(slurm.SlurmCommandError) as caught:
+        with minicw.allocate(2, port=0):
+            pytest.fail("allocate ran its block without a master")
+    message = str(caught.value)
+    assert "`sbatch --parsable --job-name=minicw-master" in message
+    assert UNREACHABLE["sbatch"] in message
+    assert 'backend="local"' in message and "scripts/local_start.py" in message
+    assert os.listdir(run_dir) == []   # no key file, no record
+    with pytest.raises(slurm.SlurmCommandError) as caught:
+        minicw.start(2, backend="slurm", port=0)   # asked for SLURM: no advice
+    assert 'backend="local"' not in str(caught.value)
+
+    # As the message says; and minicw.stop() stops it locally though sbatch is on the PATH.
+    address = minicw.start(1, backend="local")
+    try:
+        assert discover.master_address() == address   # the local record, before squeue
+    finally:
+        ended = minicw.stop()
+        launcher.end_processes(ended, grace_s=1)   # in case stop() took the wrong road
+    assert len(ended) == 2 and not any(launcher.process_alive(entry) for entry in ended)
+    assert unreachable_slurm("squeue") == 0 and unreachable_slurm("scancel") == 0
+
+
+def test_a_failing_squeue_is_asked_and_reported_once(unreachable_slurm, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG, logger="minicw.discover")
+    default = (config.DEFAULT_HOST, config.DEFAULT_PORT)
+    for _ in range(3):   # three clients constructed without a host, say
+        assert discover.master_address() == default
+    assert unreachable_slurm("squeue") == 1
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "minicw.discover"]
+    assert [level for level, _ in said] == [logging.WARNING]
+    assert "`squeue --noheader" in said[0][1] and UNREACHABLE["squeue"] in said[0][1]
+    assert "set MINICW_MASTER=host:port" in said[0][1]
+
+    monkeypatch.setattr(config, "SLURM_RETRY_S", 0.0)   # the retry time has passed
+    assert discover.master_address() == default
+    assert unreachable_slurm("squeue") == 2
+    said = [r.levelno for r in caplog.records if r.name == "minicw.discover"]
+    assert said == [logging.WARNING, logging.DEBUG]   # said once per process
+
+
+def test_a_live_local_master_is_found_without_squeue(unreachable_slurm, tmp_path):
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    # The record's master is this process: alive and on this host, all that discovery asks.
+    me = {"pid": os.getpid(), "start_time": launcher.process_start_time(os.getpid())}
+    rundir.write_record(run_dir, rundir.LOCAL_RECORD, {
+        "kind": "local", "hostname": socket.gethostname(), "host": "127.0.0.1",
+        "port": 45678, "master": me, "workers": []})
+    assert discover.master_address() == ("127.0.0.1", 45678)
+    assert discover.master_address(port=1234) == ("127.0.0.1", 1234)
+    assert unreachable_slurm("squeue") == 0
 
 
 def test_slurm_script_runs_from_a_clean_checkout(tmp_path):
