@@ -267,17 +267,20 @@ def start_master(host: str, port: int, authkey: str | bytes,
 
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
-                 start_method: str | None = None) -> ChildProcess:
+                 start_method: str | None = None, oversubscribe: bool = False) -> ChildProcess:
     """Start ``python -m minicw.worker`` and wait until it has registered.
 
     ``start_method`` None: $MINICW_START_METHOD, else spawn (config.start_method;
     a bad name raises ValueError here, before any process starts).
+    ``oversubscribe``: ``nprocs`` may exceed the CPU count.
     """
     host, port = address
     argv = ["minicw.worker", str(host), str(port), "-",
             "--start-method", config.start_method(start_method)]
     if nprocs is not None:
         argv += ["-n", str(nprocs)]
+    if oversubscribe:
+        argv.append("--oversubscribe")
     child = ChildProcess("worker", argv, authkey)
     child.wait_ready()
     return child

@@ -21,20 +21,22 @@ class LocalCluster(MasterNode):
     """A master and one worker node with ``n_workers`` processes on 127.0.0.1.
 
     A context manager; also ``start()`` / ``shutdown()``.  ``n_workers``
-    defaults to the CPU count.  Offers the MasterNode calls (``load_envir``,
+    defaults to the CPU count and is capped at it unless ``oversubscribe``.  Offers the MasterNode calls (``load_envir``,
     ``register_target_function``, ``load_args``, ``execute``, ``list_workers``).
     """
 
     def __init__(self, n_workers: int | None = None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
-                 heartbeat_timeout_s: float | None = None):
+                 heartbeat_timeout_s: float | None = None, oversubscribe: bool = False):
         super().__init__(HOST="127.0.0.1", PORT=0,
                          AUTHKEY=secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES),
                          chunksize=chunksize)
         self.n_workers = n_workers
+        self.oversubscribe = oversubscribe    # n_workers may exceed the CPU count
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
     def start(self) -> "LocalCluster":
-        self.start_master_server(if_join_as_worker=True, nprocs=self.n_workers)
+        self.start_master_server(if_join_as_worker=True, nprocs=self.n_workers,
+                                 oversubscribe=self.oversubscribe)
         return self
 
     def __enter__(self) -> "LocalCluster":

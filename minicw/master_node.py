@@ -71,7 +71,8 @@ class MasterNode:
     def authkey(self) -> bytes:
         return self.AUTHKEY
 
-    def start_master_server(self, if_join_as_worker: bool = True, nprocs: int | None = None):
+    def start_master_server(self, if_join_as_worker: bool = True, nprocs: int | None = None,
+                            oversubscribe: bool = False):
         """Start the master in the background; by default also a local worker node.
 
         Raises MinicwError if the master this object started still runs.  One
@@ -94,7 +95,7 @@ class MasterNode:
         try:
             self._session = client.Session(self._address, self.AUTHKEY)
             if if_join_as_worker:
-                self.join_as_worker(nprocs)
+                self.join_as_worker(nprocs, oversubscribe)
         except BaseException:
             self.shutdown()
             raise
@@ -113,11 +114,13 @@ class MasterNode:
         self.server_status = "Connected"
         return self
 
-    def join_as_worker(self, nprocs: int | None = None) -> None:
-        """Run a worker node on this machine (in its own process)."""
+    def join_as_worker(self, nprocs: int | None = None, oversubscribe: bool = False) -> None:
+        """Run a worker node on this machine (in its own process); ``nprocs`` is
+        capped at the CPU count unless ``oversubscribe``."""
         if self._worker_process is not None and self._worker_process.alive():
             return
-        self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs)
+        self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs,
+                                                   oversubscribe=oversubscribe)
 
     def stop_as_worker(self) -> None:
         """Stop the local worker node started by join_as_worker()."""

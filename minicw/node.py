@@ -177,7 +177,7 @@ class WorkerNode:
     """
 
     def __init__(self, IP: str, PORT: int, AUTHKEY, nprocs: int | None = None,
-                 start_method: str = config.DEFAULT_START_METHOD,
+                 start_method: str | None = None,
                  reconnect: bool = True, oversubscribe: bool = False,
                  connect_timeout_s: float | None = 0.0, allow_oversubscribe: bool = False):
         self.address = (IP, int(PORT))
@@ -186,7 +186,7 @@ class WorkerNode:
         self.authkey = transport.as_authkey(AUTHKEY)
         # allow_oversubscribe: the name of minicw 0.1
         self.nprocs = cap_nprocs(nprocs, oversubscribe or allow_oversubscribe)
-        self.context = get_context(start_method)
+        self.context = get_context(config.start_method(start_method))
         self.reconnect = reconnect
         self.node_id = None
         self.master_shut_down = False

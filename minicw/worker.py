@@ -41,8 +41,9 @@ def worker_parser() -> argparse.ArgumentParser:
                         help="worker processes (default: the CPU count; capped at it)")
     parser.add_argument("--oversubscribe", action="store_true",
                         help="allow more processes than CPUs")
-    parser.add_argument("--start-method", default=config.DEFAULT_START_METHOD,
-                        choices=("spawn", "forkserver", "fork"))
+    parser.add_argument("--start-method", default=None, choices=config.START_METHODS,
+                        help="how worker processes start (default: $%s, else %s)"
+                        % (config.ENV_START_METHOD, config.DEFAULT_START_METHOD))
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit when the master is lost instead of waiting for it")
     parser.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",

@@ -143,3 +143,45 @@ def test_more_processes_than_cpus_are_capped_unless_asked_for_on_purpose(caplog)
     assert capped.nprocs == cpus
     assert "--oversubscribe" in caplog.text and "oversubscribe=True" in caplog.text
     assert WorkerNode("127.0.0.1", 1, KEY, nprocs=cpus + 2, oversubscribe=True).nprocs == cpus + 2
+
+
+def test_a_local_cluster_oversubscribes_only_on_purpose(caplog):
+    from minicw import LocalCluster
+    cpus = os.cpu_count() or 1
+    with LocalCluster(n_workers=cpus + 1) as capped:
+        assert [node.nprocs for node in capped.list_workers()] == [cpus]
+    assert "oversubscribe=True" in caplog.text   # the node's warning, forwarded
+    with LocalCluster(n_workers=cpus + 1, oversubscribe=True) as asked:
+        assert [node.nprocs for node in asked.list_workers()] == [cpus + 1]
+
+
+SCRIPT_CLIENTS = """
+from minicw import LocalCluster
+cluster = LocalCluster(n_workers=2).start()
+executor = cluster.executor()
+print("MAP", sum(executor.map(lambda x: x + 1, range(100))), flush=True)
+executor.shutdown()
+got = []
+def callback(jobid, result):
+    got.append(result)
+thread = cluster.client_thread(callback)
+thread.start()
+for x in range(20):
+    thread.submit(abs, -x)
+thread.wait()
+thread.stop()
+print("CALLBACKS", sum(got), flush=True)
+print("NODES", len(cluster.list_workers()), flush=True)
+cluster.shutdown()
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_client_scripts_without_a_main_guard(tmp_path, start_method):
+    script = _script(tmp_path, "clients.py", SCRIPT_CLIENTS)
+    env = dict(env_with_key(), MINICW_START_METHOD=start_method)
+    done = subprocess.run([PY, script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=env, timeout=120, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "MAP 5050" in done.stdout and "CALLBACKS 190" in done.stdout
+    assert "NODES 1" in done.stdout, done.stdout
