@@ -130,16 +130,18 @@ def test_ctrl_c_at_the_terminal_cancels_the_run_and_the_cluster_lives_on(termina
 
 
 def _workers(pids: list) -> list:
-    """The processes among ``pids`` that are not multiprocessing's resource
-    tracker (it lives as long as the interpreter that started it)."""
+    """``(pid, command line)`` of the processes among ``pids`` that are not
+    multiprocessing's helpers: the resource tracker and the fork server live
+    as long as the interpreter that started them."""
     workers = []
     for pid in pids:
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as handle:
-                if b"resource_tracker" not in handle.read():
-                    workers.append(pid)
+                command = handle.read().replace(b"\0", b" ")
         except OSError:
-            pass
+            continue
+        if b"resource_tracker" not in command and b"forkserver import main" not in command:
+            workers.append((pid, command))
     return workers
 
 
@@ -172,7 +174,7 @@ def test_ctrl_c_on_an_interactive_worker_node_takes_it_out_at_once(terminal):
             assert time.monotonic() < deadline, executor.list_workers()
             time.sleep(0.05)
         while _workers(terminal.descendants()):    # its worker processes ended
-            assert time.monotonic() < deadline, terminal.descendants()
+            assert time.monotonic() < deadline, _workers(terminal.descendants())
             time.sleep(0.05)
         other = start_worker(port, nprocs=2)   # the jobs it held run elsewhere
         assert sorted(f.result(timeout=STEP_TIMEOUT_S) for f in futures) == list(range(6))
