@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from conftest import descendants
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = b">>> "
 STEP_TIMEOUT_S = float(os.environ.get("MINICW_TEST_TERMINAL_TIMEOUT_S", "60"))
@@ -59,7 +61,7 @@ class Terminal:
         return self.output[mark:]
 
     def descendants(self) -> list:
-        return _descendants(self.pid)
+        return sorted(descendants(self.pid))
 
     def wait_exit(self) -> int:
         """The interpreter's exit status, once it has ended by itself."""
@@ -77,24 +79,6 @@ class Terminal:
         if self.exit_status is None:
             self.wait_exit()
         os.close(self.fd)
-
-
-def _descendants(pid: int) -> list:
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open("/proc/%s/stat" % name) as handle:
-                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 @pytest.fixture
