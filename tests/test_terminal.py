@@ -5,6 +5,7 @@ whole foreground process group)."""
 import os
 import select
 import signal
+import subprocess
 import sys
 import time
 
@@ -19,17 +20,29 @@ STEP_TIMEOUT_S = float(os.environ.get("MINICW_TEST_TERMINAL_TIMEOUT_S", "60"))
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pty")
 
 
+# Runs first in the child: a session of its own with the pty as its controlling
+# terminal, then the interpreter.  (pty.fork() would fork this multi-threaded
+# test process, which Python warns may deadlock the child.)
+ON_ITS_OWN_TERMINAL = ("import fcntl, os, sys, termios; os.setsid(); "
+                       "fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                       "os.execv(sys.executable, [sys.executable] + sys.argv[1:])")
+
+
 class Terminal:
     """``python3 -i`` (or ``python3 ARGS``) on a pty of its own: its session, its
     controlling terminal."""
 
     def __init__(self, args=("-q", "-i")):
-        import pty
         env = dict(os.environ, PYTHONPATH=ROOT, TERM="dumb", PYTHONSTARTUP="")
         env.pop("MINICW_MASTER", None)
-        self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # the child: the interpreter
-            os.execvpe(sys.executable, [sys.executable] + list(args), env)
+        self.fd, terminal_side = os.openpty()
+        try:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-c", ON_ITS_OWN_TERMINAL] + list(args), env=env,
+                stdin=terminal_side, stdout=terminal_side, stderr=terminal_side)
+        finally:
+            os.close(terminal_side)
+        self.pid = self.popen.pid
         self.output = b""
         self.exit_status = None
 
@@ -65,7 +78,7 @@ class Terminal:
 
     def wait_exit(self) -> int:
         """The interpreter's exit status, once it has ended by itself."""
-        self.exit_status = os.waitpid(self.pid, 0)[1]
+        self.exit_status = self.popen.wait(STEP_TIMEOUT_S)
         return self.exit_status
 
     def close(self) -> None:
