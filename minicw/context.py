@@ -17,6 +17,12 @@
 This assumes a shared filesystem, as the cluster-workers ancestor did.  A
 directory that does not exist on the worker is skipped, and reported once
 per context as a note that travels back to the client with the results.
+Two kinds of entries are skipped even when they exist, each with one note:
+the client's own Python installation (its prefixes, standard library and
+site-packages) on a worker of another Python version, where they would
+shadow the worker's own standard library; and paths of the other operating
+system family (``C:\\Users\\x`` on POSIX is a legal relative name, ``/home/x``
+on Windows resolves on the current drive).
 
 Undoing a job's changes must cost nothing for the millions of jobs that
 make none: the process wraps ``os.chdir`` once so that a call raises a flag,
@@ -25,25 +31,67 @@ after a job the worker process reads the flag and checks sys.path by identity.
 """
 from __future__ import annotations
 
+import ntpath
 import os
+import re
+import site
 import socket
 import sys
+import sysconfig
 
 from minicw import protocol
 
+# A path of the Windows family: a drive (C:\ or C:/) or a UNC share (\\host\share).
+_WINDOWS_PATH = re.compile(r"^([A-Za-z]:[\\/]|\\\\[^\\])")
+
+
+def python_tag() -> str:
+    """This interpreter's implementation and major.minor: "cpython-3.11"."""
+    return "%s-%d.%d" % ((sys.implementation.name,) + tuple(sys.version_info[:2]))
+
+
+def installation_dirs() -> tuple:
+    """The folders of this Python installation: its prefixes, standard library and
+    site-packages (a venv's included), which another version must not import from."""
+    found = {sys.prefix, sys.exec_prefix, getattr(sys, "base_prefix", sys.prefix),
+             getattr(sys, "base_exec_prefix", sys.exec_prefix)}
+    found.update(sysconfig.get_paths().get(name) for name in
+                 ("stdlib", "platstdlib", "purelib", "platlib"))
+    try:
+        found.update(site.getsitepackages())
+        found.add(site.getusersitepackages())
+    except AttributeError:  # an old virtualenv's site module
+        pass
+    return tuple(sorted(os.path.abspath(path) for path in found if path))
+
 
 def describe() -> tuple:
-    """(cwd or None, [sys.path entries that are directories here]) of this process."""
+    """(cwd or None, [sys.path entries that are directories here], python_tag(),
+    installation_dirs()) of this process."""
     try:
         cwd = os.getcwd()
     except OSError:  # the directory was removed under us
         cwd = None
     entries = [entry for entry in sys.path if entry and os.path.isdir(entry)]
-    return cwd, entries
+    return cwd, entries, python_tag(), installation_dirs()
 
 
-def make_blob(cwd, entries) -> tuple[str, bytes]:
-    return protocol.pack_blob(protocol.BLOB_CONTEXT, cwd, tuple(entries))
+def make_blob(cwd, entries, tag: str, installation: tuple) -> tuple[str, bytes]:
+    return protocol.pack_blob(protocol.BLOB_CONTEXT, cwd, tuple(entries), tag,
+                              tuple(installation))
+
+
+def other_family(path: str) -> bool:
+    """Whether ``path`` is written for the other operating system family."""
+    if os.name == "nt":
+        return path.startswith("/") and not ntpath.splitdrive(path)[0]
+    return bool(_WINDOWS_PATH.match(path))
+
+
+def _inside(path: str, folders: tuple) -> bool:
+    path = os.path.abspath(path)
+    return any(path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+               for folder in folders)
 
 
 # --- in the worker process ---------------------------------------------------------
@@ -114,13 +162,20 @@ class JobContext:
     the worker process takes them after ``enter()``.
     """
 
-    def __init__(self, cwd, entries):
+    def __init__(self, cwd, entries, client_python: str | None = None,
+                 client_installation: tuple = ()):
         self.notes = []
         host = socket.gethostname()
+        if cwd and other_family(cwd):
+            self.notes.append("the client's working directory %s is a path of another "
+                              "operating system; its jobs run in %s on worker host %s"
+                              % (cwd, os.getcwd(), host))
+            cwd = None
         self.cwd = cwd if cwd and os.path.isdir(cwd) else None
         if cwd and self.cwd is None:
             self.notes.append("the client's working directory %s does not exist on worker "
                               "host %s; its jobs run in %s there" % (cwd, host, os.getcwd()))
+        entries = self._portable(entries, client_python, client_installation, host)
         self.entries = []
         for entry in entries:
             if os.path.isdir(entry):
@@ -134,6 +189,25 @@ class JobContext:
         self._home_path = None
         self._job_entries = None
         self.job_path = None    # sys.path while the client's jobs run (a TrackedPath)
+
+    def _portable(self, entries, client_python, client_installation, host) -> list:
+        """The entries this worker may put on its path: not of the other OS family,
+        and not of the client's Python installation when it is another version."""
+        other_os = [entry for entry in entries if other_family(entry)]
+        if other_os:
+            self.notes.append("%d of the client's sys.path entries are paths of another "
+                              "operating system (%s); skipped on worker host %s"
+                              % (len(other_os), other_os[0], host))
+        entries = [entry for entry in entries if entry not in other_os]
+        if client_python is None or client_python == python_tag():
+            return entries
+        foreign = [entry for entry in entries if _inside(entry, client_installation)]
+        if foreign:
+            self.notes.append("the client runs %s, this worker (host %s) %s: %d sys.path "
+                              "entries of the client's Python installation (%s) are not used "
+                              "here" % (client_python, host, python_tag(), len(foreign),
+                                        foreign[0]))
+        return [entry for entry in entries if entry not in foreign]
 
     def enter(self) -> None:
         self._home_cwd = _home_cwd or os.getcwd()

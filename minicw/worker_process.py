@@ -295,8 +295,9 @@ class Runner:
             return None
         job_context = self.contexts.get(key)
         if job_context is None:
-            _, cwd, entries = pickle.loads(self._fetch_blob(key))
-            job_context = self.contexts[key] = context.JobContext(cwd, entries)
+            _, cwd, entries, python, installation = pickle.loads(self._fetch_blob(key))
+            job_context = self.contexts[key] = context.JobContext(cwd, entries, python,
+                                                                  installation)
             if len(self.contexts) > FUNCTIONS_PER_PROCESS:
                 self.contexts.popitem(last=False)
         return job_context
