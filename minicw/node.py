@@ -36,6 +36,7 @@ import platform
 import socket
 import sys
 import queue
+import signal
 import threading
 import time
 import types
@@ -64,6 +65,36 @@ KILL_REQUEST_TTL_S = 600.0  # a kill request for a job that never runs here is f
 
 def python_version() -> str:
     return "%s %d.%d.%d" % ((platform.python_implementation(),) + tuple(sys.version_info[:3]))
+
+
+def describe_platform() -> str:
+    """The operating system, its release and the machine, from facts that cost no
+    more than a system call ("Linux-6.1.0-x86_64", "Windows-10.0.19045-AMD64").
+    platform.platform() asks WMI on Windows, which aborted under Wine."""
+    if hasattr(os, "uname"):
+        system = os.uname()
+        return "%s-%s-%s" % (system.sysname, system.release, system.machine)
+    if hasattr(sys, "getwindowsversion"):
+        version = sys.getwindowsversion()
+        return "Windows-%d.%d.%d-%s" % (version.major, version.minor, version.build,
+                                        os.environ.get("PROCESSOR_ARCHITECTURE", "unknown"))
+    return sys.platform
+
+
+# WaitForMultipleObjects takes at most 64 handles; multiprocessing.connection.wait
+# raises ValueError beyond 63 on Windows before Python 3.13.
+WAIT_HANDLES_MAX = 63 if sys.platform == "win32" and sys.version_info < (3, 13) else None
+
+
+def wait_any(objects: list, timeout_s: float, batch_max: int | None = WAIT_HANDLES_MAX) -> list:
+    """``multiprocessing.connection.wait`` over any number of objects: beyond
+    ``batch_max`` the rest are polled first, then the first batch is waited on
+    (what becomes ready in the others meanwhile is seen at the next call)."""
+    if batch_max is None or len(objects) <= batch_max:
+        return connection.wait(objects, timeout=timeout_s)
+    batches = [objects[start:start + batch_max] for start in range(0, len(objects), batch_max)]
+    ready = [obj for batch in batches for obj in connection.wait(batch, timeout=0)]
+    return ready or connection.wait(batches[0], timeout=timeout_s)
 
 
 def cap_nprocs(nprocs: int | None, oversubscribe: bool = False) -> int:
@@ -239,7 +270,8 @@ class WorkerNode:
             self._stop_requested.set()
         self._wake()
 
-    def wait_registered(self, timeout_s: float) -> bool:
+    def wait_registered(self, timeout_s: float | None) -> bool:
+        """True once the node has joined; False after ``timeout_s`` (None: no limit)."""
         return self._registered.wait(timeout_s)
 
     # --- connection -------------------------------------------------------------------
@@ -288,7 +320,7 @@ class WorkerNode:
     def _info(self) -> dict:
         return {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
                 "pid": os.getpid(), "nprocs": self.nprocs, "python": python_version(),
-                "platform": platform.platform(terse=True),
+                "platform": describe_platform(),
                 "start_method": self.context.get_start_method()}
 
     def _serve_registration(self, manager) -> str:
@@ -386,7 +418,7 @@ class WorkerNode:
             for slot in self._slots.values():
                 waitables.append(slot.process.sentinel)
                 waitables.append(slot.control)
-            ready = connection.wait(waitables, timeout=WATCHDOG_PERIOD_S)
+            ready = wait_any(waitables, WATCHDOG_PERIOD_S)
             for obj in ready:
                 if obj is self._wake_reader:
                     while self._wake_reader.poll():
@@ -543,15 +575,30 @@ class WorkerNode:
         self._slots.clear()
 
 
+# Windows reports a process that crashed by the NTSTATUS code of the crash.
+NTSTATUS_NAMES = {
+    0xC0000005: "STATUS_ACCESS_VIOLATION: an invalid memory access, like SIGSEGV",
+    0xC000001D: "STATUS_ILLEGAL_INSTRUCTION, like SIGILL",
+    0xC0000094: "STATUS_INTEGER_DIVIDE_BY_ZERO, like SIGFPE",
+    0xC00000FD: "STATUS_STACK_OVERFLOW",
+    0xC0000135: "STATUS_DLL_NOT_FOUND",
+    0xC000013A: "STATUS_CONTROL_C_EXIT: ended by Ctrl-C",
+    0xC0000374: "STATUS_HEAP_CORRUPTION",
+    0xC0000409: "STATUS_STACK_BUFFER_OVERRUN: a fail-fast abort, like SIGABRT",
+}
+
+
 def describe_exit(exitcode) -> str:
-    """'exit code 3' or 'signal SIGKILL' for a Process.exitcode."""
+    """'exit code 3', 'killed by signal SIGKILL' or, for a Windows crash, its
+    NTSTATUS name, for a Process.exitcode."""
     if exitcode is None:
         return "still running"
     if exitcode < 0:
-        import signal
         try:
             return "killed by signal %s" % signal.Signals(-exitcode).name
         except ValueError:
             return "killed by signal %d" % -exitcode
+    if exitcode in NTSTATUS_NAMES:
+        return "exit code 0x%08X (%s)" % (exitcode, NTSTATUS_NAMES[exitcode])
     return "exit code %d" % exitcode
 

@@ -101,7 +101,7 @@ def worker_main(argv=None) -> int:
 
 
 def _announce_joined(node: WorkerNode, ready_file: str | None) -> None:
-    if not node.wait_registered(3600 * 24 * 365):
+    if not node.wait_registered(None):   # a year overflows Windows' wait limit
         return
     host, port = node.address
     print("minicw worker node %s joined %s:%d with %d processes"

@@ -77,3 +77,37 @@ def test_a_worker_of_another_version_imports_its_own_standard_library():
         client.shutdown()
         node.stop()
         master.stop()
+
+
+def test_exit_codes_of_windows_crashes_are_named():
+    from minicw.node import describe_exit
+    assert describe_exit(3221225477) == ("exit code 0xC0000005 (STATUS_ACCESS_VIOLATION: an "
+                                         "invalid memory access, like SIGSEGV)")
+    assert describe_exit(3) == "exit code 3"
+    assert describe_exit(-9) == "killed by signal SIGKILL"
+
+
+def test_waiting_on_more_objects_than_windows_takes_at_once():
+    # WaitForMultipleObjects' limit cannot be met on Linux: the batching it needs
+    # runs here with a limit of 3 instead (a stand-in for Windows' 63).
+    from multiprocessing import Pipe
+    from minicw.node import wait_any
+    pipes = [Pipe(duplex=False) for _ in range(8)]
+    readers = [reader for reader, _ in pipes]
+    try:
+        assert wait_any(readers, 0.05, batch_max=3) == []
+        pipes[7][1].send_bytes(b"!")          # in the last batch
+        assert wait_any(readers, 5, batch_max=3) == [readers[7]]
+        pipes[7][0].recv_bytes()
+        pipes[1][1].send_bytes(b"!")          # in the batch that is waited on
+        assert wait_any(readers, 5, batch_max=3) == [readers[1]]
+    finally:
+        for reader, writer in pipes:
+            reader.close()
+            writer.close()
+
+
+def test_the_platform_is_described_without_asking_the_system_slowly():
+    from minicw.node import describe_platform
+    system = os.uname()
+    assert describe_platform() == "%s-%s-%s" % (system.sysname, system.release, system.machine)
