@@ -7,7 +7,8 @@ from minicw.errors import (  # noqa: F401
     ArgsError, AuthkeyMismatchError, ClusterShutdownError, EnvirError,
     HandshakeTimeoutError, IncompatiblePythonError, JobError, JobTimeoutError,
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
-    MasterNotListeningError, MinicwError, ProtocolVersionError, RemoteError,
+    MasterNotListeningError, MinicwError, NoMatchingPythonError, ProtocolVersionError,
+    RemoteError,
     SerializationError, SessionExpiredError, WorkerCrashedError,
 )
 

@@ -40,8 +40,8 @@ from typing import NamedTuple, Optional
 from minicw import config, context, protocol, serialize, transport
 from minicw.errors import (
     AuthkeyMismatchError, ClusterShutdownError, JobTimeoutError, MasterConnectionError,
-    MasterLostError, MinicwError, RemoteError, SerializationError, SessionExpiredError,
-    WorkerCrashedError,
+    MasterLostError, MinicwError, NoMatchingPythonError, RemoteError, SerializationError,
+    SessionExpiredError, WorkerCrashedError,
 )
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ FETCH_WAIT_S = 1.0   # a fetch returns at least this often, to notice interrupts
 def client_info() -> dict:
     return {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
             "pid": os.getpid(), "python": "%d.%d.%d" % sys.version_info[:3],
+            "python_tag": serialize.PYTHON_TAG,
             "cwd": os.getcwd(), "sys_path": list(sys.path)}
 
 
@@ -374,6 +375,9 @@ def failure_error(failure: protocol.JobFailure, job: str) -> BaseException:
         return JobTimeoutError(job, detail)
     if kind == protocol.FAIL_CANCELLED:
         return CancelledError("job %s was cancelled: %s" % (job, detail))
+    if kind == protocol.FAIL_NO_PYTHON:
+        python, present = detail
+        return NoMatchingPythonError(job, python, list(present))
     return MinicwError("job %s was lost: %s" % (job, detail))
 
 

@@ -46,6 +46,17 @@ def no_worker_warning_s() -> float:
     return float(text) if text else DEFAULT_NO_WORKER_WARNING_S
 
 
+ENV_PYTHON_GRACE_S = "MINICW_PYTHON_GRACE_S"
+DEFAULT_PYTHON_GRACE_S = 30.0   # jobs with bytecode wait this long for a node of their Python
+
+
+def python_grace_s() -> float:
+    """How long the master keeps jobs whose bytecode no connected node can run
+    before it fails them with NoMatchingPythonError (a node may still join)."""
+    text = os.environ.get(ENV_PYTHON_GRACE_S)
+    return float(text) if text else DEFAULT_PYTHON_GRACE_S
+
+
 ENV_RECONNECT_TIMEOUT_S = "MINICW_RECONNECT_TIMEOUT_S"
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0  # a client waits this long for a lost master to return
 

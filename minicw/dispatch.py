@@ -93,6 +93,7 @@ class Dispatcher:
         self._streams = weakref.WeakSet()      # MapStreams still running
         self._func_keys = weakref.WeakKeyDictionary()  # plain function -> blob key
         self._last_function = None             # (weakref to it, its key)
+        self._bytecode_keys = set()            # function blobs that carry bytecode
         self._job_times = chunking.JobTimes()  # seconds per job of each function
         self._node_count = (0, 0.0)            # (worker processes, when counted)
         self.broken = None                     # the error that ended the session
@@ -125,10 +126,19 @@ class Dispatcher:
             raise SerializationError("cannot send %r to the workers: %s" % (fn, exc)) from exc
         key, blob = protocol.pack_blob(protocol.BLOB_CALLABLE, data)
         self.session.put_blob(key, blob)
+        if serialize.bytecode_python(data):
+            self._bytecode_keys.add(key)
         if remembered:
             self._func_keys[fn] = key
             self._last_function = (weakref.ref(fn), key)
         return key
+
+    def chunk_python(self, func_keys, payload: bytes) -> str | None:
+        """The Python a chunk needs: this one when its functions or its payload
+        carry bytecode (only a node of the same version may run them), else None."""
+        if serialize.bytecode_python(payload) or not self._bytecode_keys.isdisjoint(func_keys):
+            return serialize.PYTHON_TAG
+        return None
 
     def broadcast(self, obj) -> broadcast.Handle:
         """Store ``obj`` in the master once; jobs given the handle receive the object."""
@@ -283,7 +293,8 @@ class Dispatcher:
             self._routes[chunk_id] = JobsRoute(self, tuple(func_keys), jobs)
         job = jobs[0]
         return protocol.ChunkSpec(chunk_id, tuple(func_keys), len(jobs), payload,
-                                  job.job_timeout, job.max_retries, context_key)
+                                  job.job_timeout, job.max_retries, context_key,
+                                  self.chunk_python(func_keys, payload))
 
     def register_stream(self, chunk_id: int, stream) -> None:
         with self._lock:
@@ -672,7 +683,8 @@ class MapStream:
             self._results_due += len(batch)
         self.dispatcher.register_stream(chunk_id, self)
         return protocol.ChunkSpec(chunk_id, (self.func_key,), len(batch), payload,
-                                  self.job_timeout, self.max_retries, self.context_key)
+                                  self.job_timeout, self.max_retries, self.context_key,
+                                  self.dispatcher.chunk_python((self.func_key,), payload))
 
     # --- arriving results (receiver thread) ----------------------------------------------------
 

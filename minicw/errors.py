@@ -17,6 +17,7 @@ it by type.  The hierarchy::
      |    +-- RemoteError                 the job raised; carries type, message, traceback
      |    +-- WorkerCrashedError          the job took its process down, retries used up
      |    +-- JobTimeoutError (also TimeoutError)   over its per-job time limit
+     |    +-- NoMatchingPythonError       no worker node runs the Python its bytecode needs
      +-- SerializationError               a payload could not be written or read
      |    +-- IncompatiblePythonError     payload written by another Python version
      +-- EnvirError                       the environment source failed or lacks a name
@@ -146,6 +147,25 @@ class JobTimeoutError(JobError, TimeoutError):
 
     def __str__(self) -> str:
         return "job %s exceeded its time limit of %gs" % (self.job, self.timeout_s)
+
+
+class NoMatchingPythonError(JobError):
+    """A job carries bytecode (a function or argument sent by value) of one Python,
+    and no connected worker node ran that Python for the grace period."""
+
+    def __init__(self, job: str, python: str, present: list):
+        super().__init__(job, python, present)
+        self.job = job
+        self.python = python
+        self.present = present
+
+    def __str__(self) -> str:
+        nodes = ", ".join(self.present) if self.present else "no worker node at all"
+        return ("job %s needs a worker node running %s (its function or arguments were "
+                "sent as %s bytecode), and none is connected (nodes: %s); start a node with "
+                "that Python, or make the function importable on the workers (a module on "
+                "their path, or load_envir), which any Python runs"
+                % (self.job, self.python, self.python, nodes))
 
 
 # --- data -------------------------------------------------------------------

@@ -20,7 +20,8 @@ import logging
 import os
 import secrets
 
-from minicw import broadcast, chunking, client, config, envir, launch, protocol, transport
+from minicw import (broadcast, chunking, client, config, envir, launch, protocol, serialize,
+                    transport)
 from minicw.errors import ArgsError, EnvirError, MinicwError, RemoteError
 
 log = logging.getLogger(__name__)
@@ -282,9 +283,11 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
             start += len(items)
             chunk_id = session.new_chunk_id()
             args_by_chunk[chunk_id] = items
-            yield protocol.ChunkSpec(chunk_id, (func_key,), len(items),
-                                     protocol.pack_payload(protocol.CALL_ONE, items),
-                                     job_timeout, max_retries, context_key)
+            payload = protocol.pack_payload(protocol.CALL_ONE, items)
+            # The function is a name in the environment: any Python runs it, unless
+            # the args carry bytecode.
+            yield protocol.ChunkSpec(chunk_id, (func_key,), len(items), payload, job_timeout,
+                                     max_retries, context_key, serialize.bytecode_python(payload))
 
     results = {}
     stream = client.stream_results(session, chunks(), window)

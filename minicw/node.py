@@ -43,7 +43,7 @@ import types
 from collections import OrderedDict
 from multiprocessing import connection, get_context
 
-from minicw import config, protocol, transport, worker_process
+from minicw import config, protocol, serialize, transport, worker_process
 from minicw.errors import (
     AuthkeyMismatchError, ClusterShutdownError, MasterConnectionError, MasterHostUnknownError,
 )
@@ -320,6 +320,7 @@ class WorkerNode:
     def _info(self) -> dict:
         return {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
                 "pid": os.getpid(), "nprocs": self.nprocs, "python": python_version(),
+                "python_tag": serialize.PYTHON_TAG,
                 "platform": describe_platform(),
                 "start_method": self.context.get_start_method()}
 

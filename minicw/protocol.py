@@ -27,7 +27,9 @@ PROTOCOL_VERSION.
 ChunkSpec  One unit of scheduling: ``n_jobs`` jobs of one client.  ``payload``
            is ``pack_payload(kind, items)``; ``func_keys`` name the function
            blobs the jobs call (index into it for CALL_FULL items);
-           ``context_key`` names the client's BLOB_CONTEXT (or is None).
+           ``context_key`` names the client's BLOB_CONTEXT (or is None);
+           ``python``, when the jobs carry bytecode, the only Python that may
+           run them (serialize.PYTHON_TAG).
 Lease      A chunk handed to one worker process.  ``selection`` lists the job
            indices to run (a ``range`` when all of them), ``token`` identifies
            this lease: results under an outdated token are dropped, which is
@@ -82,6 +84,9 @@ class ChunkSpec(NamedTuple):      # client.Session.submit -> Scheduler.submit (C
     timeout_s: Optional[float]
     max_retries: int
     context_key: Optional[str]
+    python: Optional[str] = None  # serialize.PYTHON_TAG when the functions or the
+                                  # payload carry bytecode: only nodes of that Python
+                                  # may run it; None: any node
 
 
 class Lease(NamedTuple):          # Scheduler._lease -> Runner.run_next_lease
@@ -213,6 +218,7 @@ FAIL_CRASHED = "crashed"      # detail: (exit description, attempts)
 FAIL_TIMEOUT = "timeout"      # detail: timeout_s
 FAIL_CANCELLED = "cancelled"  # detail: why
 FAIL_LOST = "lost"            # detail: why (e.g. the function blob is unknown)
+FAIL_NO_PYTHON = "no python"  # detail: (the Python the jobs need, [the nodes' Pythons])
 
 # --- why a worker process ended, as its node reports it ----------------------------------
 END_DIED = "died"            # exited or was killed by something else

@@ -62,7 +62,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from minicw import protocol
+from minicw import config, protocol
 from minicw.blobs import BlobStore
 from minicw.waiting import WAIT_FETCH, WAIT_LEASE, WAIT_POLL, Failure, Transition, Waiter
 from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
@@ -70,13 +70,20 @@ from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
 log = logging.getLogger(__name__)
 
 MAX_DELIVERIES_PER_FETCH = 64
+_NOT_HERE = object()   # _next_fair_chunk: nothing queued that this node's Python may run
+
+
+def _runs_on(chunk, python: str | None) -> bool:
+    """Whether a node running ``python`` may take ``chunk`` (one cancelled while
+    queued is taken by anyone, to be skipped)."""
+    return chunk.python is None or chunk.python == python or not chunk.selection
 
 
 class Chunk:
     """Jobs of one client that are scheduled together."""
 
     __slots__ = ("client", "chunk_id", "func_keys", "payload", "timeout_s", "max_retries",
-                 "context_key", "selection", "token", "holder", "done", "crashes")
+                 "context_key", "python", "selection", "token", "holder", "done", "crashes")
 
     def __init__(self, client, fields: tuple):
         spec = protocol.view(protocol.ChunkSpec, fields)
@@ -84,6 +91,7 @@ class Chunk:
         self.payload = spec.payload
         self.timeout_s = spec.timeout_s
         self.max_retries = spec.max_retries
+        self.python = spec.python       # the only Python that may run it, or None
         # Every chunk names the same few keys: share one string of each.
         self.func_keys = tuple(map(sys.intern, spec.func_keys))
         self.context_key = None if spec.context_key is None else sys.intern(spec.context_key)
@@ -98,7 +106,8 @@ class Chunk:
 class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
                  "deliveries", "delivery_seq", "fetches", "blob_keys", "deficit",
-                 "queued_jobs", "running_jobs", "done_jobs", "failed_jobs")
+                 "queued_jobs", "running_jobs", "done_jobs", "failed_jobs",
+                 "unrunnable_since")
 
     def __init__(self, client_id, info):
         self.client_id = client_id
@@ -113,15 +122,17 @@ class ClientState:
         self.blob_keys = set()
         self.deficit = 0                # jobs of credit while waiting its turn
         self.queued_jobs = self.running_jobs = self.done_jobs = self.failed_jobs = 0
+        self.unrunnable_since = None    # when no node of its bytecode's Python was left
 
 
 class NodeState:
-    __slots__ = ("node_id", "info", "last_seen", "tokens_by_slot", "revoked_by_slot",
+    __slots__ = ("node_id", "info", "python", "last_seen", "tokens_by_slot", "revoked_by_slot",
                  "commands", "poll", "jobs_done")
 
     def __init__(self, node_id, info):
         self.node_id = node_id
         self.info = info
+        self.python = info.get("python_tag")  # runs chunks that need this Python
         self.last_seen = time.monotonic()
         self.tokens_by_slot = {slot: set() for slot in range(info["nprocs"])}
         self.revoked_by_slot = {}       # slot -> tokens its process must skip
@@ -505,9 +516,26 @@ class Scheduler:
                 continue
             leases = self._lease(node, waiter.slot, waiter.want)
             if not leases:
-                return  # what was counted queued was cancelled meanwhile
+                # What is queued needs another Python (or was cancelled):
+                # later waiters may run it.
+                self._hand_out_past(waiter)
+                return
             waiting.popitem(last=False)
             self._settle(waiter, self._lease_reply(node, waiter.slot, leases))
+
+    def _hand_out_past(self, oldest: Waiter) -> None:
+        """``_hand_out`` for the waiters after ``oldest``, which could take nothing."""
+        waiting = self._waiting
+        for waiter in list(waiting)[1:]:
+            if self._queued_chunks <= 0:
+                return
+            node = waiter.owner
+            if self._nodes.get(node.node_id) is not node:
+                continue  # _hand_out answers it when it comes first
+            leases = self._lease(node, waiter.slot, waiter.want)
+            if leases:
+                del waiting[waiter]
+                self._settle(waiter, self._lease_reply(node, waiter.slot, leases))
 
     def _stop_waiters(self, node=None) -> None:
         """Answer None to the waiting processes of ``node`` (all, when None)."""
@@ -523,7 +551,9 @@ class Scheduler:
         share = max(1, math.ceil(self._queued_chunks / max(1, self._live_slots)))
         leases = []
         while len(leases) < min(want, share) and self._rotation:
-            chunk = self._next_fair_chunk()
+            chunk = self._next_fair_chunk(node.python)
+            if chunk is _NOT_HERE:
+                break     # what is queued needs another Python
             if chunk is None:
                 continue  # cancelled while queued; already uncounted
             client = chunk.client
@@ -541,29 +571,36 @@ class Scheduler:
                 chunk.selection, chunk.timeout_s, chunk.context_key)))
         return leases
 
-    def _next_fair_chunk(self):
-        """Take the next chunk, fair between clients by job count.
+    def _next_fair_chunk(self, python: str | None):
+        """Take the next chunk a node running ``python`` may run, fair between
+        clients by job count.
 
-        Every client with queued work earns credit at the same rate (one job
-        per job leased); the first client in rotation order whose credit
-        covers its next chunk sends it and goes to the back.  So a client of
-        one-job chunks gets as many jobs through as a client of large chunks,
-        and clients with equal chunks alternate.  Returns None for a chunk
-        that was cancelled while queued.
+        Every client whose next chunk the node may run earns credit at the
+        same rate (one job per job leased); the first of them in rotation
+        order whose credit covers its next chunk sends it and goes to the
+        back.  So a client of one-job chunks gets as many jobs through as a
+        client of large chunks, and clients with equal chunks alternate.
+        Returns None for a chunk that was cancelled while queued, _NOT_HERE
+        when every client's next chunk needs another Python.
         """
         rotation = self._rotation
         if len(rotation) > 1:
+            eligible = [client for client in rotation
+                        if _runs_on(client.queue[0], python)]
+            if not eligible:
+                return _NOT_HERE
             shortfall = min(len(client.queue[0].selection) - client.deficit
-                            for client in rotation)
+                            for client in eligible)
             if shortfall > 0:  # nobody can afford a chunk yet: everybody earns
-                for client in rotation:
+                for client in eligible:
                     client.deficit += shortfall
-            for position, client in enumerate(rotation):
-                if client.deficit >= len(client.queue[0].selection):
-                    break
-            del rotation[position]
-        else:
+            client = next(client for client in eligible
+                          if client.deficit >= len(client.queue[0].selection))
+            rotation.remove(client)
+        elif _runs_on(rotation[0].queue[0], python):
             client = rotation.popleft()
+        else:
+            return _NOT_HERE
         chunk = client.queue.popleft()
         cost = len(chunk.selection)
         client.deficit = max(0, client.deficit - cost)
@@ -717,6 +754,36 @@ class Scheduler:
                 self._drop_node(node, "missed its heartbeats for %gs" % self.heartbeat_timeout_s)
             for client in [c for c in self._clients.values() if c.last_seen < limit]:
                 self._drop_client(client, "went silent for %gs" % self.heartbeat_timeout_s)
+            self._fail_unrunnable(time.monotonic())
+
+    def _fail_unrunnable(self, now: float) -> None:
+        """Queued chunks that need a Python no connected node runs: after
+        config.python_grace_s() they fail with FAIL_NO_PYTHON (QUEUED -> FAILED)."""
+        present = sorted(node.info.get("python", "?") for node in self._nodes.values())
+        pythons = {node.python for node in self._nodes.values()}
+        for client in list(self._clients.values()):
+            needed = client.info.get("python_tag")
+            if needed is None or needed in pythons or not client.queue:
+                client.unrunnable_since = None
+                continue
+            if client.unrunnable_since is None:
+                client.unrunnable_since = now
+            elif now - client.unrunnable_since >= config.python_grace_s():
+                self._fail_queued(client, needed, present)
+
+    def _fail_queued(self, client: ClientState, python: str, present: list) -> None:
+        stuck = [chunk for chunk in client.queue if chunk.python == python and chunk.selection]
+        if not stuck:
+            return
+        failure = protocol.JobFailure(protocol.FAIL_NO_PYTHON, (python, present))
+        for chunk in stuck:
+            jobs = tuple(chunk.selection)
+            self._cancel_queued(chunk, None)        # out of the queue and its counts
+            client.failed_jobs += len(jobs)
+            self._deliver(client, protocol.Delivery(chunk.chunk_id, jobs, None, failure))
+        log.warning("client %d: %d chunks need %s and no worker node runs it (nodes: %s); "
+                    "failed them", client.client_id, len(stuck), python,
+                    ", ".join(present) or "none")
 
     def close(self) -> None:
         """Refuse new work and wake every waiting peer with the news."""
@@ -767,7 +834,8 @@ class Scheduler:
                 "nodes": [self._node_record(node) for node in self._nodes.values()],
                 "clients": [{
                     "client_id": c.client_id, "hostname": c.info.get("hostname"),
-                    "pid": c.info.get("pid"), "queued": c.queued_jobs,
+                    "pid": c.info.get("pid"), "python": c.info.get("python"),
+                    "queued": c.queued_jobs,
                     "running": c.running_jobs, "done": c.done_jobs, "failed": c.failed_jobs,
                 } for c in self._clients.values()],
                 "queued_chunks": self._queued_chunks,

@@ -177,6 +177,13 @@ def _header_for(protocol: int, body: bytes) -> bytes:
     ))
 
 
+def bytecode_python(data: bytes) -> str | None:
+    """The Python that ``data`` (from :func:`dumps`) must be loaded by: PYTHON_TAG
+    when it carries bytecode, None when any Python can load it."""
+    call_end = 2 + len(_HEADER_CALL)
+    return PYTHON_TAG if data[2:call_end] == _HEADER_CALL else None
+
+
 def _check_python(payload_python: str, crc_hex: str = "") -> None:
     """Run first when a payload carrying bytecode is unpickled.
 

@@ -2,6 +2,7 @@
 another version, and paths written for another operating system."""
 import glob
 import os
+import subprocess
 import sys
 
 import pytest
@@ -111,3 +112,94 @@ def test_the_platform_is_described_without_asking_the_system_slowly():
     from minicw.node import describe_platform
     system = os.uname()
     assert describe_platform() == "%s-%s-%s" % (system.sysname, system.release, system.machine)
+
+
+def _version_of_worker(x):
+    import sys
+    return x, "%d.%d" % sys.version_info[:2]
+
+
+def _python(version):
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python" % version)))
+    return found[-1] if found else None
+
+
+def test_a_mixed_version_cluster_routes_bytecode_to_its_own_python(monkeypatch):
+    this = "%d.%d" % sys.version_info[:2]
+    other, other_version = _other_python()
+    if other is None:
+        pytest.skip("no CPython of another version on this machine")
+    master, port = start_master()
+    nodes = [Proc([python, "-m", "minicw.worker", "127.0.0.1", str(port), "-", "-n", "1"],
+                  env=env_with_key()) for python in (PY, other)]
+    from minicw import ClusterExecutor
+    executor = ClusterExecutor("127.0.0.1", port, KEY)
+    envir = MasterNode(HOST="127.0.0.1", PORT=port, AUTHKEY=KEY).connect()
+    try:
+        for node in nodes:
+            node.wait_for(r"joined 127\.0\.0\.1:%d" % port)
+        # By value (defined in this test module's namespace as a closure): this Python only.
+        offset = 1000
+        results = list(executor.map(lambda x: _version_of_worker(x + offset), range(200),
+                                    timeout=120))
+        assert [x for x, _ in results] == list(range(1000, 1200))
+        assert {version for _, version in results} == {this}
+        by_python = {node.python.split()[1].rsplit(".", 1)[0]: node
+                     for node in executor.list_workers()}
+        assert by_python[other_version].jobs_done == 0
+        # From an environment source: any Python runs it; both nodes take some.
+        envir.load_envir("import sys, time\ndef f(x):\n    time.sleep(0.02)\n"
+                         "    return x, '%d.%d' % sys.version_info[:2]\n", from_file=False)
+        envir.register_target_function("f")
+        envir.load_args(range(60))
+        done = envir.execute()
+        assert {x: result[0] for x, result in done.items()} == {x: x for x in range(60)}
+        assert {result[1] for result in done.values()} == {this, other_version}
+    finally:
+        executor.shutdown()
+        envir.shutdown()
+        for node in nodes:
+            node.stop()
+        master.stop()
+
+
+CLIENT_OF_ANOTHER_PYTHON = """
+import time
+from minicw import ClusterExecutor, NoMatchingPythonError
+executor = ClusterExecutor("127.0.0.1", {port}, {key!r})
+started = time.monotonic()
+future = executor.submit(lambda x: x + 1, 1)
+try:
+    future.result(60)
+except NoMatchingPythonError as exc:
+    print("ERROR", exc)
+    print("WAITED %.1f" % (time.monotonic() - started))
+executor.shutdown()
+"""
+
+
+def test_a_client_whose_python_no_node_runs_gets_one_clear_error(tmp_path):
+    lone = _python("3.13") if sys.version_info[:2] != (3, 13) else _python("3.12")
+    if lone is None:
+        pytest.skip("no CPython of a third version on this machine")
+    master, port = start_master(env=dict(env_with_key(), MINICW_PYTHON_GRACE_S="1"))
+    node = Proc([PY, "-m", "minicw.worker", "127.0.0.1", str(port), "-", "-n", "1"],
+                env=env_with_key())
+    try:
+        node.wait_for(r"joined 127\.0\.0\.1:%d" % port)
+        script = tmp_path / "client.py"
+        script.write_text(CLIENT_OF_ANOTHER_PYTHON.format(port=port, key=KEY))
+        done = subprocess.run([lone, str(script)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True,
+                              env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+        assert done.returncode == 0, done.stderr
+        [error] = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+        lone_version = subprocess.run([lone, "-c", "import sys; print('%d.%d' % "
+                                       "sys.version_info[:2])"], stdout=subprocess.PIPE,
+                                      universal_newlines=True).stdout.strip()
+        assert "needs a worker node running CPython %s" % lone_version in error
+        assert "CPython %d.%d" % sys.version_info[:2] in error   # the node that is there
+        assert "WAITED" in done.stdout
+    finally:
+        node.stop()
+        master.stop()
