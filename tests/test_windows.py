@@ -96,6 +96,7 @@ executor.shutdown()
 """
 
 
+@pytest.mark.filterwarnings("ignore:.*sys.path entries are paths of another operating system")
 def test_a_windows_node_under_wine_runs_environment_jobs_and_closures(windows_python,
                                                                       tmp_path):
     wine, python, env = windows_python
