@@ -333,7 +333,12 @@ def start_logging(level: str) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
-def on_signals(handler, names=("SIGTERM", "SIGINT")) -> None:
+# The signals that ask a launched master or node to stop: SIGBREAK (Windows only)
+# is how processes.ask_to_stop reaches a process group there.
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGBREAK")
+
+
+def on_signals(handler, names=STOP_SIGNALS) -> None:
     """Call ``handler(signum, frame)`` on each signal of ``names`` this platform has."""
     for name in names:
         if hasattr(signal, name):

@@ -20,7 +20,7 @@
       start removes the old ready file, then waits
       for one naming the new pid (launch.wait_ready_file)
 
-    local_stop()    reads master.json; SIGTERM to each recorded PID (workers first,
+    local_stop()    reads master.json; asks each recorded PID to stop (workers first,
                     so they finish the jobs they hold), SIGKILL to the process
                     group it leads after a grace period; removes the records.
                     Never by process name: a PID whose start time differs from
@@ -37,13 +37,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
-from minicw import config, launch, rundir, slurm
+from minicw import config, launch, processes, rundir, slurm
 from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
@@ -52,25 +51,12 @@ log = logging.getLogger(__name__)
 _children: dict = {}
 
 
-# --- processes, by PID ----------------------------------------------------------------
+# --- processes, by PID (processes.py answers for each operating system) ----------------------
 
-def _proc_stat(pid: int) -> list | None:
-    """The fields of /proc/PID/stat after the command name (Linux), None if unreadable."""
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def process_start_time(pid: int, fields: list | None = None) -> int | None:
-    """The kernel's start time of ``pid`` (Linux), to tell it from a later reuse of
-    the PID; ``fields``: its /proc stat fields, when already read."""
-    fields = fields if fields is not None else _proc_stat(pid)
-    try:
-        return int(fields[19]) if fields else None
-    except (IndexError, ValueError):
-        return None
+def process_start_time(pid: int) -> int | str | None:
+    """When ``pid`` started (processes.start_time): a record keeps it, so that stop
+    never signals a later process that got the same PID."""
+    return processes.start_time(pid)
 
 
 def process_alive(entry: dict) -> bool:
@@ -79,19 +65,7 @@ def process_alive(entry: dict) -> bool:
     child = _children.get(pid)
     if child is not None and child.poll() is not None:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False  # another user's process: the PID was reused
-    except OSError:
-        return False
-    fields = _proc_stat(pid)
-    if fields and fields[0] == "Z":
-        return False  # ended, not yet reaped
-    recorded = entry.get("start_time")
-    return recorded is None or process_start_time(pid, fields) in (None, recorded)
+    return processes.alive(pid, entry.get("start_time"))
 
 
 def _group_alive(pgid: int) -> bool:
@@ -108,16 +82,9 @@ def _group_alive(pgid: int) -> bool:
         return False
     if not os.path.isdir("/proc/self"):
         return True
-    members = (_proc_stat(int(name)) for name in os.listdir("/proc") if name.isdigit())
+    members = (processes.proc_stat(int(name)) for name in os.listdir("/proc")
+               if name.isdigit())
     return any(fields and fields[2] == str(pgid) and fields[0] != "Z" for fields in members)
-
-
-def _signal(entry: dict, sig, group: bool = False) -> None:
-    with contextlib.suppress(OSError):
-        if group and hasattr(os, "killpg"):
-            os.killpg(entry["pid"], sig)
-        else:
-            os.kill(entry["pid"], sig)
 
 
 def _reap(entry: dict) -> None:
@@ -128,7 +95,8 @@ def _reap(entry: dict) -> None:
 
 
 def end_processes(entries: list, grace_s: float = config.LOCAL_STOP_GRACE_S) -> None:
-    """SIGTERM each recorded process, wait, then SIGKILL the process group it leads.
+    """Ask each recorded process to stop (processes.ask_to_stop: SIGTERM, Ctrl-Break
+    on Windows), wait, then kill the process group it leads.
 
     Each entry was started in a new session, so its PID is also the ID of a
     process group holding its children (a worker node's processes); members
@@ -136,15 +104,15 @@ def end_processes(entries: list, grace_s: float = config.LOCAL_STOP_GRACE_S) -> 
     """
     running = [entry for entry in entries if process_alive(entry)]
     for entry in running:
-        _signal(entry, signal.SIGTERM)
+        processes.ask_to_stop(entry["pid"])
     deadline = time.monotonic() + grace_s
     for entry in running:
         while process_alive(entry) and time.monotonic() < deadline:
             time.sleep(config.STOP_POLL_S)
         if process_alive(entry):
-            log.warning("pid %d did not end within %gs of SIGTERM; killing its group",
+            log.warning("pid %d did not end within %gs of being asked to; killing its group",
                         entry["pid"], grace_s)
-            _signal(entry, getattr(signal, "SIGKILL", signal.SIGTERM), group=True)
+            processes.kill(entry["pid"], group=True)
         _reap(entry)
         _end_group_members(entry)
 
@@ -158,7 +126,7 @@ def _end_group_members(entry: dict) -> None:
         time.sleep(config.STOP_POLL_S)
     if _group_alive(pgid):
         log.warning("processes of group %d outlived their leader; killing them", pgid)
-        _signal(entry, signal.SIGKILL, group=True)
+        processes.kill(pgid, group=True)
 
 
 def spawn_detached(argv: list, log_path: str, env: dict) -> dict:

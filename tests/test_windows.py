@@ -134,3 +134,38 @@ def test_a_windows_node_under_wine_runs_environment_jobs_and_closures(windows_py
         client.shutdown()
         node.stop()
         master.stop()
+
+
+PROCESS_PROBE = r"""
+import os, subprocess, sys
+from minicw import processes
+me = os.getpid()
+print("SELF", processes.alive(me), processes.start_time(me) is not None,
+      processes.alive(me, processes.start_time(me)), processes.alive(me, 12345))
+ended = subprocess.Popen([sys.executable, "-c", "pass"])
+ended.wait()
+print("ENDED", processes.alive(ended.pid))
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+print("SLEEPER", processes.alive(sleeper.pid, processes.start_time(sleeper.pid)))
+processes.kill(sleeper.pid)
+sleeper.wait(30)
+print("KILLED", processes.alive(sleeper.pid))
+"""
+
+
+def test_processes_by_pid_on_windows(windows_python, tmp_path):
+    # os.kill(pid, 0) is CTRL_C_EVENT there: liveness and start times come from
+    # OpenProcess, GetExitCodeProcess and GetProcessTimes.  (Ctrl-Break, which
+    # asks a node to drain, needs a shared console, which Wine's piped
+    # processes lack: not shown here.)
+    wine, python, env = windows_python
+    script = tmp_path / "probe.py"
+    script.write_text(PROCESS_PROBE)
+    done = subprocess.run([wine, python, "Z:" + str(script).replace("/", "\\")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env, timeout=WINE_START_TIMEOUT_S)
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert "SELF True True True False" in out
+    assert "ENDED False" in out and "SLEEPER True" in out and "KILLED False" in out
