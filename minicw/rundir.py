@@ -25,9 +25,11 @@ launchers decide what that means, this module only keeps the files.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import secrets
+import subprocess
 
 from minicw import config
 from minicw.errors import MinicwError
@@ -81,6 +83,8 @@ def write_authkey(run_dir: str, key: str) -> str:
     try:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, 0o600)  # in case the file system ignored the mode
+        if WINDOWS:
+            _restrict_to_owner(temporary)  # before the key is in it
         os.write(fd, key.encode("utf-8") + b"\n")
     finally:
         os.close(fd)
@@ -109,6 +113,11 @@ def read_key_file(key_file: str, missing_ok: bool = False) -> bytes | None:
         raise MinicwError("the key file %s is readable by group or others (mode %03o); "
                           "run chmod 600 %s, or start the cluster again"
                           % (key_file, mode & 0o777, key_file))
+    others = _windows_readers(key_file) if WINDOWS else None
+    if others:
+        raise MinicwError("the key file %s is readable by %s; run icacls \"%s\" "
+                          "/inheritance:r /grant:r %%USERNAME%%:F, or start the cluster again"
+                          % (key_file, others, key_file))
     if not key:
         raise MinicwError("the key file %s is empty" % key_file)
     return key
@@ -117,6 +126,49 @@ def read_key_file(key_file: str, missing_ok: bool = False) -> bytes | None:
 def read_authkey(run_dir: str | None = None) -> bytes | None:
     """The key in the run directory's key file, None if there is none (see read_key_file)."""
     return read_key_file(authkey_path(run_dir), missing_ok=True)
+
+
+# --- Windows: the key file's access list (mode bits mean nothing there) ---------------------
+
+WINDOWS = os.name == "nt"
+# Principals that stand for other people: a key file readable by one is no secret.
+WIDE_PRINCIPALS = ("Everyone", "BUILTIN\\Users", "NT AUTHORITY\\Authenticated Users",
+                   "BUILTIN\\Guests")
+
+
+def _icacls(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["icacls"] + list(args), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True,
+                          timeout=config.SLURM_COMMAND_TIMEOUT_S)
+
+
+def _restrict_to_owner(file_path: str) -> None:
+    """Give the file an access list of its own (not inherited) granting only this user."""
+    user = os.environ.get("USERNAME") or getpass.getuser()
+    try:
+        done = _icacls(file_path, "/inheritance:r", "/grant:r", "%s:F" % user)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise MinicwError("cannot make the key file %s private: icacls failed (%s)"
+                          % (file_path, exc)) from None
+    if done.returncode != 0:
+        raise MinicwError("cannot make the key file %s private: icacls said: %s"
+                          % (file_path, done.stdout.strip()))
+
+
+def _windows_readers(file_path: str) -> str | None:
+    """The first principal in the file's access list that stands for other people
+    (``icacls FILE``), or None (also when icacls cannot say)."""
+    try:
+        done = _icacls(file_path)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    for line in done.stdout.splitlines():
+        for principal in WIDE_PRINCIPALS:
+            if principal + ":" in line:
+                return principal
+    return None
 
 
 # --- JSON records --------------------------------------------------------------------------

@@ -58,3 +58,33 @@ def test_tail_quotes_the_end_of_a_log(tmp_path):
     assert rundir.tail(str(log)) == "(no log)"
     log.write_text("".join("line %d\n" % i for i in range(20)))
     assert rundir.tail(str(log), 2) == "line 18 | line 19"
+
+
+ICACLS_PRIVATE = "C:\\Users\\ada\\.minicw\\run\\authkey VM\\ada:(F)\n\nSuccessfully processed 1 files\n"
+ICACLS_SHARED = ("C:\\Shared\\run\\authkey VM\\ada:(F)\n"
+                 "                        BUILTIN\\Users:(I)(RX)\n\nSuccessfully processed 1 files\n")
+
+
+def test_the_key_file_on_windows_is_private_by_its_access_list(tmp_path, monkeypatch):
+    # Windows' access lists cannot be had here (Wine's icacls is a stub that
+    # prints nothing): icacls is a stand-in answering as Windows' does.
+    calls = []
+    answers = {"": ICACLS_PRIVATE}
+
+    class Done:
+        def __init__(self, stdout):
+            self.returncode, self.stdout = 0, stdout
+
+    def icacls(*args):
+        calls.append(args)
+        return Done(answers[""] if len(args) == 1 else "")
+    monkeypatch.setattr(rundir, "WINDOWS", True)
+    monkeypatch.setattr(rundir, "_icacls", icacls)
+    monkeypatch.setenv("USERNAME", "ada")
+    key_file = rundir.write_authkey(str(tmp_path), "k" * 32)
+    [restrict] = [args for args in calls if len(args) > 1]
+    assert restrict[1:] == ("/inheritance:r", "/grant:r", "ada:F")   # before the key went in
+    assert rundir.read_key_file(key_file) == b"k" * 32
+    answers[""] = ICACLS_SHARED
+    with pytest.raises(MinicwError, match=r"readable by BUILTIN\\Users; run icacls"):
+        rundir.read_key_file(key_file)

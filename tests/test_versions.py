@@ -124,6 +124,7 @@ def _python(version):
     return found[-1] if found else None
 
 
+@pytest.mark.filterwarnings("ignore:the client runs .* are not used here")
 def test_a_mixed_version_cluster_routes_bytecode_to_its_own_python(monkeypatch):
     this = "%d.%d" % sys.version_info[:2]
     other, other_version = _other_python()
