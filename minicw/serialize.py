@@ -97,6 +97,7 @@ from __future__ import annotations
 import binascii
 import builtins
 import copyreg
+import dis
 import enum
 import functools
 import io
@@ -400,16 +401,34 @@ def _is_importable(obj: Any) -> bool:
     return target is obj
 
 
-def _global_names(code: types.CodeType) -> set:
-    """Names looked up by ``code`` and the code objects nested in it."""
-    names = set(code.co_names)
-    pending = [const for const in code.co_consts if type(const) is types.CodeType]
+# Opcodes whose name argument is a global: functions use the *_GLOBAL ones,
+# class bodies and module-level code the *_NAME ones.  co_names also holds
+# attribute names (``sys.exit`` lists "exit"), which are not globals.
+_GLOBAL_OPS = frozenset(("LOAD_GLOBAL", "STORE_GLOBAL", "DELETE_GLOBAL",
+                         "LOAD_NAME", "STORE_NAME", "DELETE_NAME",
+                         "LOAD_FROM_DICT_OR_GLOBALS"))   # 3.12+: annotation scopes
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_names(code: types.CodeType) -> tuple:
+    """(global names, every name) of ``code`` and the code objects nested in it:
+    the globals a function needs, and the names it may reach submodules by
+    (``os.path.join`` reads the attribute "path")."""
+    global_names = set()
+    all_names = set()
+    pending = [code]
     while pending:
-        nested = pending.pop()
-        names.update(nested.co_names)
-        pending.extend(const for const in nested.co_consts
-                       if type(const) is types.CodeType)
-    return names
+        current = pending.pop()
+        all_names.update(current.co_names)
+        global_names.update(instruction.argval for instruction in dis.get_instructions(current)
+                            if instruction.opname in _GLOBAL_OPS)
+        pending.extend(const for const in current.co_consts if type(const) is types.CodeType)
+    return frozenset(global_names), frozenset(all_names)
+
+
+def _global_names(code: types.CodeType) -> frozenset:
+    """The global names ``code`` and the code objects nested in it look up."""
+    return _code_names(code)[0]
 
 
 def _referenced_submodules(module: types.ModuleType, names: set) -> list:
@@ -466,7 +485,9 @@ class _Pickler(pickle.Pickler):
         entry = self._base_globals_by_id.get(id(source_globals))
         if entry is None:
             # Keep source_globals alive with its entry so its id is not reused.
-            entry = (source_globals, {"__name__": source_globals.get("__name__")})
+            # __package__ lets the function's relative imports resolve there.
+            entry = (source_globals, {"__name__": source_globals.get("__name__"),
+                                      "__package__": source_globals.get("__package__")})
             self._base_globals_by_id[id(source_globals)] = entry
         return entry[1]
 
@@ -489,13 +510,13 @@ def _reduce_function(pickler: _Pickler, func: types.FunctionType) -> Any:
     pickler.wrote_by_value = True
     code = func.__code__
     source_globals = func.__globals__
-    names = _global_names(code)
+    global_names, all_names = _code_names(code)
     referenced_globals = {name: source_globals[name]
-                          for name in sorted(names) if name in source_globals}
+                          for name in sorted(global_names) if name in source_globals}
     submodules = []
     for value in referenced_globals.values():
         if type(value) is types.ModuleType:
-            submodules.extend(_referenced_submodules(value, names))
+            submodules.extend(_referenced_submodules(value, all_names))
     submodules.sort(key=lambda module: module.__name__)
     closure = func.__closure__
     cell_values = None
@@ -698,6 +719,12 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
         if _raised_by_user_code(exc):
             raise
         raise _explain_failure(obj, protocol, exc) from exc
+    except RecursionError:
+        # The pickler is dropped (its memo may be half full); the stack is unwound.
+        raise SerializationError(
+            "cannot serialize %s: it is nested more deeply than Python's recursion limit "
+            "(%d) lets pickle follow; flatten it, or raise sys.setrecursionlimit"
+            % (_describe(obj), sys.getrecursionlimit())) from None
     buffer = pickler.buffer
     body = buffer.getvalue()
     pickler.clear_memo()  # also drops references to the user's objects
