@@ -55,10 +55,9 @@ properties and class attributes, which may refer to the class (``super()``'s
 ``__dict__``/``__weakref__`` and ABC caches are recreated by ``type`` and not
 sent.  Enum classes are created by their metaclass with their members in the
 class body, so members keep their identity (``Color(1) is Color.RED``).  Each
-dynamic class carries a token that is stable for the lifetime of the class in
-this process; a receiver that already rebuilt the class from an earlier
-payload (or defined it) reuses it, so instances sent later are instances of
-the same class.
+dynamic class carries a token (``_class_token``); a receiver that already
+rebuilt the class from an earlier payload (or defined it) reuses it, so
+instances sent later are instances of the same class.
 
 The payload header.  Bytecode only runs on the Python that compiled it, so a
 payload that holds anything sent by value starts with a tiny pickle fragment::
@@ -88,9 +87,16 @@ successful path pays nothing for it.  Exceptions raised by the user's own code
 (a ``__reduce__`` that raises) propagate unchanged.  ``loads`` turns truncated
 or corrupted input into :class:`SerializationError`.
 
-Output is deterministic within a process: referenced globals are sent sorted
-by name, so dumping the same function twice gives the same bytes (the client
-caches functions by a hash of their payload).
+Output is deterministic: the same function, class or closure gives the same
+bytes twice, in two processes started the same way, and after a round trip
+(dumped, loaded elsewhere, dumped again); the client caches functions by a
+hash of their payload.  Referenced globals are sent sorted by name; code
+objects are marshalled in version 2, which writes no back-references (later
+versions mark an object for them by its reference count, which differs
+between processes); names are interned before pickling, so pickle's memo,
+which goes by identity, treats equal names alike everywhere; and a class's
+token is its name, a digest of its definition and an ordinal, not a random
+number.
 """
 from __future__ import annotations
 
@@ -98,6 +104,7 @@ import binascii
 import builtins
 import copyreg
 import dis
+import hashlib
 import enum
 import functools
 import io
@@ -113,7 +120,6 @@ import sysconfig
 import threading
 import types
 import typing
-import uuid
 import weakref
 from typing import Any, BinaryIO, Iterator
 
@@ -297,14 +303,47 @@ _classes_awaiting_state: weakref.WeakSet = weakref.WeakSet()
 _class_registry_lock = threading.Lock()
 
 
+_classes_seen_by_definition: dict = {}   # "qualname#digest" -> classes given a token
+
+
 def _class_token(cls: type) -> str:
+    """The class's token: its qualified name, a digest of its definition, and how
+    many classes of that name and definition got a token before it in this
+    process.  So two processes that define the same classes in the same order
+    give the same tokens (and the same payload bytes), a class redefined in a
+    notebook gets a new one, and two programs that share a long-lived worker
+    meet under one token only with classes of the same definition."""
     with _class_registry_lock:
         token = _token_by_class.get(cls)
         if token is None:
-            token = uuid.uuid4().hex
+            definition = "%s.%s#%s" % (cls.__module__, cls.__qualname__,
+                                       _definition_digest(cls))
+            ordinal = _classes_seen_by_definition.get(definition, 0)
+            _classes_seen_by_definition[definition] = ordinal + 1
+            token = "%s#%d" % (definition, ordinal)
             _token_by_class[cls] = token
             _class_by_token[token] = cls
         return token
+
+
+def _definition_digest(cls: type) -> str:
+    """A digest of what a class body defines: its bases, its attribute names, the
+    code of its functions and the value of its plain constants, in order."""
+    digest = hashlib.sha1()
+    for base in cls.__bases__:
+        digest.update(("%s.%s;" % (base.__module__, base.__qualname__)).encode())
+    for key, value in cls.__dict__.items():
+        digest.update(key.encode("utf-8", "surrogatepass") + b"=")
+        function = getattr(value, "__func__", value)          # classmethod, staticmethod
+        code = getattr(getattr(function, "fget", function), "__code__", None)  # property
+        if type(code) is types.CodeType:
+            digest.update(marshal.dumps(code, _MARSHAL_VERSION))
+        elif type(value) in (int, float, str, bytes, bool, type(None)):
+            digest.update(repr(value).encode("utf-8", "surrogatepass"))
+        else:
+            digest.update(type(value).__qualname__.encode())
+        digest.update(b";")
+    return digest.hexdigest()[:16]
 
 
 def _register_new_class(cls: type, token: str) -> type:
@@ -486,15 +525,22 @@ class _Pickler(pickle.Pickler):
         if entry is None:
             # Keep source_globals alive with its entry so its id is not reused.
             # __package__ lets the function's relative imports resolve there.
-            entry = (source_globals, {"__name__": source_globals.get("__name__"),
-                                      "__package__": source_globals.get("__package__")})
+            entry = (source_globals, {"__name__": _name(source_globals.get("__name__")),
+                                      "__package__": _name(source_globals.get("__package__"))})
             self._base_globals_by_id[id(source_globals)] = entry
         return entry[1]
 
 
+# marshal from version 3 on marks an object for back-references only when more
+# than one reference to it exists, so its bytes follow reference counts, which
+# differ between processes and after a round trip.  Version 2 writes no
+# back-references: the same code object gives the same bytes everywhere.
+_MARSHAL_VERSION = 2
+
+
 def _reduce_code(pickler: _Pickler, code: types.CodeType) -> tuple:
     pickler.wrote_by_value = True
-    marshalled = marshal.dumps(code)
+    marshalled = marshal.dumps(code, _MARSHAL_VERSION)
     return _load_code, (marshalled, binascii.crc32(marshalled))
 
 
@@ -525,11 +571,19 @@ def _reduce_function(pickler: _Pickler, func: types.FunctionType) -> Any:
     state = (
         referenced_globals, tuple(submodules), cell_values,
         func.__defaults__, func.__kwdefaults__, func.__annotations__ or None,
-        func.__dict__ or None, func.__doc__, func.__qualname__, func.__module__,
+        func.__dict__ or None, func.__doc__, _name(func.__qualname__), _name(func.__module__),
         _function_extras(func),
     )
-    skeleton_args = (code, pickler.base_globals_for(source_globals), func.__name__, closure)
+    skeleton_args = (code, pickler.base_globals_for(source_globals), _name(func.__name__),
+                     closure)
     return _make_function_skeleton, skeleton_args, state, None, None, _set_function_state
+
+
+def _name(text: Any) -> Any:
+    """A name as the payload writes it: interned, so that pickle's memo (which
+    goes by identity) writes equal names the same way in any process, also
+    after a round trip, where unpickled strings are new objects."""
+    return sys.intern(text) if type(text) is str else text
 
 
 def _cell_value(cell: types.CellType) -> Any:
@@ -555,7 +609,8 @@ def _reduce_class(pickler: _Pickler, cls: type) -> Any:
         return NotImplemented  # a C type pickle cannot find: let it explain
     pickler.wrote_by_value = True
     class_dict = cls.__dict__
-    skeleton_namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+    skeleton_namespace = {"__module__": _name(cls.__module__),
+                          "__qualname__": _name(cls.__qualname__)}
     if class_dict.get("__doc__") is not None:
         skeleton_namespace["__doc__"] = class_dict["__doc__"]
     for key in ("__slots__", "__orig_bases__"):
@@ -567,7 +622,7 @@ def _reduce_class(pickler: _Pickler, cls: type) -> Any:
     attributes = tuple((key, value) for key, value in class_dict.items()
                        if key not in _CLASS_KEYS_NOT_IN_STATE
                        and not _is_own_slot_descriptor(cls, value))
-    skeleton_args = (type(cls), cls.__name__, cls.__bases__, skeleton_namespace, token)
+    skeleton_args = (type(cls), _name(cls.__name__), cls.__bases__, skeleton_namespace, token)
     return _make_class_skeleton, skeleton_args, (attributes, ()), None, None, _set_class_state
 
 

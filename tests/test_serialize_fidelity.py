@@ -82,3 +82,65 @@ def test_too_deep_nesting_is_a_clear_error_and_the_process_goes_on():
                                                  "recursion limit"):
         serialize.dumps(deep)
     assert serialize.loads(serialize.dumps(lambda: 7))() == 7
+
+
+DETERMINISM_SOURCE = '''
+import math
+K = 3
+def scaled(x, y=2):
+    "doc"
+    return [math.sqrt(x * K + i) for i in range(y)]
+class Point:
+    origin = (0, 0)
+    def norm(self):
+        return math.hypot(*self.xy) + K
+    @property
+    def xy(self):
+        return self.x, self.y
+def make_adder(a):
+    return lambda b: a + b + K
+point = Point()
+point.x, point.y = 3, 4
+'''
+
+DETERMINISM_SCRIPT = """
+import hashlib, sys, textwrap
+from minicw import serialize
+namespace = {"__name__": "__main__"}
+exec(compile(%r, "<main>", "exec"), namespace)
+for name in ("scaled", "Point", "point", "adder"):
+    obj = namespace["make_adder"](5) if name == "adder" else namespace[name]
+    print(name, hashlib.sha256(serialize.dumps(obj)).hexdigest())
+""" % DETERMINISM_SOURCE
+
+
+def _digests_of_a_fresh_process():
+    import os
+    import subprocess
+    from test_serialize import subprocess_env
+    env = dict(subprocess_env())
+    env.pop("PYTHONHASHSEED", None)   # each process hashes strings its own way
+    done = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, env=env,
+                          timeout=60, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_the_same_objects_give_the_same_bytes_in_two_fresh_processes():
+    first, second = _digests_of_a_fresh_process(), _digests_of_a_fresh_process()
+    assert first == second and len(first.splitlines()) == 4
+
+
+def test_the_same_objects_give_the_same_bytes_twice_and_after_a_round_trip(pool):
+    main = define_in_main(DETERMINISM_SOURCE)
+    for obj in (main["scaled"], main["Point"], main["point"], main["make_adder"](5)):
+        payload = serialize.dumps(obj)
+        assert serialize.dumps(obj) == payload
+        # Loaded in a spawn process and dumped there again: the same bytes.
+        assert pool.submit(_dump_again, payload).result(timeout=60) == payload
+
+
+def _dump_again(payload):
+    from minicw import serialize as worker_serialize
+    return worker_serialize.dumps(worker_serialize.loads(payload))
