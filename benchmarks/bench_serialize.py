@@ -59,6 +59,9 @@ def _build_cases() -> list:
         ("__main__ class instance", namespace["point"], False),
         ("importable function (os.path.join)", os.path.join, True),
         ("plain data (dict of list/str/tuple)", plain_data, True),
+        ("dict items view (100 entries)", {i: str(i) for i in range(100)}.items(), False),
+        ("memoryview, 64 KB sliced", memoryview(bytes(range(256)) * 512)[1024:-1024], False),
+        ("getset descriptor (type.__dict__)", type.__dict__["__dict__"], False),
     ]
 
 

@@ -100,8 +100,10 @@ number.
 """
 from __future__ import annotations
 
+import abc
 import binascii
 import builtins
+import collections
 import copyreg
 import dis
 import hashlib
@@ -144,6 +146,10 @@ _HEAPTYPE_FLAG = 1 << 9  # Py_TPFLAGS_HEAPTYPE: the class was created at runtime
 
 _SINGLETON_BY_BUILTIN_TYPE = {type(None): None, type(Ellipsis): Ellipsis,
                               type(NotImplemented): NotImplemented}
+# Builtin types that no module offers under their own name (``function`` is
+# not builtins.function): the names the types module gives them.
+_TYPES_MODULE_NAMES = {value: name for name, value in sorted(vars(types).items())
+                       if isinstance(value, type) and not name.startswith("_")}
 
 # Class __dict__ entries that type() recreates by itself or that are sent in
 # the class skeleton rather than in its state.
@@ -388,11 +394,13 @@ def _set_class_state(cls: type, state: tuple) -> None:
     if cls not in _classes_awaiting_state:
         return
     _classes_awaiting_state.discard(cls)
-    attributes, member_attributes = state
+    attributes, member_attributes, registered = state
     for attribute, value in attributes:
         setattr(cls, attribute, value)
     for member_name, member_dict in member_attributes:
         getattr(cls, member_name).__dict__.update(member_dict)
+    for subclass in registered:
+        cls.register(subclass)
 
 
 def _make_typevar(name: str, bound: Any, constraints: tuple, covariant: bool,
@@ -407,6 +415,42 @@ def _make_method(func: Any, instance: Any) -> types.MethodType:
 
 def _make_mappingproxy(mapping: dict) -> types.MappingProxyType:
     return types.MappingProxyType(mapping)
+
+
+def _make_dict_view(mapping_type: type, kind: str, contents: Any) -> Any:
+    """A keys, values or items view over a new ``mapping_type``: ``contents`` is the
+    list of keys or values, or (items) a dict of the items."""
+    if kind == "keys":
+        mapping = mapping_type.fromkeys(contents)
+    elif kind == "values":
+        mapping = mapping_type(enumerate(contents))
+    else:
+        mapping = contents if mapping_type is dict else mapping_type(contents)
+    return getattr(mapping, kind)()
+
+
+def _make_memoryview(data: bytes, writable: bool, format: str, shape: tuple) -> memoryview:
+    return memoryview(bytearray(data) if writable else data).cast(format, shape)
+
+
+def _make_descriptor(owner: type, name: str) -> Any:
+    return vars(owner)[name]
+
+
+def _make_weakset(items: list) -> weakref.WeakSet:
+    return weakref.WeakSet(items)
+
+
+def _make_text_file(contents: str, position: int) -> io.StringIO:
+    stream = io.StringIO(contents)
+    stream.seek(position)
+    return stream
+
+
+def _make_binary_file(contents: bytes, position: int) -> io.BytesIO:
+    stream = io.BytesIO(contents)
+    stream.seek(position)
+    return stream
 
 
 def _dataclasses_attribute(name: str) -> Any:
@@ -606,6 +650,8 @@ def _reduce_class(pickler: _Pickler, cls: type) -> Any:
     if not cls.__flags__ & _HEAPTYPE_FLAG:
         if cls in _SINGLETON_BY_BUILTIN_TYPE:
             return type, (_SINGLETON_BY_BUILTIN_TYPE[cls],)
+        if cls in _TYPES_MODULE_NAMES:
+            return getattr, (types, _TYPES_MODULE_NAMES[cls])
         return NotImplemented  # a C type pickle cannot find: let it explain
     pickler.wrote_by_value = True
     class_dict = cls.__dict__
@@ -623,7 +669,22 @@ def _reduce_class(pickler: _Pickler, cls: type) -> Any:
                        if key not in _CLASS_KEYS_NOT_IN_STATE
                        and not _is_own_slot_descriptor(cls, value))
     skeleton_args = (type(cls), _name(cls.__name__), cls.__bases__, skeleton_namespace, token)
-    return _make_class_skeleton, skeleton_args, (attributes, ()), None, None, _set_class_state
+    state = (attributes, (), _abc_registrations(cls))
+    return _make_class_skeleton, skeleton_args, state, None, None, _set_class_state
+
+
+def _abc_registrations(cls: type) -> tuple:
+    """The classes registered with an abstract base class (``cls.register``), in
+    a stable order; its caches are not sent (the receiver's ABC rebuilds them)."""
+    if not isinstance(cls, abc.ABCMeta):
+        return ()
+    try:
+        registry = abc._get_dump(cls)[0]                       # the C implementation
+    except (AttributeError, TypeError):
+        registry = getattr(cls, "_abc_registry", ())           # _py_abc
+    registered = [ref() for ref in registry]
+    return tuple(sorted((sub for sub in registered if sub is not None),
+                        key=lambda sub: (sub.__module__, sub.__qualname__)))
 
 
 def _is_own_slot_descriptor(cls: type, value: Any) -> bool:
@@ -665,7 +726,7 @@ def _reduce_enum_class(cls: type, skeleton_namespace: dict, token: str) -> tuple
             member_attributes.append((name, extra))
     skeleton_args = (type(cls), cls.__name__, cls.__bases__, skeleton_namespace,
                      members, token)
-    state = (tuple(attributes), tuple(member_attributes))
+    state = (tuple(attributes), tuple(member_attributes), ())
     return _make_enum_skeleton, skeleton_args, state, None, None, _set_class_state
 
 
@@ -726,6 +787,58 @@ def _reduce_dataclasses_sentinel(obj: Any) -> Any:
     return NotImplemented
 
 
+# The views of dict and OrderedDict: (type of view, mapping type, view kind).
+_DICT_VIEWS = {type(getattr(mapping_type(), kind)()): (mapping_type, kind)
+               for mapping_type in (dict, collections.OrderedDict)
+               for kind in ("keys", "values", "items")}
+
+
+def _reduce_dict_view(pickler: _Pickler, view: Any) -> tuple:
+    mapping_type, kind = _DICT_VIEWS[type(view)]
+    # Items as a dict: pickle's C code writes a dict faster than a list of pairs.
+    return _make_dict_view, (mapping_type, kind, dict(view) if kind == "items" else list(view))
+
+
+def _reduce_memoryview(pickler: _Pickler, view: memoryview) -> tuple:
+    # tobytes() copies a sliced or non-contiguous view into C order: the
+    # receiver gets a contiguous view of the same format, shape and values.
+    return _make_memoryview, (view.tobytes(), not view.readonly, view.format, view.shape)
+
+
+def _reduce_weakset(pickler: _Pickler, weak_set: weakref.WeakSet) -> tuple:
+    # Its members by reference to the objects elsewhere in the payload: those
+    # keep their identity, and those sent nowhere else die with the set's load.
+    return _make_weakset, (list(weak_set),)
+
+
+def _reduce_descriptor(pickler: _Pickler, descriptor: Any) -> tuple:
+    # From the class's own namespace: getattr(type, "__dict__") would run the
+    # descriptor instead of returning it.
+    return _make_descriptor, (descriptor.__objclass__, descriptor.__name__)
+
+
+def _reduce_file(pickler: _Pickler, stream: Any) -> tuple:
+    """A file open for reading: its contents, and the position it is at (what
+    cloudpickle sends); the receiver reads from a StringIO or BytesIO."""
+    if stream is sys.stdout or stream is sys.stderr or stream is sys.stdin:
+        return getattr, (sys, {sys.stdout: "stdout", sys.stderr: "stderr",
+                               sys.stdin: "stdin"}[stream])
+    name = getattr(stream, "name", "<file>")
+    if stream.closed:
+        raise pickle.PicklingError("cannot send the closed file %r" % (name,))
+    if not stream.readable():
+        raise pickle.PicklingError("cannot send the file %r: it is not open for reading "
+                                   "(mode %r)" % (name, getattr(stream, "mode", "?")))
+    position = stream.tell()
+    stream.seek(0)
+    try:
+        contents = stream.read()
+    finally:
+        stream.seek(position)
+    maker = _make_text_file if isinstance(contents, str) else _make_binary_file
+    return maker, (contents, position)
+
+
 _REDUCER_BY_TYPE = {
     types.FunctionType: _reduce_function,
     type: _reduce_class,
@@ -739,6 +852,15 @@ _REDUCER_BY_TYPE = {
     property: _reduce_property,
     types.MappingProxyType: _reduce_mappingproxy,
     typing.TypeVar: _reduce_typevar,
+    memoryview: _reduce_memoryview,
+    weakref.WeakSet: _reduce_weakset,
+    types.GetSetDescriptorType: _reduce_descriptor,
+    types.MemberDescriptorType: _reduce_descriptor,
+    io.TextIOWrapper: _reduce_file,
+    io.BufferedReader: _reduce_file,
+    io.BufferedRandom: _reduce_file,
+    io.FileIO: _reduce_file,
+    **{view_type: _reduce_dict_view for view_type in _DICT_VIEWS},
 }
 
 

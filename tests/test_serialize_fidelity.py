@@ -144,3 +144,141 @@ def test_the_same_objects_give_the_same_bytes_twice_and_after_a_round_trip(pool)
 def _dump_again(payload):
     from minicw import serialize as worker_serialize
     return worker_serialize.dumps(worker_serialize.loads(payload))
+
+
+def test_dict_views_of_dicts_and_ordered_dicts(pool):
+    import collections
+    plain = {"a": 1, "b": 2}
+    ordered = collections.OrderedDict([("z", 26), ("y", 25)])
+    views = (plain.keys(), plain.values(), plain.items(),
+             ordered.keys(), ordered.values(), ordered.items())
+    got = ship(pool, lambda: [(type(view).__name__, list(view)) for view in views])
+    assert got == [("dict_keys", ["a", "b"]), ("dict_values", [1, 2]),
+                   ("dict_items", [("a", 1), ("b", 2)]), ("odict_keys", ["z", "y"]),
+                   ("odict_values", [26, 25]), ("odict_items", [("z", 26), ("y", 25)])]
+
+
+def test_memoryviews_large_sliced_and_non_contiguous(pool):
+    import array
+    large = memoryview(bytes(range(256)) * 40000)                  # 10 MB
+    sliced = memoryview(bytearray(b"abcdefgh"))[2:6]
+    strided = memoryview(bytearray(b"abcdefgh"))[::3]
+    typed = memoryview(array.array("i", [1, -2, 3, -4])).cast("B").cast("i", (2, 2))
+    got = ship(pool, lambda: [(bytes(large) == bytes(range(256)) * 40000, large.readonly),
+                              (bytes(sliced), sliced.readonly), bytes(strided),
+                              (typed.format, typed.shape, typed.tolist())])
+    assert got == [(True, True), (b"cdef", False), b"adg", ("i", (2, 2), [[1, -2], [3, -4]])]
+
+
+def test_a_weakset_keeps_the_identity_of_members_sent_with_it(pool):
+    main = define_in_main("""
+        import weakref
+        class Node:
+            pass
+        first, second = Node(), Node()
+        members = weakref.WeakSet([first, second])
+    """)
+    first, second, members = main["first"], main["second"], main["members"]
+    assert ship(pool, lambda: (len(members), first in members, second in members,
+                               type(first) is type(second))) == (2, True, True, True)
+
+
+def test_getset_and_member_descriptors_of_builtin_types(pool):
+    import types
+    getset = type.__dict__["__dict__"]
+    member = types.FunctionType.__dict__["__globals__"]
+    assert ship(pool, lambda: (getset is type.__dict__["__dict__"],
+                               member is types.FunctionType.__dict__["__globals__"])) \
+        == (True, True)
+
+
+def test_files_open_for_reading_travel_with_their_contents_and_position(pool, tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("line one\nline two\n")
+    text = open(str(path))
+    text.readline()
+    binary = open(str(path), "rb")
+    binary.read(5)
+    try:
+        assert ship(pool, lambda: (text.read(), binary.read())) == ("line two\n",
+                                                                     b"one\nline two\n")
+        assert text.tell() == 9           # the sender's file is where it was
+    finally:
+        text.close()
+        binary.close()
+    with pytest.raises(SerializationError, match="closed file"):
+        serialize.dumps(text)
+    with open(str(tmp_path / "out.txt"), "w") as written:
+        with pytest.raises(SerializationError, match="not open for reading"):
+            serialize.dumps(written)
+
+
+def test_dynamic_classes_keep_their_identity_across_payloads_and_coming_back(pool):
+    main = define_in_main("""
+        class Box:
+            def __init__(self, value):
+                self.value = value
+        def same_class(a, b):
+            return type(a) is type(b), isinstance(b, type(a))
+    """)
+    Box, same_class = main["Box"], main["same_class"]
+    first = serialize.dumps(Box(1))
+    second = serialize.dumps(Box(2))
+    assert pool.submit(_load_two_and_compare, first, second).result(timeout=60) == (True, True)
+    back = pool.submit(_box_again, first).result(timeout=60)
+    returned = serialize.loads(back)
+    assert type(returned) is Box and returned.value == 2
+
+
+def _load_two_and_compare(first, second):
+    from minicw import serialize as worker_serialize
+    a, b = worker_serialize.loads(first), worker_serialize.loads(second)
+    return type(a) is type(b), isinstance(b, type(a))
+
+
+def _box_again(payload):
+    from minicw import serialize as worker_serialize
+    box = worker_serialize.loads(payload)
+    return worker_serialize.dumps(type(box)(box.value + 1))
+
+
+def test_abstract_classes_from_main_keep_their_registrations(pool):
+    main = define_in_main("""
+        import abc
+        class Shape(abc.ABC):
+            @abc.abstractmethod
+            def area(self): ...
+        class Square:
+            def area(self):
+                return 4
+        Shape.register(Square)
+    """)
+    Shape, Square = main["Shape"], main["Square"]
+    payload = serialize.dumps((Shape, Square()))
+    assert b"_abc_impl" not in payload                 # no ABC caches
+    assert pool.submit(_registered, payload).result(timeout=60) == (True, True)
+
+
+def _registered(payload):
+    from minicw import serialize as worker_serialize
+    shape, square = worker_serialize.loads(payload)
+    return isinstance(square, shape), issubclass(type(square), shape)
+
+
+def test_dynamic_modules_travel_by_value(pool):
+    import types
+    module = types.ModuleType("made_at_run_time")
+    exec("import sys\nscale = 3\ndef triple(x):\n    return x * scale\n", module.__dict__)
+    assert ship(pool, lambda: (module.triple(2), module.__name__)) == (6, "made_at_run_time")
+
+
+def test_a_typevar_from_main_is_one_object_in_a_payload(pool):
+    main = define_in_main("""
+        import typing
+        T = typing.TypeVar("T", bound=int)
+        def first(items: typing.List[T]) -> T:
+            return items[0]
+    """)
+    T, first = main["T"], main["first"]
+    assert ship(pool, lambda: (T is first.__annotations__["return"], T.__name__,
+                               T.__bound__ is int, first([5, 6]))) == (True, "T", True, 5)
