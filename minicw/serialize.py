@@ -795,8 +795,13 @@ _DICT_VIEWS = {type(getattr(mapping_type(), kind)()): (mapping_type, kind)
 
 def _reduce_dict_view(pickler: _Pickler, view: Any) -> tuple:
     mapping_type, kind = _DICT_VIEWS[type(view)]
-    # Items as a dict: pickle's C code writes a dict faster than a list of pairs.
-    return _make_dict_view, (mapping_type, kind, dict(view) if kind == "items" else list(view))
+    if kind != "items":
+        return _make_dict_view, (mapping_type, kind, list(view))
+    # Items as a dict: pickle's C code writes a dict faster than a list of pairs;
+    # from 3.10 the view names its dict, which copies faster than pairs rebuild it.
+    mapping = getattr(view, "mapping", None)
+    return _make_dict_view, (mapping_type, kind, mapping.copy() if mapping is not None
+                             else dict(view))
 
 
 def _reduce_memoryview(pickler: _Pickler, view: memoryview) -> tuple:
