@@ -92,3 +92,21 @@ def start_worker(port, nprocs=1, key=KEY, extra_args=(), wait=True):
     if wait:
         proc.wait_for(r"joined 127\.0\.0\.1:%d" % port)
     return proc
+
+
+def pyenv_python(version):
+    """The newest pyenv CPython ``version`` ("3.12") on this machine, or None."""
+    import glob
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python"
+                                                % version)))
+    return found[-1] if found else None
+
+
+def run_client_script(python, script_path, source, timeout=300):
+    """Write ``source`` to ``script_path`` and run it with ``python``, this
+    checkout first on its path; the CompletedProcess (text)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script_path.write_text(source)
+    return subprocess.run([python, str(script_path)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          env=dict(os.environ, PYTHONPATH=root), timeout=timeout)

@@ -1,13 +1,13 @@
 """A lab with more than one Python: the client's sys.path replayed on a worker of
 another version, and paths written for another operating system."""
-import glob
 import os
 import subprocess
 import sys
 
 import pytest
 
-from helpers import KEY, PY, Proc, env_with_key, start_master
+from helpers import (KEY, PY, Proc, env_with_key, pyenv_python, run_client_script,
+                     start_master)
 from minicw import MasterNode, context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,12 +17,9 @@ def _other_python():
     """A CPython of another major.minor on this machine (pyenv's builds), or None."""
     this = "%d.%d" % sys.version_info[:2]
     for version in ("3.12", "3.11", "3.13", "3.10"):
-        if version == this:
-            continue
-        found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python"
-                                                    % version)))
-        if found:
-            return found[-1], version
+        python = pyenv_python(version) if version != this else None
+        if python:
+            return python, version
     return None, None
 
 
@@ -119,11 +116,6 @@ def _version_of_worker(x):
     return x, "%d.%d" % sys.version_info[:2]
 
 
-def _python(version):
-    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python" % version)))
-    return found[-1] if found else None
-
-
 @pytest.mark.filterwarnings("ignore:the client runs .* are not used here")
 def test_a_mixed_version_cluster_routes_bytecode_to_its_own_python(monkeypatch):
     this = "%d.%d" % sys.version_info[:2]
@@ -180,7 +172,7 @@ executor.shutdown()
 
 
 def test_a_client_whose_python_no_node_runs_gets_one_clear_error(tmp_path):
-    lone = _python("3.13") if sys.version_info[:2] != (3, 13) else _python("3.12")
+    lone = pyenv_python("3.13") if sys.version_info[:2] != (3, 13) else pyenv_python("3.12")
     if lone is None:
         pytest.skip("no CPython of a third version on this machine")
     master, port = start_master(env=dict(env_with_key(), MINICW_PYTHON_GRACE_S="1"))
@@ -188,11 +180,8 @@ def test_a_client_whose_python_no_node_runs_gets_one_clear_error(tmp_path):
                 env=env_with_key())
     try:
         node.wait_for(r"joined 127\.0\.0\.1:%d" % port)
-        script = tmp_path / "client.py"
-        script.write_text(CLIENT_OF_ANOTHER_PYTHON.format(port=port, key=KEY))
-        done = subprocess.run([lone, str(script)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True,
-                              env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+        done = run_client_script(lone, tmp_path / "client.py",
+                                 CLIENT_OF_ANOTHER_PYTHON.format(port=port, key=KEY))
         assert done.returncode == 0, done.stderr
         [error] = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
         lone_version = subprocess.run([lone, "-c", "import sys; print('%d.%d' % "

@@ -11,13 +11,12 @@ minicw checkout is added to that file.
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import zipfile
 
 import pytest
 
-from helpers import KEY, Proc, env_with_key, start_master
+from helpers import KEY, Proc, env_with_key, pyenv_python, run_client_script, start_master
 from minicw import MasterNode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,13 +74,6 @@ def windows_python(tmp_path_factory):
                    env=env, timeout=60, check=False)
 
 
-def _linux_python(version):
-    import glob
-    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s.*/bin/python"
-                                                % version)))
-    return found[-1] if found else None
-
-
 CLOSURE_CLIENT = """
 import sys
 from minicw import ClusterExecutor
@@ -119,14 +111,11 @@ def test_a_windows_node_under_wine_runs_environment_jobs_and_closures(windows_py
             assert client.execute() == {x: (x * x, "win32") for x in range(30)}
         # Closures from a Linux client of the same Python version as the node.
         version = record.python.split()[1].rsplit(".", 1)[0]
-        linux = _linux_python(version)
+        linux = pyenv_python(version)
         if linux is None:
             pytest.skip("no Linux CPython %s for the by-value closures" % version)
-        script = tmp_path / "client.py"
-        script.write_text(CLOSURE_CLIENT.format(port=port, key=KEY))
-        done = subprocess.run([linux, str(script)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True,
-                              env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+        done = run_client_script(linux, tmp_path / "client.py",
+                                 CLOSURE_CLIENT.format(port=port, key=KEY))
         assert done.returncode == 0, done.stderr
         assert "RESULTS %r" % [(x * 3, "win32") for x in range(20)] in done.stdout
         assert "LAMBDA [0, -1, -2, -3, -4]" in done.stdout
