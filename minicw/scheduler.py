@@ -73,6 +73,20 @@ MAX_DELIVERIES_PER_FETCH = 64
 _NOT_HERE = object()   # _next_fair_chunk: nothing queued that this node's Python may run
 
 
+RUNNABLE_SCAN = 64     # queued chunks of a client a node of another Python looks through
+
+
+def _runnable_position(queue, python: str | None) -> int | None:
+    """Where in a client's queue the first chunk a node running ``python`` may run
+    is: its next one, else one of the next RUNNABLE_SCAN; None if none there."""
+    if _runs_on(queue[0], python):
+        return 0
+    for position, chunk in enumerate(itertools.islice(queue, 1, RUNNABLE_SCAN), 1):
+        if _runs_on(chunk, python):
+            return position
+    return None
+
+
 def _runs_on(chunk, python: str | None) -> bool:
     """Whether a node running ``python`` may take ``chunk`` (one cancelled while
     queued is taken by anyone, to be skipped)."""
@@ -107,7 +121,7 @@ class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
                  "deliveries", "delivery_seq", "fetches", "blob_keys", "deficit",
                  "queued_jobs", "running_jobs", "done_jobs", "failed_jobs",
-                 "unrunnable_since")
+                 "unrunnable_since", "may_queue_bytecode")
 
     def __init__(self, client_id, info):
         self.client_id = client_id
@@ -123,6 +137,8 @@ class ClientState:
         self.deficit = 0                # jobs of credit while waiting its turn
         self.queued_jobs = self.running_jobs = self.done_jobs = self.failed_jobs = 0
         self.unrunnable_since = None    # when no node of its bytecode's Python was left
+        self.may_queue_bytecode = False  # it submitted chunks that need its Python since
+                                         # the reaper last found none queued
 
 
 class NodeState:
@@ -215,6 +231,8 @@ class Scheduler:
             client.last_seen = time.monotonic()
             for spec in specs:
                 chunk = Chunk(client, spec)
+                if chunk.python is not None:
+                    client.may_queue_bytecode = True
                 missing = [key for key in chunk.func_keys + (chunk.context_key,)
                            if key is not None and key not in self._blobs]
                 if missing:
@@ -575,36 +593,48 @@ class Scheduler:
         """Take the next chunk a node running ``python`` may run, fair between
         clients by job count.
 
-        Every client whose next chunk the node may run earns credit at the
-        same rate (one job per job leased); the first of them in rotation
-        order whose credit covers its next chunk sends it and goes to the
-        back.  So a client of one-job chunks gets as many jobs through as a
-        client of large chunks, and clients with equal chunks alternate.
-        Returns None for a chunk that was cancelled while queued, _NOT_HERE
-        when every client's next chunk needs another Python.
+        Every client with a chunk the node may run earns credit at the same
+        rate (one job per job leased); the first of them in rotation order
+        whose credit covers that chunk sends it and goes to the back.  So a
+        client of one-job chunks gets as many jobs through as a client of
+        large chunks, and clients with equal chunks alternate.  A client's
+        chunk is its next one, or for a node of another Python the first of
+        its next RUNNABLE_SCAN that needs none.  Returns None for a chunk that
+        was cancelled while queued, _NOT_HERE when no client has one.
         """
         rotation = self._rotation
         if len(rotation) > 1:
-            eligible = [client for client in rotation
-                        if _runs_on(client.queue[0], python)]
+            eligible = []
+            for candidate in rotation:
+                position = _runnable_position(candidate.queue, python)
+                if position is not None:
+                    eligible.append((candidate, position))
             if not eligible:
                 return _NOT_HERE
-            shortfall = min(len(client.queue[0].selection) - client.deficit
-                            for client in eligible)
+            shortfall = min(len(client.queue[position].selection) - client.deficit
+                            for client, position in eligible)
             if shortfall > 0:  # nobody can afford a chunk yet: everybody earns
-                for client in eligible:
+                for client, _ in eligible:
                     client.deficit += shortfall
-            client = next(client for client in eligible
-                          if client.deficit >= len(client.queue[0].selection))
+            client, position = next(
+                (client, position) for client, position in eligible
+                if client.deficit >= len(client.queue[position].selection))
             rotation.remove(client)
-        elif _runs_on(rotation[0].queue[0], python):
-            client = rotation.popleft()
         else:
-            return _NOT_HERE
-        chunk = client.queue.popleft()
+            client = rotation[0]
+            position = _runnable_position(client.queue, python)
+            if position is None:
+                return _NOT_HERE
+            rotation.popleft()
+        queue = client.queue
+        if position == 0:
+            chunk = queue.popleft()
+        else:
+            chunk = queue[position]
+            del queue[position]
         cost = len(chunk.selection)
         client.deficit = max(0, client.deficit - cost)
-        if client.queue:
+        if queue:
             rotation.append(client)
         else:
             client.in_rotation = False
@@ -678,6 +708,8 @@ class Scheduler:
         chunk.done = 0
         client.queue.appendleft(chunk)
         client.queued_jobs += len(selection)
+        if chunk.python is not None:
+            client.may_queue_bytecode = True
         self._queued_chunks += 1
         self._enter_rotation(client, front=True)
         self._hand_out()
@@ -763,7 +795,7 @@ class Scheduler:
         pythons = {node.python for node in self._nodes.values()}
         for client in list(self._clients.values()):
             needed = client.info.get("python_tag")
-            if needed is None or needed in pythons or not client.queue:
+            if needed is None or needed in pythons or not client.may_queue_bytecode:
                 client.unrunnable_since = None
                 continue
             if client.unrunnable_since is None:
@@ -774,6 +806,9 @@ class Scheduler:
     def _fail_queued(self, client: ClientState, python: str, present: list) -> None:
         stuck = [chunk for chunk in client.queue if chunk.python == python and chunk.selection]
         if not stuck:
+            # Only chunks any node runs: no need to look through its queue again
+            # until it submits bytecode (a client of environment jobs, say).
+            client.may_queue_bytecode = False
             return
         failure = protocol.JobFailure(protocol.FAIL_NO_PYTHON, (python, present))
         for chunk in stuck:

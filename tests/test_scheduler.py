@@ -316,3 +316,24 @@ def test_a_cancelled_wait_takes_nothing_from_the_next_call():
     assert scheduler.poll(node, 0) == [(protocol.CMD_KILL, 0, lease[0], 1)]
     last, deliveries = scheduler.fetch(client, 0, 0)
     assert [d[0] for d in deliveries] == [1]
+
+
+def test_chunks_that_no_nodes_python_runs_fail_after_the_grace_period(monkeypatch):
+    monkeypatch.setenv("MINICW_PYTHON_GRACE_S", "0")
+    scheduler = Blocking(Scheduler(10.0))
+    client = scheduler.open_client({"hostname": "c", "pid": 2, "python_tag": "CPython 3.99"})
+    scheduler.put_blobs(client, [("fn", b"blob")])
+    node = scheduler.register_node(dict(NODE_INFO, python="CPython 3.11.7",
+                                        python_tag="CPython 3.11"))
+    bytecode = protocol.ChunkSpec(1, ("fn",), 2, b"p", None, 2, None, "CPython 3.99")
+    portable = protocol.ChunkSpec(2, ("fn",), 1, b"p", None, 2, None, None)
+    scheduler.submit(client, [bytecode, portable])
+    [lease], _ = scheduler.exchange(node, 0, [], 16, 0)   # only the portable chunk
+    assert lease[2] == 2
+    scheduler.expire()                 # starts the grace period
+    scheduler.expire()                 # ends it: the bytecode chunk fails
+    [failed] = fetch(scheduler, client)
+    assert failed[0] == 1 and list(failed[1]) == [0, 1]
+    assert failed[3][0] == protocol.FAIL_NO_PYTHON
+    assert failed[3][1] == ("CPython 3.99", ["CPython 3.11.7"])
+    assert scheduler.status()["clients"][0]["failed"] == 2
