@@ -4,7 +4,8 @@ Importing minicw starts nothing and prints nothing.  The names below are
 loaded on first use, so ``import minicw`` stays cheap in worker processes.
 """
 from minicw.errors import (  # noqa: F401
-    ArgsError, AuthkeyMismatchError, ClusterShutdownError, EnvirError,
+    ArgsError, AuthkeyMismatchError, CheckpointError, CheckpointLockedError,
+    CheckpointMismatchError, ClusterShutdownError, EnvirError,
     HandshakeTimeoutError, IncompatiblePythonError, JobError, JobTimeoutError,
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
     MasterNotListeningError, MinicwError, NoMatchingPythonError, ProtocolVersionError,
@@ -28,15 +29,20 @@ _LAZY = {
 }
 
 
+_SUBMODULES = {"store"}   # minicw.store.open(path) without importing minicw.store first
+
+
 def __getattr__(name):
+    import importlib
+    if name in _SUBMODULES:
+        return importlib.import_module("minicw." + name)
     module_name = _LAZY.get(name)
     if module_name is None:
         raise AttributeError("module 'minicw' has no attribute %r" % name)
-    import importlib
     value = getattr(importlib.import_module(module_name), name)
     globals()[name] = value
     return value
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_LAZY))
+    return sorted(list(globals()) + list(_LAZY) + list(_SUBMODULES))

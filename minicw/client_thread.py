@@ -14,6 +14,12 @@ Callbacks run in this thread, one at a time, in completion order, as in the
 ancestor.  A job that raised does not call the callback and does not stop
 the thread: its error is kept for ``wait()`` (and passed to ``errback`` when
 one is given).
+
+With ``checkpoint="run.sqlite"`` every outcome is journaled to that file by
+job id (checkpoint.py); run again, a submit whose job id has an outcome
+there (from the same function and arguments) is not sent: its callback runs
+with the stored result.  Auto-numbered job ids (1, 2, ...) follow the order
+of submits, so the same program resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ class ClientThread(threading.Thread):
 
     def __init__(self, callback, host: str | None = None, port: int | None = None,
                  authkey=None, errback=None, job_timeout: float | None = None,
-                 max_retries: int = config.DEFAULT_MAX_RETRIES):
+                 max_retries: int = config.DEFAULT_MAX_RETRIES, checkpoint=None,
+                 resume=True, rerun_failed: bool = True):
         super().__init__(name="minicw-client", daemon=True)
         self.callback = callback
         self.errback = errback
@@ -52,13 +59,26 @@ class ClientThread(threading.Thread):
         self._all_done = threading.Condition(self._lock)
         self._errors = []                    # (jobid, exception) of failed jobs and callbacks
         self._stopped = False
+        self._checkpoint = (checkpoint, resume, rerun_failed)
+        self._journal = None                 # checkpoint.Journal, by job id
 
     # --- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
-        """Connect to the master, then start the callback thread."""
-        self._dispatcher = dispatch.Dispatcher(self.address, self._authkey,
-                                               self._job_timeout, self._max_retries)
+        """Connect to the master (and open the checkpoint), then start the callback thread."""
+        path, resume, rerun_failed = self._checkpoint
+        if path is not None:
+            from minicw import journal, store
+            self._journal = journal.Journal(path, journal.run_meta(
+                store.KIND_JOBS, None, None, None, store.KEY_BY_JOB_ID, None),
+                resume, rerun_failed)
+        try:
+            self._dispatcher = dispatch.Dispatcher(self.address, self._authkey,
+                                                   self._job_timeout, self._max_retries)
+        except BaseException:
+            if self._journal is not None:
+                self._journal.close()
+            raise
         super().start()
 
     def run(self) -> None:
@@ -115,6 +135,8 @@ class ClientThread(threading.Thread):
         with self._lock:
             self._jobs.clear()
             self._all_done.notify_all()
+        if self._journal is not None:
+            self._journal.close()
 
     def __enter__(self) -> "ClientThread":
         if self._dispatcher is None:
@@ -149,10 +171,10 @@ class ClientThread(threading.Thread):
             if jobid in self._jobs:
                 raise ValueError("job id %r is already in use by a job not finished" % (jobid,))
             self._jobs[jobid] = None
-
-        def on_done(ok, value, jobid=jobid):
-            self._completed.put((jobid, ok, value))
         try:
+            on_done = self._on_done(jobid, fn, args, kwargs)
+            if on_done is None:       # its outcome is in the checkpoint already
+                return jobid
             job = self._dispatcher.submit_job(fn, args, kwargs, on_done)
         except BaseException:
             with self._lock:
@@ -162,6 +184,28 @@ class ClientThread(threading.Thread):
             if jobid in self._jobs:
                 self._jobs[jobid] = job
         return jobid
+
+    def _on_done(self, jobid, fn, args, kwargs):
+        """What the dispatcher calls with the job's outcome; with a checkpoint, the
+        outcome is journaled first, and None is returned (the job is not
+        submitted) when the checkpoint holds its outcome already."""
+        completed = self._completed
+        journal = self._journal
+        if journal is None:
+            return lambda ok, value: completed.put((jobid, ok, value))
+        from minicw import store
+        key = store.job_key((self._dispatcher.function_key(fn),
+                             store.call_identity(args, kwargs)))
+        stored = journal.stored_job(jobid, key)
+        if stored is not None:
+            completed.put((jobid,) + stored)
+            return None
+
+        def on_done(ok, value):
+            if ok or not isinstance(value, CancelledError):
+                journal.add_many([(None, key, jobid, ok, value)])
+            completed.put((jobid, ok, value))
+        return on_done
 
     def kill(self, jobid) -> bool:
         """Stop a job, queued or running; its callback is not called.  False if it had finished."""

@@ -123,3 +123,12 @@ SLURM_MASTER_TIMEOUT_S = 120.0  # the master job must write its ready file withi
 SLURM_STOP_TIMEOUT_S = 60.0     # cancelled jobs must leave the queue within this
 SLURM_POLL_S = 0.2              # how often slurm.py looks at the run directory while waiting
 SQUEUE_EVERY_S = 1.0            # ... and asks squeue, at most
+
+
+# --- checkpoints: checkpoint.py, store.py ------------------------------------------
+CHECKPOINT_BATCH_JOBS = 1000        # results are committed to a checkpoint in batches of
+CHECKPOINT_BATCH_S = 0.5            # at most this many, or at least this often ...
+CHECKPOINT_BATCH_BYTES = 32 << 20   # ... or once this many bytes of results are waiting
+CHECKPOINT_BACKLOG_BYTES = 256 << 20  # results waiting to be written beyond this hold
+                                      # up the thread that delivers them (a slow disk)
+CHECKPOINT_LOOKUP_JOBS = 512        # a resumed run looks up the stored jobs this many at a time

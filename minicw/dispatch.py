@@ -515,7 +515,7 @@ class JobsRoute:
                     error = errors.get(offset) if errors else None
                     if error is not None and hasattr(error, "job"):
                         # a crash or a timeout: say which call
-                        _rename_job(error, "%s%s" % (_name_of(job.fn), _short_repr(job.args)))
+                        _rename_job(error, "%s%s" % (name_of(job.fn), _short_repr(job.args)))
                     dispatcher._settle_locked(job)
                     outcomes.append((job.on_done, error is None,
                                      value if error is None else error))
@@ -535,7 +535,7 @@ class JobsRoute:
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
 
 
-def _name_of(fn) -> str:
+def name_of(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
@@ -579,7 +579,7 @@ class MapStream:
                  job_timeout=None, max_retries=None, length: int | None = None):
         self.dispatcher = dispatcher
         self.func_key = dispatcher.function_key(fn)
-        self.func_name = _name_of(fn)
+        self.func_name = name_of(fn)
         self.length = length                 # jobs in the whole map; None: unknown
         # A range, list or tuple of single arguments is cut by slicing: no
         # per-item work here, and a range travels as a range.
@@ -608,6 +608,7 @@ class MapStream:
         self._submitted = False              # the first chunks have gone
         self._error = None                   # the session broke
         self._eager = False                  # shutdown: submit everything now
+        self.checkpointed = None             # a checkpoint.CheckpointedMap journaling results
 
     # --- feeding (consumer's thread) ---------------------------------------------------------
 
@@ -694,6 +695,7 @@ class MapStream:
         count = sum(len(segment.values) for segment in segments)
         if seconds is not None:
             self.dispatcher.record_time((self.func_key,), seconds, count)
+        checkpointed = self.checkpointed
         with self._cond:
             record = self._in_flight.get(chunk_id)
             if record is None:
@@ -704,12 +706,19 @@ class MapStream:
                 if errors:
                     for offset, error in errors.items():
                         if hasattr(error, "job"):  # a crash or a timeout: say which item
-                            _rename_job(error, "%s on item %d"
-                                        % (self.func_name, first + index + offset))
+                            position = first + index + offset
+                            if checkpointed is not None:  # this stream runs a resumed map's gaps
+                                position = checkpointed.position_of(position)
+                            _rename_job(error, "%s on item %d" % (self.func_name, position))
                 if self.ordered:
                     self._ready[first + index] = (deque(values), errors)
                 else:
                     self._arrived.append((deque(values), errors))
+            if checkpointed is not None:
+                # Queued before the consumer may see them: a run that ends
+                # once it has yielded its last result must find them queued.
+                for index, values, errors in segments:
+                    checkpointed.journal_segment(first + index, values, errors)
             if not self.ordered:
                 self._retire(chunk_id, record, count)
             # In order, most chunks arrive before the consumer wants them:

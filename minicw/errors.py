@@ -22,6 +22,9 @@ it by type.  The hierarchy::
      |    +-- IncompatiblePythonError     payload written by another Python version
      +-- EnvirError                       the environment source failed or lacks a name
      +-- ArgsError (also ValueError)      load_args() input that cannot be keyed
+     +-- CheckpointError                  a checkpoint file cannot be opened, read or written
+     |    +-- CheckpointMismatchError     it was written for another function or arguments
+     |    +-- CheckpointLockedError       another client is writing it now
      +-- SlurmError                       SLURM missing, or the master job not usable
           +-- SlurmCommandError           sbatch, squeue or scancel failed (quotes its stderr)
           +-- SlurmMasterNotFoundError    the user has no minicw master job in the queue
@@ -197,6 +200,20 @@ class ArgsError(MinicwError, ValueError):
 
 
 # --- launchers --------------------------------------------------------------
+
+class CheckpointError(MinicwError):
+    """A checkpoint file (``checkpoint=``, ``minicw.store``) cannot be used."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint holds the results of another function, environment or
+    argument list than the call that would resume it (``resume="force"``
+    reuses them anyway)."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another client is journaling to this checkpoint now."""
+
 
 class SlurmError(MinicwError):
     """SLURM is missing, a SLURM command failed, or the master job is not usable."""

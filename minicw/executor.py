@@ -187,7 +187,8 @@ class ClusterExecutor(Executor):
             return future
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
-            ordered: bool = True, job_timeout=None, max_retries=None):
+            ordered: bool = True, job_timeout=None, max_retries=None,
+            checkpoint=None, key=None, resume=True, rerun_failed: bool = True):
         """Like ``Executor.map``, but lazy: at most a window of jobs is in flight.
 
         ``chunksize`` > 1 fixes the jobs per chunk; the default 1 lets minicw
@@ -195,6 +196,15 @@ class ClusterExecutor(Executor):
         jobs in flight (default: a window per worker process).  The first
         window is submitted before ``map`` returns; a failed job raises its
         exception when the iteration reaches it.
+
+        ``checkpoint`` (a file path) journals every result and final failure
+        to that SQLite file as it arrives (checkpoint.py, store.py); the same
+        call again runs only the jobs with no result there and yields
+        exactly what an uninterrupted run would.  Failed jobs run again
+        unless ``rerun_failed=False``.  Jobs are matched by a key of their
+        arguments, or of ``key(*args)`` when given; a file written for
+        another function or argument list is refused (CheckpointMismatchError)
+        unless ``resume="force"``; ``resume=False`` starts the file over.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -207,18 +217,42 @@ class ClusterExecutor(Executor):
                 kind, items = protocol.CALL_ONE, iterables[0]
             else:
                 kind, items = protocol.CALL_STAR, zip(*iterables)
-            stream = dispatch.MapStream(
-                self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
-                buffersize, ordered, timeout, job_timeout, max_retries,
-                length=_shortest_length(iterables))
-            stream.top_up()
+            length = _shortest_length(iterables)
+            resumed = None
+            if checkpoint is not None:
+                resumed = self._checkpointed(fn, kind, items, length, ordered, checkpoint,
+                                             key, resume, rerun_failed)
+                items = resumed.missing_items()
+                length = None if length is None else resumed.missing_count(length)
+            try:
+                stream = dispatch.MapStream(
+                    self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
+                    buffersize, ordered, timeout, job_timeout, max_retries, length=length)
+                stream.checkpointed = resumed
+                stream.top_up()
+            except BaseException:
+                if resumed is not None:
+                    resumed.journal.close()
+                raise
+        if resumed is not None:
+            return resumed.results(stream.results())
         return stream.results()
 
+    def _checkpointed(self, fn, kind, items, length, ordered, path, key, resume,
+                      rerun_failed):
+        from minicw import checkpoint, journal, store
+        opened = journal.Journal(path, journal.run_meta(
+            store.KIND_MAP, dispatch.name_of(fn), self._dispatcher.function_key(fn), None,
+            journal.key_rule(key), length), resume, rerun_failed)
+        identity = checkpoint.identities(kind == protocol.CALL_STAR, key)
+        return checkpoint.CheckpointedMap(opened, items, identity, ordered)
+
     def imap_unordered(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
-                       job_timeout=None):
-        """``map`` that yields results as their jobs finish."""
+                       job_timeout=None, **checkpoint_options):
+        """``map`` that yields results as their jobs finish (also with ``checkpoint=``)."""
         return self.map(fn, *iterables, timeout=timeout, chunksize=chunksize,
-                        buffersize=buffersize, ordered=False, job_timeout=job_timeout)
+                        buffersize=buffersize, ordered=False, job_timeout=job_timeout,
+                        **checkpoint_options)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:

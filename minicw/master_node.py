@@ -195,8 +195,18 @@ class MasterNode:
         """The list of arguments; each must be hashable and appear once (results are keyed by arg)."""
         self._args = check_args(args)
 
-    def execute(self, job_timeout: float | None = None) -> dict:
+    def execute(self, job_timeout: float | None = None, checkpoint=None, key=None,
+                resume=True, rerun_failed: bool = True) -> dict:
         """Run the target function on every arg across the cluster; returns {arg: result}.
+
+        ``checkpoint`` (a file path) journals every result and final failure
+        to that SQLite file as it arrives; the same execute() again runs only
+        the args with no result there (failed ones too, unless
+        ``rerun_failed=False``) and returns what an uninterrupted run would.
+        A file written for another environment, function or args is refused
+        (CheckpointMismatchError) unless ``resume="force"``; ``resume=False``
+        starts it over.  ``key(arg)`` identifies an arg that does not
+        serialize the same way twice.
 
         With no worker node connected the jobs wait for one; if nothing is
         delivered for MINICW_NO_WORKER_WARNING_S (10 s) and no node is
@@ -219,8 +229,19 @@ class MasterNode:
         # With no worker node yet the jobs wait for one (the session says so).
         processes = sum(node.nprocs for node in session.list_nodes())
         window = chunking.window_chunks(processes)
-        return run_keyed(session, func_key, args, self.chunksize, window, self.max_retries,
-                         job_timeout, self._job_times, processes)
+
+        def run(args, on_segment=None) -> dict:
+            return run_keyed(session, func_key, args, self.chunksize, window,
+                             self.max_retries, job_timeout, self._job_times, processes,
+                             on_segment)
+        if checkpoint is None:
+            return run(args)
+        from minicw import checkpoint as checkpoints
+        from minicw import journal, store
+        opened = journal.Journal(checkpoint, journal.run_meta(
+            store.KIND_EXECUTE, self._target_name, func_key, self._envir[0],
+            journal.key_rule(key), len(args)), resume, rerun_failed)
+        return checkpoints.resumed_execute(opened, args, key, run, _with_arg)
 
     def _store_function(self, session: client.Session) -> str:
         envir_key, source_blob, _, _ = self._envir
@@ -259,8 +280,12 @@ def check_args(args):
 
 def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int | None,
               window: int, max_retries: int, job_timeout: float | None = None,
-              job_times: chunking.JobTimes | None = None, processes: int = 0) -> dict:
+              job_times: chunking.JobTimes | None = None, processes: int = 0,
+              on_segment=None) -> dict:
     """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error.
+
+    ``on_segment(args, values, errors)`` (a checkpoint's journal) sees every
+    run of consecutive outcomes as it arrives, failures included.
 
     Chunks hold ``chunksize`` args, or when it is None as many as
     ``job_times`` and ``processes`` call for (chunking.jobs_per_chunk),
@@ -299,6 +324,8 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                 job_times.record((func_key,), seconds,
                                  sum(len(segment.values) for segment in segments))
             for first, values, errors in segments:
+                if on_segment is not None:
+                    on_segment(items[first:first + len(values)], values, errors)
                 if errors:
                     offset = min(errors)
                     raise _with_arg(errors[offset], items[first + offset])
