@@ -76,6 +76,14 @@ def inc(x):
     return x + 1
 
 
+def spin(x, seconds=0.0001):
+    """A job of ``seconds`` of CPU (100 us by default), returning something checkable."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+    return x + 1
+
+
 def factorize_naive(n):
     """The minimalcluster README's factorization (trial division), prime factors of n.
 

@@ -7,7 +7,7 @@
         items stored -------------> plan: (STORED, first, count) -- read back from P
         items missing ------------> plan: (RUN, first, count) --> the inner MapStream
                                                                       |
-    receiver thread: MapStream.deliver -> CheckpointedMap.journal_segment +-> Journal.add_many
+    receiver thread: MapStream.deliver -> CheckpointedMap.journal_segment +-> Journal.add_outcomes
                                                                       v
     Journal writer thread: a transaction per batch (CHECKPOINT_BATCH_JOBS results, or
     CHECKPOINT_BATCH_S, or CHECKPOINT_BATCH_BYTES), WAL mode
@@ -22,7 +22,9 @@ ClientThread by job id.  The file's format and the job key rule are in store.py.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import pickle
 import threading
 from collections import deque
 
@@ -34,15 +36,35 @@ from minicw.journal import Journal
 # --- keys, a block at a time --------------------------------------------------------------
 
 def identities(kind_is_star: bool, key_fn):
-    """A function: item of a map (an argument, or a tuple of them) -> its identity."""
+    """A function: item of a map (an argument, or a tuple of them) -> its identity;
+    None for the default of a one-argument map, ``(item,)`` (keys_of inlines it)."""
     if key_fn is not None:
         return (lambda item: key_fn(*item)) if kind_is_star else key_fn
-    return tuple if kind_is_star else (lambda item: (item,))
+    return tuple if kind_is_star else None
 
 
 def keys_of(items: list, identity) -> list:
-    key = store.job_key
-    return [key(identity(item)) for item in items]
+    """The job keys of ``items``: store.job_key, inlined for a block of items that
+    the standard pickle takes (a key per job is most of what journaling costs
+    the thread that submits)."""
+    dumps, digest, first_8 = pickle.dumps, hashlib.sha256, store.KEY_FORMAT.unpack_from
+    try:
+        if identity is None:
+            return [first_8(digest(dumps((item,), 5)).digest())[0] for item in items]
+        return [first_8(digest(dumps(identity(item), 5)).digest())[0] for item in items]
+    except Exception:   # something pickle refuses (a lambda...): item by item
+        if identity is None:
+            return [store.job_key((item,)) for item in items]
+        return [store.job_key(identity(item)) for item in items]
+
+
+def _runs(flags: list):
+    """``(flag, start, count)`` for each run of equal flags."""
+    start = 0
+    for flag, group in itertools.groupby(flags):
+        count = sum(1 for _ in group)
+        yield flag, start, count
+        start += count
 
 
 # --- map and imap_unordered ------------------------------------------------------------------
@@ -73,46 +95,48 @@ class CheckpointedMap:
             return length
         if journal.force:
             return None   # jobs whose arguments changed run again: not known yet
-        [(reusable,)] = journal._read(
-            "SELECT COUNT(*) FROM jobs WHERE idx < ? AND (ok = 1 OR ?)",
-            (length, 0 if journal.rerun_failed else 1))
-        return length - reusable
+        return length - journal.reusable_before(length)
 
     # --- feeding the inner stream (the thread that tops it up) ---
     def missing_items(self):
-        """The items with no reusable outcome in the file, in order (the inner map's items)."""
+        """The items with no reusable outcome in the file, in order (the inner map's
+        items).  A block of items is looked up and planned before its first is
+        yielded, so the plan always reaches past what the inner stream has."""
         inner = 0
-        block_size = config.CHECKPOINT_LOOKUP_JOBS
         while True:
-            block = list(itertools.islice(self._items, block_size))
+            block = list(itertools.islice(self._items, config.CHECKPOINT_LOOKUP_JOBS))
             if not block:
                 break
             first = self._pulled
+            self._pulled += len(block)
             keys = keys_of(block, self._identity)
             stored = self.journal.stored(first, keys)
-            self._pulled += len(block)
-            for offset, item in enumerate(block):
-                if stored[offset]:
-                    self._plan_add(_STORED, first + offset)
-                    continue
-                self._where[inner] = (first + offset, keys[offset])
-                self._plan_add(_RUN, first + offset)
-                inner += 1
-                yield item
+            if True in stored:
+                positions = [first + offset for offset, done in enumerate(stored) if not done]
+                keys = [keys[position - first] for position in positions]
+                block = [block[position - first] for position in positions]
+                for done, start, count in _runs(stored):
+                    self._plan_add(_STORED if done else _RUN, first + start, count)
+            else:
+                positions = range(first, first + len(block))
+                self._plan_add(_RUN, first, len(block))
+            self._where.update(zip(range(inner, inner + len(block)), zip(positions, keys)))
+            inner += len(block)
+            yield from block
             del block
         self.total = self._pulled
         self.journal.set_meta(jobs=self.total)
 
-    def _plan_add(self, kind: int, position: int) -> None:
+    def _plan_add(self, kind: int, first: int, count: int) -> None:
         if kind == _RUN and not self.ordered:
             return    # unordered: fresh results come as they finish
         with self._plan_lock:
             if self._plan:
                 last = self._plan[-1]
-                if last[0] == kind and last[1] + last[2] == position:
-                    last[2] += 1
+                if last[0] == kind and last[1] + last[2] == first:
+                    last[2] += count
                     return
-            self._plan.append([kind, position, 1])
+            self._plan.append([kind, first, count])
 
     def _plan_take(self):
         """The oldest run of the plan, or None."""
@@ -125,37 +149,36 @@ class CheckpointedMap:
         return inner if where is None else where[0]
 
     def journal_segment(self, inner_first: int, values, errors) -> None:
-        entries = []
-        where = self._where
-        for offset, value in enumerate(values):
-            placed = where.pop(inner_first + offset, None)
-            if placed is None:
-                continue
-            position, key = placed
-            error = errors.get(offset) if errors else None
-            if error is None:
-                entries.append((position, key, None, True, value))
-            else:
-                entries.append((position, key, None, False, error))
-        self.journal.add_many(entries)
+        """Journal the outcomes of a run of the inner stream's jobs (its positions
+        ``inner_first``..), at their positions in the whole map."""
+        pop = self._where.pop
+        placed = [pop(inner, None) for inner in range(inner_first, inner_first + len(values))]
+        if None in placed:   # delivered before (a resent chunk): journaled then
+            kept = [offset for offset, where in enumerate(placed) if where is not None]
+            values = [values[offset] for offset in kept]
+            errors = {new: errors[old] for new, old in enumerate(kept)
+                      if errors and old in errors} or None
+            placed = [placed[offset] for offset in kept]
+        if placed:
+            positions, keys = zip(*placed)
+            self.journal.add_outcomes(positions, keys, values, errors)
 
     # --- what the caller iterates ---
     def results(self, fresh):
         """Yield the map's results: stored ones read back, ``fresh`` ones (the inner
         MapStream's results) for the jobs that ran, in order when ``ordered``."""
         try:
-            run = self._walk_ordered(fresh) if self.ordered else self._walk_unordered(fresh)
-            for ok, value in run:
-                if not ok:
-                    raise job_exception(value)
-                yield value
+            if self.ordered:
+                yield from self._walk_ordered(fresh)
+            else:
+                yield from self._walk_unordered(fresh)
         finally:
             fresh.close()
             self.journal.close()
 
     def _walk_ordered(self, fresh):
-        """``(ok, value)`` position by position: a stored run from the file, a
-        fresh run from the inner stream (ordered: one result per RUN position)."""
+        """Position by position: a stored run from the file, a fresh run from the
+        inner stream (ordered: one result per RUN position)."""
         ahead = _NOTHING    # a fresh result taken to make the inner stream pull items
         while True:
             step = self._plan_take()
@@ -170,21 +193,20 @@ class CheckpointedMap:
                 continue
             kind, first, count = step
             if kind == _STORED:
-                yield from self.journal.load(first, count)
+                yield from self._stored(first, count)
                 continue
-            for _ in range(count):
-                if ahead is _NOTHING:
-                    yield True, next(fresh)
-                else:
-                    value, ahead = ahead, _NOTHING
-                    yield True, value
+            if ahead is not _NOTHING:
+                value, ahead = ahead, _NOTHING
+                yield value
+                count -= 1
+            yield from itertools.islice(fresh, count)
 
     def _walk_unordered(self, fresh):
         """Stored results as soon as they are planned, fresh ones as they arrive."""
         while True:
             step = self._plan_take()
             if step is not None:
-                yield from self.journal.load(step[1], step[2])
+                yield from self._stored(step[1], step[2])
                 continue
             try:
                 value = next(fresh)
@@ -192,7 +214,13 @@ class CheckpointedMap:
                 if self._plan:
                     continue
                 return
-            yield True, value
+            yield value
+
+    def _stored(self, first: int, count: int):
+        for ok, value in self.journal.load(first, count):
+            if not ok:
+                raise job_exception(value)
+            yield value
 
 
 # --- execute() ------------------------------------------------------------------------------
@@ -217,13 +245,8 @@ def resumed_execute(journal: Journal, args, key_fn, run_missing, failure_of) -> 
         journal.set_meta(jobs=len(args))
 
         def on_segment(items, values, errors) -> None:
-            entries = []
-            for offset, (arg, value) in enumerate(zip(items, values)):
-                position, key = position_of[arg]
-                error = errors.get(offset) if errors else None
-                entries.append((position, key, None, error is None,
-                                value if error is None else error))
-            journal.add_many(entries)
+            positions, keys = zip(*(position_of[arg] for arg in items))
+            journal.add_outcomes(positions, keys, values, errors)
 
         fresh = run_missing([arg for arg in args if arg in position_of], on_segment)
         stored = _load_positions(journal, stored_positions)

@@ -203,7 +203,7 @@ class ClientThread(threading.Thread):
 
         def on_done(ok, value):
             if ok or not isinstance(value, CancelledError):
-                journal.add_many([(None, key, jobid, ok, value)])
+                journal.add_job(jobid, key, ok, value)
             completed.put((jobid, ok, value))
         return on_done
 

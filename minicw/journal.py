@@ -1,6 +1,6 @@
 """The writing side of a checkpoint file: one run's outcomes, committed in batches.
 
-    clients (map's receiver thread,      Journal.add_many(outcomes)
+    clients (map's receiver thread,      Journal.add_outcomes(runs of outcomes), add_job
     execute(), a ClientThread's  ------>   serialized at once (store.dump_value), queued
     completion handler)                       |
                                               v  writer thread: one SQLite transaction per
@@ -10,7 +10,7 @@
     Journal.stored / stored_job   --- which jobs the file holds an outcome of (reader
     Journal.load                      connection; WAL lets it read while the writer commits)
     Journal.close                 --- commit the rest; a file with an outcome for every
-                                      job gets its key index and ``complete``
+                                      job of its run is marked ``complete``
 
 Durability: every batch is one SQLite transaction, so a client killed at any
 moment leaves a consistent file; what it loses is the batch not yet committed
@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 
 from minicw import config, store
 from minicw.errors import (CheckpointError, CheckpointLockedError, CheckpointMismatchError,
@@ -183,11 +184,12 @@ def differences(stored: dict, run: dict) -> list:
 class Journal:
     """The writing side of one checkpoint file, for one run.
 
-    ``open`` locks the file and checks it against the run; ``stored`` and
-    ``stored_job`` say which jobs already have an outcome; ``add_many`` queues
-    outcomes, which the writer thread commits in batches; ``close`` commits
-    the rest and releases the lock.  A failure to write (a full disk) is
-    raised, as a CheckpointError, by the next ``add_many``, ``flush`` or ``close``.
+    Opening it locks the file and checks it against the run; ``stored`` and
+    ``stored_job`` say which jobs already have an outcome, ``load`` reads
+    them back; ``add_outcomes`` (map, execute) and ``add_job`` (ClientThread)
+    queue outcomes, which the writer thread commits in batches; ``close``
+    commits the rest and releases the lock.  A failure to write (a full
+    disk) is raised, as a CheckpointError, by the next add, ``flush`` or ``close``.
     """
 
     def __init__(self, path, run: dict, resume=True, rerun_failed: bool = True):
@@ -212,8 +214,9 @@ class Journal:
             raise
         self._read_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._rows = []                  # serialized outcomes waiting for the writer
-        self._bytes = 0                  # ... their size
+        self._ops = []                   # writes waiting for the writer: (op, *row)
+        self._jobs_waiting = 0           # ... the outcomes in them
+        self._bytes = 0                  # ... and their size
         self._first_at = None            # when the oldest of them was queued
         self._meta_updates = {}
         self._failure = None             # the CheckpointError that stopped the writer
@@ -233,35 +236,29 @@ class Journal:
             if not tables and connection.execute(
                     "SELECT 1 FROM sqlite_master LIMIT 1").fetchone() is not None:
                 connection.close()
-                raise CheckpointError("%s is an SQLite file of another program (no minicw "
-                                      "meta and jobs tables): give the run another file"
-                                      % self.path)
+                raise CheckpointError("%s is an SQLite file of another program (not the "
+                                      "tables of a minicw checkpoint): give the run another "
+                                      "file" % self.path)
             stored = store.read_meta(connection) if tables else {}
-            if tables and stored and resume is False:
-                connection.executescript("DROP TABLE jobs; DROP TABLE meta;")
+            if tables and resume is False:
+                connection.executescript("".join("DROP TABLE %s;" % table
+                                                 for table in store.TABLES))
                 stored = {}
             connection.executescript(store.SCHEMA)
             if stored:
                 self._check(stored)
             meta = dict(self.run)
-            if stored:
-                meta["created"] = stored.get("created", _now())
-                if stored.get("jobs") is not None and meta["jobs"] is None:
-                    meta["jobs"] = stored["jobs"]
-            else:
-                meta["created"] = _now()
-            # A complete file keeps its key index (a resume only rewrites failed
-            # jobs); in any other, the index would slow every insert: it is
-            # built when the file becomes complete.
+            meta["created"] = stored.get("created", _now())
+            if stored.get("jobs") is not None and meta["jobs"] is None:
+                meta["jobs"] = stored["jobs"]
             meta["complete"] = bool(stored.get("complete"))
             connection.execute("BEGIN IMMEDIATE")
             store.write_meta(connection, meta)
-            if not meta["complete"]:
-                connection.execute("DROP INDEX IF EXISTS jobs_key")
-            if self.run["kind"] == store.KIND_JOBS:
-                connection.execute(store.JOB_ID_INDEX)
             connection.execute("COMMIT")
-            self.empty = connection.execute("SELECT 1 FROM jobs LIMIT 1").fetchone() is None
+            self.empty = not any(connection.execute("SELECT 1 FROM %s LIMIT 1" % table).fetchone()
+                                 for table in ("results", "failures", "jobs"))
+            self._failures_possible = connection.execute(
+                "SELECT 1 FROM failures LIMIT 1").fetchone() is not None
             return connection
         except sqlite3.Error as exc:
             raise store.sqlite_error(self.path, "open", exc) from None
@@ -282,7 +279,7 @@ class Journal:
                                       "give this run another file)"
                                       % (self.path, "; ".join(found), advice))
 
-    # --- what is stored ---
+    # --- what is stored (map, execute: by position) ---
     def stored(self, first: int, keys: list) -> list:
         """For the jobs at positions ``first``.. with ``keys``: True where the file
         holds an outcome this run reuses (a result, or a failure when not
@@ -291,43 +288,92 @@ class Journal:
         flags = [False] * len(keys)
         if self.empty:
             return flags
-        rows = self._read("SELECT idx, key, ok FROM jobs WHERE idx >= ? AND idx < ?",
-                          (first, first + len(keys)))
-        for index, key, ok in rows:
-            offset = index - first
-            if key != keys[offset]:
-                if self.force:
-                    continue
-                raise CheckpointMismatchError(
-                    "checkpoint %s does not match this run: the arguments of job %d differ "
-                    "from those it stored (key %s, now %s): the argument list changed, or "
-                    "its arguments do not serialize the same way twice (then pass key=, a "
-                    "function of the arguments); resume='force' runs such jobs again"
-                    % (self.path, index, store.format_key(key), store.format_key(keys[offset])))
-            flags[offset] = bool(ok) or not self.rerun_failed
+        end = first + len(keys)
+        with self._read_lock:
+            runs = self._read(store.runs_overlapping, self._reader, first, end, False)
+            failures = self._read(lambda: self._reader.execute(
+                "SELECT idx, key FROM failures WHERE idx >= ? AND idx < ?",
+                (first, end)).fetchall())
+        for run_first, count, blob in runs:
+            stored_keys = store.unpack_keys(blob)
+            for position in range(max(first, run_first), min(end, run_first + count)):
+                flags[position - first] = self._same(
+                    position, stored_keys[position - run_first], keys[position - first])
+        for position, key in failures:
+            flags[position - first] = (self._same(position, key, keys[position - first])
+                                       and not self.rerun_failed)
         self.reused += sum(flags)
         return flags
 
-    def load(self, first: int, count: int):
-        """``(ok, value)`` of the stored jobs at positions ``first``..``first+count``."""
-        for start in range(first, first + count, config.CHECKPOINT_LOOKUP_JOBS):
-            end = min(first + count, start + config.CHECKPOINT_LOOKUP_JOBS)
-            rows = self._read("SELECT ok, value FROM jobs WHERE idx >= ? AND idx < ? "
-                              "ORDER BY idx", (start, end))
-            if len(rows) != end - start:
-                raise CheckpointError("checkpoint %s lost jobs %d..%d while this run read it "
-                                      "(was it written by another program meanwhile?)"
-                                      % (self.path, start, end - 1))
-            for ok, value in rows:
-                yield bool(ok), store.load(value)
+    def _same(self, position: int, stored_key: int, key: int) -> bool:
+        """Whether the job stored at ``position`` is this run's; a job whose
+        arguments changed is refused, or with resume='force' forgotten."""
+        if stored_key == key:
+            return True
+        if not self.force:
+            raise CheckpointMismatchError(
+                "checkpoint %s does not match this run: the arguments of job %d differ "
+                "from those it stored (key %s, now %s): the argument list changed, or "
+                "its arguments do not serialize the same way twice (then pass key=, a "
+                "function of the arguments); resume='force' runs such jobs again"
+                % (self.path, position, store.format_key(stored_key), store.format_key(key)))
+        self._queue([("forget", position)], 0, 0)
+        return False
 
+    def reusable_before(self, length: int) -> int:
+        """How many of the positions below ``length`` hold an outcome this run reuses."""
+        with self._read_lock:
+            [(done,)] = self._read(lambda: self._reader.execute(
+                "SELECT COALESCE(SUM(MIN(count, ? - first)), 0) FROM results WHERE first < ?",
+                (length, length)).fetchall())
+            [(failed,)] = self._read(lambda: self._reader.execute(
+                "SELECT COUNT(*) FROM failures WHERE idx < ?", (length,)).fetchall())
+        return done + (0 if self.rerun_failed else failed)
+
+    def load(self, first: int, count: int):
+        """``(ok, value)`` of the stored jobs at positions ``first``..``first+count``,
+        read a window of runs at a time (each run's results are loaded once)."""
+        position, end = first, first + count
+        while position < end:
+            window_end = min(end, position + config.CHECKPOINT_LOOKUP_JOBS)
+            with self._read_lock:
+                runs = self._read(store.runs_overlapping, self._reader, position, window_end,
+                                  True)
+                if runs:   # a run is read whole: the window reaches its end
+                    window_end = min(end, max(window_end, runs[-1][0] + runs[-1][1]))
+                failures = dict(self._read(lambda: self._reader.execute(
+                    "SELECT idx, value FROM failures WHERE idx >= ? AND idx < ?",
+                    (position, window_end)).fetchall()))
+            runs = deque(runs)
+            while position < window_end:
+                while runs and runs[0][0] + runs[0][1] <= position:
+                    runs.popleft()
+                if runs and runs[0][0] <= position:
+                    run_first, run_count, _, blob = runs.popleft()
+                    values = store.load(blob)
+                    stop = min(window_end, run_first + run_count)
+                    for value in values[position - run_first:stop - run_first]:
+                        yield True, value
+                    del values
+                    position = stop
+                elif position in failures:
+                    yield False, store.load(failures.pop(position))
+                    position += 1
+                else:
+                    raise CheckpointError("checkpoint %s lost job %d while this run read it "
+                                          "(was it written by another program meanwhile?)"
+                                          % (self.path, position))
+
+    # --- what is stored (ClientThread: by job id) ---
     def stored_job(self, job_id, key: int):
         """A ClientThread's job: ``(ok, value)`` when the file holds an outcome this
         run reuses, else None."""
         if self.empty:
             return None
-        rows = self._read("SELECT key, ok, value FROM jobs WHERE job_id = ?",
-                          (store.dump_job_id(job_id),))
+        with self._read_lock:
+            rows = self._read(lambda: self._reader.execute(
+                "SELECT key, ok, value FROM jobs WHERE job_id = ?",
+                (store.dump_job_id(job_id),)).fetchall())
         if not rows:
             return None
         stored_key, ok, value = rows[0]
@@ -343,55 +389,105 @@ class Journal:
         self.reused += 1
         return bool(ok), store.load(value)
 
-    def _read(self, sql: str, params) -> list:
+    def _read(self, read, *args):
+        """``read(*args)`` on the reader connection (hold ``_read_lock``)."""
         try:
-            with self._read_lock:
-                return self._reader.execute(sql, params).fetchall()
+            return read(*args)
         except sqlite3.Error as exc:
             raise store.sqlite_error(self.path, "read", exc) from None
 
     # --- writing ---
-    def add_many(self, entries) -> None:
-        """Queue outcomes ``(index, key, job_id, ok, value)`` (index None: a
-        ClientThread's job, ``value`` the exception when not ok)."""
-        rows = []
-        size = 0
-        for index, key, job_id, ok, value in entries:
-            row = self._row(index, key, job_id, ok, value)
-            if row is not None:
-                rows.append(row)
-                size += len(row[4])
+    def add_outcomes(self, positions, keys, values, errors=None) -> None:
+        """Queue the outcomes of jobs at ``positions`` (increasing) with ``keys``:
+        ``values``, or ``errors[offset]`` for a job that failed.  Each run of
+        consecutive positions without a failure becomes one row."""
+        ops = []
+        jobs = size = 0
+        total = len(values)
+        start = 0
+        while start < total:
+            if errors and start in errors:
+                op = self._failure_op(positions[start], keys[start], errors[start])
+                ops.append(op)
+                jobs, size, start = jobs + 1, size + len(op[3]), start + 1
+                continue
+            end = start + 1
+            if not errors and positions[total - 1] - positions[start] == total - 1 - start:
+                end = total          # the usual case: one run to the end
+            else:
+                while (end < total and positions[end] == positions[end - 1] + 1
+                       and not (errors and end in errors)):
+                    end += 1
+            for op in self._run_ops(positions[start], keys[start:end], values[start:end]):
+                ops.append(op)
+                jobs, size = jobs + op[2], size + len(op[4])
+            start = end
+        self._queue(ops, jobs, size)
+
+    def _run_ops(self, first: int, keys: list, values: list) -> list:
+        try:
+            return [("run", first, len(values), store.pack_keys(keys),
+                     store.dump_value(list(values)))]
+        except Exception:
+            pass
+        ops = []   # a result that does not serialize: store the others, one by one
+        for offset, value in enumerate(values):
+            try:
+                ops.append(("run", first + offset, 1, store.pack_keys([keys[offset]]),
+                            store.dump_value([value])))
+            except Exception as exc:
+                self._unstored(exc)
+        return ops
+
+    def _failure_op(self, position: int, key: int, error: BaseException) -> tuple:
+        return ("failure", position, key, self._dump_error(error), store.error_text(error))
+
+    def add_job(self, job_id, key: int, ok: bool, value) -> None:
+        """Queue a ClientThread job's outcome."""
+        if ok:
+            try:
+                blob = store.dump_value(value)
+            except Exception as exc:
+                self._unstored(exc)
+                return
+            error = None
+        else:
+            blob, error = self._dump_error(value), store.error_text(value)
+        self._queue([("job", key, store.dump_job_id(job_id), int(bool(ok)), blob, error)],
+                    1, len(blob))
+
+    @staticmethod
+    def _dump_error(error: BaseException) -> bytes:
+        try:
+            return store.dump_value(error)
+        except Exception:
+            return store.dump_value(JobError(store.error_text(error)))
+
+    def _unstored(self, exc: Exception) -> None:
+        self.unstored += 1
+        if self.unstored == 1:
+            log.warning("checkpoint %s: a result cannot be stored (%s); such jobs run again "
+                        "when the run is resumed", self.path, exc)
+
+    def _queue(self, ops: list, jobs: int, size: int) -> None:
         with self._cond:
             self._raise_failure()
             if self._closing:
                 return    # results of a stream closed meanwhile: the run has ended
-            if not self._rows:
+            if not self._ops:
                 self._first_at = time.monotonic()
                 self._cond.notify_all()
-            self._rows.extend(rows)
+            self._ops.extend(ops)
+            self._jobs_waiting += jobs
             self._bytes += size
-            if (len(self._rows) >= config.CHECKPOINT_BATCH_JOBS
-                    or self._bytes >= config.CHECKPOINT_BATCH_BYTES):
+            if self._batch_full():
                 self._cond.notify_all()
             while self._bytes > config.CHECKPOINT_BACKLOG_BYTES and self._failure is None:
                 self._cond.wait()  # the disk is slower than the results: hold them up
 
-    def _row(self, index, key, job_id, ok, value):
-        job_id_blob = None if job_id is None else store.dump_job_id(job_id)
-        if ok:
-            try:
-                return (index, key, job_id_blob, 1, store.dump_value(value), None)
-            except Exception as exc:
-                self.unstored += 1
-                if self.unstored == 1:
-                    log.warning("checkpoint %s: a result cannot be stored (%s); such jobs "
-                                "run again when the run is resumed", self.path, exc)
-                return None
-        try:
-            blob = store.dump_value(value)
-        except Exception:
-            blob = store.dump_value(JobError(store.error_text(value)))
-        return (index, key, job_id_blob, 0, blob, store.error_text(value))
+    def _batch_full(self) -> bool:
+        return (self._jobs_waiting >= config.CHECKPOINT_BATCH_JOBS
+                or self._bytes >= config.CHECKPOINT_BATCH_BYTES)
 
     def set_meta(self, **items) -> None:
         with self._cond:
@@ -402,7 +498,7 @@ class Journal:
         """Wait until everything queued is committed."""
         with self._cond:
             self._cond.notify_all()
-            while (self._rows or self._meta_updates) and self._failure is None:
+            while (self._ops or self._meta_updates) and self._failure is None:
                 self._cond.wait()
             self._raise_failure()
 
@@ -424,17 +520,18 @@ class Journal:
         if self._failure is not None:
             raise self._failure
 
+    # --- the writer thread ---
     def _write_loop(self) -> None:
         connection = None
         try:
             connection = sqlite3.connect(self.path, isolation_level=None)
             connection.execute("PRAGMA synchronous=NORMAL")  # WAL: safe against a crash
             while True:
-                rows, meta, closing = self._next_batch()
-                if rows or meta:
-                    self._commit(connection, rows, meta)
+                ops, size, meta, closing = self._next_batch()
+                if ops or meta:
+                    self._commit(connection, ops, meta)
                     with self._cond:
-                        self._bytes -= sum(len(row[4]) for row in rows)
+                        self._bytes -= size
                         self._cond.notify_all()
                 if closing:
                     self._finish(connection)
@@ -442,9 +539,9 @@ class Journal:
         except (sqlite3.Error, OSError) as exc:
             with self._cond:
                 self._failure = store.sqlite_error(self.path, "write", exc)
-                self._rows = []
+                self._ops = []
                 self._meta_updates = {}
-                self._bytes = 0
+                self._bytes = self._jobs_waiting = 0
                 self._cond.notify_all()
             log.error("%s", self._failure)
         finally:
@@ -452,30 +549,29 @@ class Journal:
                 connection.close()
 
     def _next_batch(self) -> tuple:
-        """Wait for a batch: enough rows, old enough rows, meta, or closing."""
+        """Wait for a batch: enough outcomes, old enough ones, meta, or closing."""
         with self._cond:
             while True:
-                if self._closing or self._meta_updates or (
-                        len(self._rows) >= config.CHECKPOINT_BATCH_JOBS
-                        or self._bytes >= config.CHECKPOINT_BATCH_BYTES):
+                if self._closing or self._meta_updates or self._batch_full():
                     break
-                if self._rows:
+                if self._ops:
                     wait = self._first_at + config.CHECKPOINT_BATCH_S - time.monotonic()
                     if wait <= 0:
                         break
                     self._cond.wait(wait)
                 else:
                     self._cond.wait()
-            rows, self._rows = self._rows, []
+            ops, self._ops = self._ops, []
+            size, self._jobs_waiting = self._bytes, 0
             meta, self._meta_updates = self._meta_updates, {}
-            return rows, meta, self._closing
+            return ops, size, meta, self._closing
 
-    @staticmethod
-    def _commit(connection: sqlite3.Connection, rows: list, meta: dict) -> None:
+    def _commit(self, connection: sqlite3.Connection, ops: list, meta: dict) -> None:
+        """One transaction: the ops in order, then meta."""
         connection.execute("BEGIN IMMEDIATE")
         try:
-            connection.executemany("INSERT OR REPLACE INTO jobs (idx, key, job_id, ok, value, "
-                                   "error) VALUES (?, ?, ?, ?, ?, ?)", rows)
+            for op in ops:
+                getattr(self, "_write_" + op[0])(connection, *op[1:])
             if meta:
                 store.write_meta(connection, meta)
             connection.execute("COMMIT")
@@ -483,18 +579,46 @@ class Journal:
             connection.execute("ROLLBACK")
             raise
 
+    def _write_run(self, connection, first, count, keys, value) -> None:
+        if self._failures_possible:   # jobs that failed before, run again
+            connection.execute("DELETE FROM failures WHERE idx >= ? AND idx < ?",
+                               (first, first + count))
+        connection.execute("INSERT INTO results (first, count, keys, value) VALUES (?, ?, ?, ?)",
+                           (first, count, keys, value))
+
+    def _write_failure(self, connection, position, key, value, error) -> None:
+        self._failures_possible = True
+        connection.execute("INSERT OR REPLACE INTO failures (idx, key, value, error) "
+                           "VALUES (?, ?, ?, ?)", (position, key, value, error))
+
+    @staticmethod
+    def _write_job(connection, key, job_id, ok, value, error) -> None:
+        connection.execute("INSERT OR REPLACE INTO jobs (key, job_id, ok, value, error) "
+                           "VALUES (?, ?, ?, ?, ?)", (key, job_id, ok, value, error))
+
+    @staticmethod
+    def _write_forget(connection, position) -> None:
+        """A job whose arguments changed (resume='force'): out of its run of results."""
+        connection.execute("DELETE FROM failures WHERE idx = ?", (position,))
+        for first, count, keys, value in store.runs_overlapping(connection, position,
+                                                                 position + 1, True):
+            connection.execute("DELETE FROM results WHERE first = ?", (first,))
+            keys, values = store.unpack_keys(keys), store.load(value)
+            for start, stop in ((first, position), (position + 1, first + count)):
+                if start < stop:
+                    connection.execute(
+                        "INSERT INTO results (first, count, keys, value) VALUES (?, ?, ?, ?)",
+                        (start, stop - start, store.pack_keys(keys[start - first:stop - first]),
+                         store.dump_value(values[start - first:stop - first])))
+
     @staticmethod
     def _finish(connection: sqlite3.Connection) -> None:
-        """A file with an outcome for every job of its run is complete: it gets its
-        key index (store.get) and says so in meta."""
+        """A file with an outcome for every job of its run is complete."""
         meta = store.read_meta(connection)
-        jobs = meta.get("jobs")
-        if jobs is None or meta.get("kind") == store.KIND_JOBS:
-            return
-        [(stored,)] = connection.execute("SELECT COUNT(*) FROM jobs WHERE idx < ?", (jobs,))
-        if stored == jobs:
+        counts = store.counts(connection, meta)
+        if meta.get("kind") != store.KIND_JOBS and counts.missing == 0 and not meta.get(
+                "complete"):
             connection.execute("BEGIN IMMEDIATE")
-            connection.execute(store.KEY_INDEX)
             store.write_meta(connection, {"complete": True})
             connection.execute("COMMIT")
 

@@ -23,22 +23,35 @@ schema, version 1::
         created       when the file was made (ISO 8601, UTC)
         complete      true once a run ended with a result or failure for every job
 
-    jobs(idx INTEGER PRIMARY KEY,  the job's position in the argument list (map,
-                                   execute); for "jobs", the order they were stored
-         key INTEGER NOT NULL,     the job key (below)
-         job_id BLOB,              "jobs": the job id, pickled; null otherwise
-         ok INTEGER NOT NULL,      1: value is the result; 0: value is the exception
-         value BLOB,               serialized with minicw.serialize (loads with pickle)
-         error TEXT)               ok = 0: "Type: message", for people and the CLI
+    map and execute() files: one row per run of consecutive results, one per failure
+    results(first INTEGER PRIMARY KEY,  position of the run's first job in the argument
+                                        list (runs never overlap)
+            count INTEGER NOT NULL,     jobs in the run
+            keys BLOB NOT NULL,         their job keys, 8 bytes each (signed, big-endian)
+            value BLOB NOT NULL)        the list of their results, serialized
+    failures(idx INTEGER PRIMARY KEY,   a job whose final outcome was an exception
+             key INTEGER NOT NULL,      its job key
+             value BLOB NOT NULL,       the exception, serialized
+             error TEXT NOT NULL)       "Type: message", for people and the CLI
 
-    indices: jobs_job_id (unique, "jobs" files); jobs_key, built when a run
-    completes (keeping it up to date during a run would triple the cost of
-    journaling a result).
+    ClientThread files ("jobs"): one row per job, found by job id
+    jobs(idx INTEGER PRIMARY KEY,       the order the outcomes were stored
+         key INTEGER NOT NULL,          the job key
+         job_id BLOB NOT NULL UNIQUE,   the job id, pickled
+         ok INTEGER NOT NULL,           1: value is the result; 0: the exception
+         value BLOB NOT NULL,
+         error TEXT)                    ok = 0: "Type: message"
+
+    Values are serialized with minicw.serialize (``__main__`` classes by value)
+    and load with the standard ``pickle.loads``.  A run of results is what one
+    delivery brought (a chunk, or its part): journaling costs a few inserts
+    per chunk, not one per job.
 
 The job key, a documented rule so that a run can be matched to its file:
-the first 8 bytes of the SHA-256 of the job's *identity* serialized with
-``minicw.serialize.dumps`` (protocol 5), read as a signed big-endian 64-bit
-integer.  The identity is the tuple of the job's positional arguments, or
+the first 8 bytes of the SHA-256 of the job's *identity* pickled with the
+standard ``pickle.dumps`` at protocol 5 (or, for what pickle refuses, such as
+a lambda or a closure, with ``minicw.serialize.dumps``), read as a signed
+big-endian 64-bit integer.  The identity is the tuple of the job's positional arguments, or
 ``(args, kwargs)`` when it has keyword arguments; with ``key=`` it is what
 ``key(*args)`` returns; for a ClientThread, whose jobs may call different
 functions, the identity is ``(function_key, args, kwargs)`` and rows are
@@ -49,11 +62,15 @@ their state) need ``key=``.
 """
 from __future__ import annotations
 
+import array
 import hashlib
+import heapq
 import json
 import os
 import pickle
 import sqlite3
+import struct
+import sys
 from typing import Any, Iterator, NamedTuple
 
 from minicw import serialize
@@ -64,7 +81,7 @@ KIND_MAP, KIND_EXECUTE, KIND_JOBS = "map", "execute", "jobs"
 KEY_BY_ARGUMENTS = "arguments"
 KEY_BY_JOB_ID = "job id"
 
-_READ_ROWS = 256   # rows fetched from the file at a time while iterating
+_READ_ROWS = 64   # rows fetched from the file at a time while iterating
 
 
 class Record(NamedTuple):
@@ -86,10 +103,21 @@ class Counts(NamedTuple):
 
 # --- the rules ----------------------------------------------------------------------
 
+def identity_bytes(identity) -> bytes:
+    """``identity`` serialized for its key: the standard pickle, or minicw's
+    serializer for what pickle refuses (a lambda, a closure, a local class)."""
+    try:
+        return pickle.dumps(identity, 5)
+    except Exception:
+        return serialize.dumps(identity, 5)
+
+
+KEY_FORMAT = struct.Struct(">q")   # a job key: the first 8 bytes of a SHA-256
+
+
 def job_key(identity) -> int:
     """The job key of ``identity`` (see the module docstring)."""
-    data = serialize.dumps(identity, 5)
-    return int.from_bytes(hashlib.sha256(data).digest()[:8], "big", signed=True)
+    return KEY_FORMAT.unpack_from(hashlib.sha256(identity_bytes(identity)).digest())[0]
 
 
 def call_identity(args: tuple, kwargs: dict | None = None):
@@ -101,12 +129,35 @@ def format_key(key: int) -> str:
     return (key & 0xFFFFFFFFFFFFFFFF).to_bytes(8, "big").hex()
 
 
+def pack_keys(keys) -> bytes:
+    packed = array.array("q", keys)
+    if sys.byteorder == "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_keys(blob: bytes) -> array.array:
+    keys = array.array("q")
+    keys.frombytes(blob)
+    if sys.byteorder == "little":
+        keys.byteswap()
+    return keys
+
+
+_PLAIN = frozenset((int, float, str, bytes, bool, type(None), complex))
+
+
 def dump_value(value) -> bytes:
+    """A result or an exception as stored: minicw's serializer, so that objects of
+    ``__main__`` classes load in another program too (plain scalars go
+    straight to the standard pickle)."""
+    if type(value) in _PLAIN:
+        return pickle.dumps(value, 5)
     return serialize.dumps(value, 5)
 
 
 def dump_job_id(job_id) -> bytes:
-    return serialize.dumps(job_id, 5)
+    return pickle.dumps(job_id, 5)
 
 
 def error_text(error: BaseException) -> str:
@@ -117,16 +168,24 @@ def error_text(error: BaseException) -> str:
     return first if isinstance(error, RemoteError) else "%s: %s" % (type(error).__name__, first)
 
 
+def load(blob: bytes):
+    return pickle.loads(blob)
+
+
 # --- the file --------------------------------------------------------------------------
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS results (
+    first INTEGER PRIMARY KEY, count INTEGER NOT NULL, keys BLOB NOT NULL,
+    value BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (
+    idx INTEGER PRIMARY KEY, key INTEGER NOT NULL, value BLOB NOT NULL, error TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS jobs (
-    idx INTEGER PRIMARY KEY, key INTEGER NOT NULL, job_id BLOB,
-    ok INTEGER NOT NULL, value BLOB, error TEXT);
+    idx INTEGER PRIMARY KEY, key INTEGER NOT NULL, job_id BLOB NOT NULL UNIQUE,
+    ok INTEGER NOT NULL, value BLOB NOT NULL, error TEXT);
 """
-JOB_ID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS jobs_job_id ON jobs(job_id)"
-KEY_INDEX = "CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key)"
+TABLES = ("meta", "results", "failures", "jobs")
 
 
 def read_meta(connection: sqlite3.Connection) -> dict:
@@ -142,7 +201,7 @@ def write_meta(connection: sqlite3.Connection, items: dict) -> None:
 def is_checkpoint(connection: sqlite3.Connection) -> bool:
     tables = {name for (name,) in connection.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table'")}
-    return {"meta", "jobs"} <= tables
+    return set(TABLES) <= tables
 
 
 def sqlite_error(path, action: str, exc: Exception) -> CheckpointError:
@@ -153,8 +212,31 @@ def sqlite_error(path, action: str, exc: Exception) -> CheckpointError:
     return CheckpointError("cannot %s checkpoint %s: %s" % (action, path, detail))
 
 
-def load(blob: bytes):
-    return pickle.loads(blob)
+def runs_overlapping(connection: sqlite3.Connection, first: int, end: int,
+                     with_values: bool = True) -> list:
+    """``(first, count, keys[, value])`` of the runs of results that hold a position
+    in [first, end), in order."""
+    columns = "first, count, keys, value" if with_values else "first, count, keys"
+    before = connection.execute(
+        "SELECT %s FROM results WHERE first < ? ORDER BY first DESC LIMIT 1" % columns,
+        (first,)).fetchall()
+    if before and before[0][0] + before[0][1] <= first:
+        before = []
+    return before + connection.execute(
+        "SELECT %s FROM results WHERE first >= ? AND first < ? ORDER BY first" % columns,
+        (first, end)).fetchall()
+
+
+def counts(connection: sqlite3.Connection, meta: dict) -> Counts:
+    if meta.get("kind") == KIND_JOBS:
+        done, failed = connection.execute(
+            "SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(1 - ok), 0) FROM jobs").fetchone()
+    else:
+        [(done,)] = connection.execute("SELECT COALESCE(SUM(count), 0) FROM results")
+        [(failed,)] = connection.execute("SELECT COUNT(*) FROM failures")
+    total = meta.get("jobs")
+    missing = None if total is None else max(0, total - done - failed)
+    return Counts(done, failed, missing, total)
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -162,9 +244,10 @@ def load(blob: bytes):
 class Store:
     """A checkpoint opened read-only: iterate, look up and count its results.
 
-    Results are read from the file as they are asked for, a few hundred rows
-    at a time, so a store of any size is read in constant memory.  It may be
-    open while a run is still writing the file: it sees every committed batch.
+    Results are read from the file as they are asked for, a few runs of
+    results at a time, so a store of any size is read in constant memory.
+    It may be open while a run is still writing the file: it sees every
+    committed batch.
     """
 
     def __init__(self, path):
@@ -176,38 +259,41 @@ class Store:
             self._connection = sqlite3.connect(uri, uri=True, check_same_thread=False)
             if not is_checkpoint(self._connection):
                 raise CheckpointError("%s is an SQLite file but not a minicw checkpoint "
-                                      "(no meta and jobs tables)" % self.path)
+                                      "(no meta, results, failures and jobs tables)" % self.path)
             self.meta = read_meta(self._connection)
         except sqlite3.Error as exc:
             raise sqlite_error(self.path, "read", exc) from None
+        self._by_job_id = self.meta.get("kind") == KIND_JOBS
 
     # --- counting ---
     def counts(self) -> Counts:
-        done, failed = self._query_one(
-            "SELECT COALESCE(SUM(ok), 0), COALESCE(SUM(1 - ok), 0) FROM jobs")
-        total = self.meta.get("jobs")
-        missing = None if total is None else max(0, total - done - failed)
-        return Counts(done, failed, missing, total)
+        """Jobs done, failed, and missing of the run's total (when known)."""
+        return self._reading(counts, self._connection, self.meta)
 
     def __len__(self) -> int:
-        return self._query_one("SELECT COUNT(*) FROM jobs")[0]
+        """Jobs with a stored outcome (done or failed)."""
+        done, failed, _, _ = self.counts()
+        return done + failed
 
     # --- iterating, in job order ---
     def records(self) -> Iterator[Record]:
         """Every stored job, in job order (position; for a ClientThread, the order stored)."""
-        return self._records("SELECT idx, job_id, key, ok, value, error FROM jobs ORDER BY idx")
+        if self._by_job_id:
+            return self._job_records("")
+        return self._merged(self._result_records(), self._failure_records())
 
     def results(self) -> Iterator[tuple]:
-        """``(index, result)`` of every job with a result, in job order."""
-        for record in self._records(
-                "SELECT idx, job_id, key, ok, value, error FROM jobs WHERE ok = 1 ORDER BY idx"):
-            yield (record.job_id if self.meta.get("kind") == KIND_JOBS else record.index,
-                   record.value)
+        """``(index, result)`` of every job with a result, in job order (a ClientThread's:
+        ``(job_id, result)``)."""
+        if self._by_job_id:
+            return ((record.job_id, record.value) for record in self._job_records("WHERE ok = 1"))
+        return ((record.index, record.value) for record in self._result_records())
 
     def failures(self) -> Iterator[Record]:
         """The jobs whose final outcome was an exception, in job order."""
-        return self._records(
-            "SELECT idx, job_id, key, ok, value, error FROM jobs WHERE ok = 0 ORDER BY idx")
+        if self._by_job_id:
+            return self._job_records("WHERE ok = 0")
+        return self._failure_records()
 
     def __iter__(self) -> Iterator[Record]:
         return self.records()
@@ -216,25 +302,46 @@ class Store:
     def __getitem__(self, index: int):
         """The result of the job at ``index``; its exception is raised if it failed;
         KeyError when nothing is stored for it."""
-        record = self._record("SELECT idx, job_id, key, ok, value, error FROM jobs "
-                              "WHERE idx = ?", (int(index),))
+        record = self.record(index)
         if record is None:
             raise KeyError(index)
         if not record.ok:
             raise record.value
         return record.value
 
+    def record(self, index: int) -> Record | None:
+        """The Record of the job at ``index`` (position; a ClientThread's: storing order)."""
+        index = int(index)
+        if self._by_job_id:
+            return next(self._job_records("WHERE idx = %d" % index), None)
+        for first, _, keys, value in self._reading(
+                runs_overlapping, self._connection, index, index + 1):
+            return Record(index, None, unpack_keys(keys)[index - first], True,
+                          load(value)[index - first], None)
+        return next(self._failure_records("WHERE idx = %d" % index), None)
+
     def get(self, identity, default=None):
         """The Record of a job by what identifies it: for a ClientThread its job id;
         with ``key=``, the value ``key`` returned; otherwise the tuple of its
-        arguments (``store.get((x,))`` for ``map(f, xs)`` or ``execute()``)."""
-        if self.meta.get("kind") == KIND_JOBS:
-            record = self._record("SELECT idx, job_id, key, ok, value, error FROM jobs "
-                                  "WHERE job_id = ?", (dump_job_id(identity),))
-        else:
-            record = self._record("SELECT idx, job_id, key, ok, value, error FROM jobs "
-                                  "WHERE key = ? ORDER BY idx", (job_key(identity),))
-        return default if record is None else record
+        arguments (``store.get((x,))`` for ``map(f, xs)`` or ``execute()``).
+        Outside a ClientThread's file this reads the keys of every stored job."""
+        if self._by_job_id:
+            found = self._reading(lambda: self._connection.execute(
+                "SELECT idx FROM jobs WHERE job_id = ?", (dump_job_id(identity),)).fetchone())
+            return default if found is None else self.record(found[0])
+        key = job_key(identity)
+        found = self._reading(lambda: self._connection.execute(
+            "SELECT idx FROM failures WHERE key = ? LIMIT 1", (key,)).fetchone())
+        if found is not None:
+            return self.record(found[0])
+        wanted = pack_keys([key])
+        for first, keys in self._rows("SELECT first, keys FROM results ORDER BY first"):
+            at = keys.find(wanted)
+            while at >= 0 and at % 8:
+                at = keys.find(wanted, at + 1)
+            if at >= 0:
+                return self.record(first + at // 8)
+        return default
 
     # --- the file ---
     def close(self) -> None:
@@ -249,34 +356,44 @@ class Store:
     def __repr__(self) -> str:
         return "<minicw Store %s: %s>" % (self.path, self.counts())
 
-    def _query_one(self, sql: str, params=()) -> tuple:
+    # --- reading rows ---
+    def _reading(self, read, *args):
         try:
-            return self._connection.execute(sql, params).fetchone()
+            return read(*args)
         except sqlite3.Error as exc:
             raise sqlite_error(self.path, "read", exc) from None
 
-    def _record(self, sql: str, params) -> Record | None:
-        row = self._query_one(sql, params)
-        return None if row is None else _record(row)
-
-    def _records(self, sql: str) -> Iterator[Record]:
+    def _rows(self, sql: str, params=()) -> Iterator[tuple]:
         try:
-            cursor = self._connection.execute(sql)
+            cursor = self._connection.execute(sql, params)
             while True:
                 rows = cursor.fetchmany(_READ_ROWS)
                 if not rows:
                     return
-                for row in rows:
-                    yield _record(row)
+                yield from rows
                 del rows
         except sqlite3.Error as exc:
             raise sqlite_error(self.path, "read", exc) from None
 
+    def _result_records(self) -> Iterator[Record]:
+        for first, _, keys, value in self._rows(
+                "SELECT first, count, keys, value FROM results ORDER BY first"):
+            for offset, (key, result) in enumerate(zip(unpack_keys(keys), load(value))):
+                yield Record(first + offset, None, key, True, result, None)
 
-def _record(row: tuple) -> Record:
-    index, job_id, key, ok, value, error = row
-    return Record(index, None if job_id is None else load(job_id), key, bool(ok),
-                  None if value is None else load(value), error)
+    def _failure_records(self, where: str = "") -> Iterator[Record]:
+        for index, key, value, error in self._rows(
+                "SELECT idx, key, value, error FROM failures %s ORDER BY idx" % where):
+            yield Record(index, None, key, False, load(value), error)
+
+    def _job_records(self, where: str) -> Iterator[Record]:
+        for index, key, job_id, ok, value, error in self._rows(
+                "SELECT idx, key, job_id, ok, value, error FROM jobs %s ORDER BY idx" % where):
+            yield Record(index, load(job_id), key, bool(ok), load(value), error)
+
+    @staticmethod
+    def _merged(*ordered) -> Iterator[Record]:
+        return heapq.merge(*ordered, key=lambda record: record.index)
 
 
 def _uri_path(path: str) -> str:

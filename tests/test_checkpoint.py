@@ -9,6 +9,7 @@ import collections
 import itertools
 import json
 import os
+import pickle
 import signal
 import sqlite3
 import subprocess
@@ -66,12 +67,29 @@ def runs(log) -> collections.Counter:
         return collections.Counter(int(line) for line in handle)
 
 
-def forget(path, where: str) -> int:
-    """Delete stored jobs (as a run killed before committing them would have
-    lost them); how many were deleted."""
+def forget(path, lost) -> int:
+    """Delete the stored outcomes of the jobs at positions where ``lost(position)``
+    (a ClientThread's: of storing order), as a run killed before committing them
+    would have lost them; how many were deleted."""
     connection = sqlite3.connect(str(path))
+    deleted = 0
     with connection:
-        deleted = connection.execute("DELETE FROM jobs WHERE " + where).rowcount
+        runs = connection.execute("SELECT first, count, keys, value FROM results").fetchall()
+        for first, count, keys, value in runs:
+            keys, values = store.unpack_keys(keys), pickle.loads(value)
+            connection.execute("DELETE FROM results WHERE first = ?", (first,))
+            for position in range(first, first + count):
+                if lost(position):
+                    deleted += 1
+                    continue
+                connection.execute("INSERT INTO results VALUES (?, 1, ?, ?)", (
+                    position, store.pack_keys([keys[position - first]]),
+                    store.dump_value([values[position - first]])))
+        for table in ("failures", "jobs"):
+            for (index,) in connection.execute("SELECT idx FROM %s" % table).fetchall():
+                if lost(index):
+                    connection.execute("DELETE FROM %s WHERE idx = ?" % table, (index,))
+                    deleted += 1
         connection.execute("UPDATE meta SET value = 'false' WHERE name = 'complete'")
     connection.close()
     return deleted
@@ -100,7 +118,7 @@ def test_map_journals_every_result_and_a_rerun_runs_only_the_missing(executor, t
 
     # Jobs missing from the file (scattered, and a tail) run again, once each, and
     # the results come in order, stored and fresh interleaved.
-    deleted = forget(path, "idx % 7 = 3 OR idx >= 2500")
+    deleted = forget(path, lambda x: x % 7 == 3 or x >= 2500)
     assert list(executor.map(logged_square, range(n), [log] * n, checkpoint=path)) == expected
     ran = runs(log)
     assert sum(ran.values()) == deleted == len(ran)
@@ -115,7 +133,7 @@ def test_imap_unordered_resumes_and_a_generator_gets_its_length_at_the_end(execu
     items = lambda: ((x, log) for x in range(n))  # noqa: E731 - a fresh generator each run
     got = executor.map(logged_square, *zip(*items()), checkpoint=path, ordered=False)
     assert sorted(got) == [x * x for x in range(n)]
-    forget(path, "idx >= 1500 OR idx < 100")
+    forget(path, lambda x: x >= 1500 or x < 100)
     with store.open(path) as stored:
         assert stored.counts().missing == 600
     os.remove(log)
@@ -311,7 +329,7 @@ def test_client_thread_resumed_by_job_id(cluster, tmp_path):
     expected["named"] = 49
     assert run() == expected
     assert sum(runs(log).values()) == 51
-    deleted = forget(path, "idx % 5 = 0")
+    deleted = forget(path, lambda x: x % 5 == 0)
     os.remove(log)
     assert run() == expected
     assert sum(runs(log).values()) == deleted == 10   # only those ran again
@@ -411,8 +429,8 @@ opened = journal.Journal(sys.argv[1], journal.run_meta(
     store.KIND_MAP, "f", "k", None, "arguments", None), resume="force")
 position = 0
 while True:
-    opened.add_many([(position + i, i, None, True, bytes(2000) + str(position + i).encode())
-                      for i in range(500)])
+    opened.add_outcomes(range(position, position + 500), range(500),
+                        [bytes(2000) + str(position + i).encode() for i in range(500)])
     position += 500
 """
 
@@ -439,7 +457,7 @@ def test_the_file_is_consistent_after_a_writer_is_killed_at_any_moment(tmp_path,
         for count, record in enumerate(stored.records(), 1):
             assert record.value == bytes(2000) + str(record.index).encode()
         assert count == len(stored) > 0
-        assert count % 500 == 0 or count % config.CHECKPOINT_BATCH_JOBS   # whole batches
+        assert count % 500 == 0   # whole runs: a run is written in one transaction
 
 
 READER = """
@@ -467,8 +485,9 @@ def test_a_million_stored_results_are_read_in_flat_memory(tmp_path):
     opened = journal.Journal(path, journal.run_meta(
         store.KIND_MAP, "f", "k", None, "arguments", n))
     for first in range(0, n, 10000):
-        opened.add_many([(i, i, None, True, ("result number %d" % i, i))
-                         for i in range(first, first + 10000)])
+        for start in range(first, first + 10000, 1000):   # runs of 1,000, as chunks come
+            opened.add_outcomes(range(start, start + 1000), range(start, start + 1000),
+                                [("result number %d" % i, i) for i in range(start, start + 1000)])
     opened.close()
     reader = subprocess.run([sys.executable, "-c", READER, path], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, universal_newlines=True,
