@@ -26,6 +26,9 @@ from collections import deque
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 
 from minicw import config, discover, dispatch, protocol
+# journal registers its exit handler (commit what arrived) at import: imported
+# here first, it runs after _shutdown_at_exit, which lets live maps finish.
+from minicw import journal
 from minicw.client import job_exception
 
 _live_executors = weakref.WeakSet()
@@ -240,7 +243,7 @@ class ClusterExecutor(Executor):
 
     def _checkpointed(self, fn, kind, items, length, ordered, path, key, resume,
                       rerun_failed):
-        from minicw import checkpoint, journal, store
+        from minicw import checkpoint, store
         opened = journal.Journal(path, journal.run_meta(
             store.KIND_MAP, dispatch.name_of(fn), self._dispatcher.function_key(fn), None,
             journal.key_rule(key), length), resume, rerun_failed)

@@ -75,6 +75,7 @@ class _LockFile:
                 break
             os.close(fd)  # the holder removed the file meanwhile: lock the new one
         os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)   # (the Windows lock moved the position)
         os.write(fd, ("pid %d on %s, since %s" % (
             os.getpid(), socket.gethostname(), _now())).encode())
         self._fd = fd

@@ -524,3 +524,73 @@ def test_the_store_command(executor, tmp_path):
                              timeout=60)
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr == "minicw store: no checkpoint at %s.nope\n" % path
+
+
+# --- the example, as the README tells it -------------------------------------------------------
+
+def test_the_resume_example_stopped_with_ctrl_c_and_run_again(tmp_path):
+    example = os.path.join(ROOT, "examples", "resume.py")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("MINICW_MASTER", None)
+    path = str(tmp_path / "resume.sqlite")
+    first = helpers.Proc([sys.executable, example, "3000", path], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while _stored(path) < 500:
+            assert first.popen.poll() is None, first.err
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGINT)     # Ctrl-C
+        assert first.wait(timeout=30) == 130
+    finally:
+        first.stop()
+    assert first.out[-1] == ("stopped: %s keeps the results so far; run the same command "
+                             "again to go on" % path)
+    kept = _stored(path)
+    assert 500 <= kept < 3000
+    again = subprocess.run([sys.executable, example, "3000", path], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    lines = again.stdout.splitlines()
+    assert lines[0] == "%s holds %d results of an earlier run" % (path, kept)
+    assert lines[1].startswith("3000 jobs, sum of squares 8995500500, in ")
+    assert "Traceback" not in again.stderr
+
+
+EXITING_CLIENT = """
+import sys
+from minicw import ClusterExecutor
+CHECKPOINT, PORT, KEY = sys.argv[1:4]
+
+
+def triple(x):
+    return 3 * x
+
+
+executor = ClusterExecutor("127.0.0.1", int(PORT), KEY)
+results = executor.map(triple, range(3000), checkpoint=CHECKPOINT, buffersize=100)
+print(next(results), flush=True)
+# The script ends with the map unfinished: at exit the executor lets it finish,
+# and every result still reaches the file.
+"""
+
+
+def test_a_script_that_exits_with_its_map_unfinished_still_journals_it(tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(EXITING_CLIENT)
+    path = str(tmp_path / "run.sqlite")
+    master, port = helpers.start_master()
+    worker = helpers.start_worker(port, nprocs=2)
+    try:
+        done = subprocess.run([sys.executable, str(script), path, str(port), helpers.KEY],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                              timeout=120)
+        assert (done.returncode, done.stdout, done.stderr) == (0, "0\n", "")
+        with store.open(path) as stored:
+            assert stored.counts() == store.Counts(3000, 0, 0, 3000)
+            assert stored.meta["complete"] is True and stored[2999] == 8997
+        assert not os.path.exists(path + ".lock")
+    finally:
+        worker.stop()
+        master.stop()

@@ -158,3 +158,41 @@ def test_processes_by_pid_on_windows(windows_python, tmp_path):
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
     assert "SELF True True True False" in out
     assert "ENDED False" in out and "SLEEPER True" in out and "KILLED False" in out
+
+
+CHECKPOINT_PROBE = r"""
+import os, sys
+from minicw import journal, store
+from minicw.errors import CheckpointLockedError
+path = sys.argv[1]
+first = journal.Journal(path, journal.run_meta("map", "f", "k", None, "arguments", 10))
+first.add_outcomes(range(10), range(10), [x * x for x in range(10)])
+first.flush()
+try:
+    journal.Journal(path, journal.run_meta("map", "f", "k", None, "arguments", 10))
+except CheckpointLockedError as exc:
+    print("LOCKED", exc)
+first.close()
+print("LOCK FILE", os.path.exists(path + ".lock"))
+with store.open(path) as stored:
+    print("COUNTS", tuple(stored.counts()), "COMPLETE", stored.meta["complete"])
+    print("RESULTS", [value for _, value in stored.results()])
+"""
+
+
+def test_checkpoint_lock_and_store_on_windows(windows_python, tmp_path):
+    # The one piece of a checkpoint that differs on Windows is its lock
+    # (msvcrt.locking instead of flock); SQLite is the same file format.
+    wine, python, env = windows_python
+    script = tmp_path / "checkpoint_probe.py"
+    script.write_text(CHECKPOINT_PROBE)
+    to_windows = lambda path: "Z:" + str(path).replace("/", "\\")  # noqa: E731
+    done = subprocess.run([wine, python, to_windows(script), to_windows(tmp_path / "run.sqlite")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env, timeout=WINE_START_TIMEOUT_S)
+    out = done.stdout.decode(errors="replace")
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    assert "LOCKED checkpoint Z:" in out and "is in use by another client (pid" in out, out
+    assert "LOCK FILE False" in out
+    assert "COUNTS (10, 0, 0, 10) COMPLETE True" in out
+    assert "RESULTS [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in out
