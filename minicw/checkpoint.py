@@ -164,17 +164,11 @@ class CheckpointedMap:
             self.journal.add_outcomes(positions, keys, values, errors)
 
     # --- what the caller iterates ---
-    def results(self, fresh):
-        """Yield the map's results: stored ones read back, ``fresh`` ones (the inner
+    def results(self, fresh) -> "Results":
+        """The map's results: stored ones read back, ``fresh`` ones (the inner
         MapStream's results) for the jobs that ran, in order when ``ordered``."""
-        try:
-            if self.ordered:
-                yield from self._walk_ordered(fresh)
-            else:
-                yield from self._walk_unordered(fresh)
-        finally:
-            fresh.close()
-            self.journal.close()
+        walk = self._walk_ordered(fresh) if self.ordered else self._walk_unordered(fresh)
+        return Results(walk, fresh, self.journal)
 
     def _walk_ordered(self, fresh):
         """Position by position: a stored run from the file, a fresh run from the
@@ -221,6 +215,36 @@ class CheckpointedMap:
             if not ok:
                 raise job_exception(value)
             yield value
+
+
+class Results:
+    """The iterator a checkpointed map returns.  Unlike a generator it also ends its
+    run when dropped before its first ``next()``: the inner stream's jobs are
+    cancelled and the checkpoint is committed and released (its lock is not
+    held until the program exits)."""
+
+    def __init__(self, walk, fresh, journal: Journal):
+        self._walk = walk
+        self._fresh = fresh
+        self._journal = journal
+
+    def __iter__(self) -> "Results":
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._walk)
+        except BaseException:   # the end, a job's exception, a timeout, an interrupt
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._walk.close()
+        self._fresh.close()
+        self._journal.close()
+
+    def __del__(self):
+        self.close()
 
 
 # --- execute() ------------------------------------------------------------------------------

@@ -253,6 +253,20 @@ def test_a_second_writer_is_refused_while_the_first_runs(executor, tmp_path):
     assert len(list(executor.map(square, range(1000), checkpoint=path))) == 1000
 
 
+def test_a_map_dropped_before_its_first_result_releases_the_file(executor, tmp_path):
+    path = str(tmp_path / "run.sqlite")
+    executor.map(square, range(1000), checkpoint=path)    # never iterated
+    assert not os.path.exists(path + ".lock")
+    results = executor.map(square, range(1000), checkpoint=path)
+    for value in results:
+        if value > 100:
+            break
+    del results                                           # abandoned halfway
+    assert not os.path.exists(path + ".lock")
+    assert list(executor.map(square, range(1000), checkpoint=path)) == [
+        x * x for x in range(1000)]
+
+
 def test_files_that_are_not_checkpoints(executor, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not a database at all, but long enough to have a header........\n" * 4)
