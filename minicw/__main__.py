@@ -29,9 +29,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def show_store(options) -> int:
-    from minicw import store
+    from minicw import journal, store
     with store.open(options.path) as opened:
-        print(store.describe(opened, failures_shown=max(0, options.failures)))
+        print(store.describe(opened, failures_shown=max(0, options.failures),
+                             writer=journal.writer_of(options.path)))
     return 0
 
 

@@ -132,3 +132,5 @@ CHECKPOINT_BATCH_BYTES = 32 << 20   # ... or once this many bytes of results are
 CHECKPOINT_BACKLOG_BYTES = 256 << 20  # results waiting to be written beyond this hold
                                       # up the thread that delivers them (a slow disk)
 CHECKPOINT_LOOKUP_JOBS = 512        # a resumed run looks up the stored jobs this many at a time
+CHECKPOINT_UNWAL_WAIT_MS = 200      # a finished run's file leaves WAL mode unless a reader
+                                    # holds it longer than this

@@ -93,6 +93,32 @@ class _LockFile:
         except OSError:
             return False
 
+    @classmethod
+    def holder(cls, checkpoint_path: str) -> str | None:
+        """Who holds the lock of ``checkpoint_path`` now ("pid N on HOST, since T"),
+        or None when no run is writing it."""
+        lock = cls(checkpoint_path)
+        try:
+            fd = os.open(lock.path, os.O_RDWR)
+        except OSError:
+            return None     # no lock file: nobody
+        try:
+            if not lock._lock(fd):
+                return _read_text(fd) or "a process that left no name"
+            lock._unlock(fd)
+            return None     # a lock file left by a killed run: nobody holds it
+        finally:
+            os.close(fd)
+
+    def _unlock(self, fd: int) -> None:
+        if sys.platform == "win32":
+            import msvcrt
+            os.lseek(fd, self._WINDOWS_BYTE, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+        else:
+            import fcntl
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
@@ -104,10 +130,15 @@ class _LockFile:
             _remove(self.path)
 
 
+def writer_of(checkpoint_path) -> str | None:
+    """Who is journaling to ``checkpoint_path`` now, or None."""
+    return _LockFile.holder(os.fspath(checkpoint_path))
+
+
 def _read_text(fd: int) -> str:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        return os.read(fd, 200).decode("utf-8", "replace").strip()
+        return os.read(fd, 200).decode("utf-8", "replace").strip("\0 \n")
     except OSError:
         return ""
 
@@ -202,6 +233,10 @@ class Journal:
         self.rerun_failed = bool(rerun_failed)
         self.reused = 0                  # jobs whose stored outcome this run reuses
         self.unstored = 0                # outcomes that could not be serialized
+        if os.path.isdir(self.path):
+            raise CheckpointError("cannot use %s as a checkpoint: it is a directory; name a "
+                                  "file, such as %s" % (self.path,
+                                                        os.path.join(self.path, "run.sqlite")))
         folder = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(folder):
             raise CheckpointError("cannot open checkpoint %s: its directory %s does not exist"
@@ -246,14 +281,19 @@ class Journal:
                                                  for table in store.TABLES))
                 stored = {}
             connection.executescript(store.SCHEMA)
-            if stored:
-                self._check(stored)
+            found = self._check(stored) if stored else []
             meta = dict(self.run)
             meta["created"] = stored.get("created", _now())
             if stored.get("jobs") is not None and meta["jobs"] is None:
                 meta["jobs"] = stored["jobs"]
             meta["complete"] = bool(stored.get("complete"))
+            meta["forced"] = stored.get("forced", [])
             connection.execute("BEGIN IMMEDIATE")
+            if found:   # resume="force": say so in the file, and keep only this run's jobs
+                meta["forced"] = meta["forced"] + [{"at": _now(), "differences": found}]
+                if meta["jobs"] is not None:
+                    _trim(connection, meta["jobs"])
+                    meta["complete"] = False
             store.write_meta(connection, meta)
             connection.execute("COMMIT")
             self.empty = not any(connection.execute("SELECT 1 FROM %s LIMIT 1" % table).fetchone()
@@ -264,7 +304,9 @@ class Journal:
         except sqlite3.Error as exc:
             raise store.sqlite_error(self.path, "open", exc) from None
 
-    def _check(self, stored: dict) -> None:
+    def _check(self, stored: dict) -> list:
+        """What differs between the file and this run (resume='force' allows it);
+        CheckpointMismatchError when anything does and it may not be forced."""
         found = differences(stored, self.run)
         kinds = {stored.get("kind"), self.run["kind"]}
         forcible = store.KIND_JOBS not in kinds or len(kinds) == 1
@@ -273,7 +315,7 @@ class Journal:
             if found:
                 log.warning("checkpoint %s: resuming anyway (resume='force'): %s",
                             self.path, "; ".join(found))
-            return
+            return found
         advice = ("pass resume='force' to use its results anyway, or resume=False to "
                   "start it over" if forcible else "resume=False starts it over")
         raise CheckpointMismatchError("checkpoint %s does not match this run: %s; %s (or "
@@ -312,12 +354,19 @@ class Journal:
         if stored_key == key:
             return True
         if not self.force:
+            if self.run["key_rule"] == store.KEY_BY_ARGUMENTS:
+                what = "the arguments of job %d differ from those it stored" % position
+                why = ("the argument list changed, or its arguments do not pickle the same "
+                       "way twice (then pass key=, a function of the arguments that does)")
+            else:
+                what = "the key of job %d differs from the one it stored" % position
+                why = ("the argument list changed, or the key function's value does not "
+                       "pickle the same way twice (a set, an object without a stable "
+                       "state: return a string, a number or a tuple of those)")
             raise CheckpointMismatchError(
-                "checkpoint %s does not match this run: the arguments of job %d differ "
-                "from those it stored (key %s, now %s): the argument list changed, or "
-                "its arguments do not serialize the same way twice (then pass key=, a "
-                "function of the arguments); resume='force' runs such jobs again"
-                % (self.path, position, store.format_key(stored_key), store.format_key(key)))
+                "checkpoint %s does not match this run: %s (key %s, now %s): %s; "
+                "resume='force' runs such jobs again"
+                % (self.path, what, store.format_key(stored_key), store.format_key(key), why))
         self._queue([("forget", position)], 0, 0)
         return False
 
@@ -506,12 +555,14 @@ class Journal:
     def close(self) -> None:
         """Commit what is queued, then release the file.  Safe to call twice."""
         with self._cond:
-            already, self._closing = self._closing, True
-            self._cond.notify_all()
+            already = self._closing
         if not already:
-            self._writer.join()
-            with self._read_lock:
+            with self._read_lock:   # first: the writer's last act needs the file to itself
                 self._reader.close()
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._writer.join()
             self._lock_file.release()
             _open_journals.discard(self)
         with self._cond:
@@ -614,7 +665,9 @@ class Journal:
 
     @staticmethod
     def _finish(connection: sqlite3.Connection) -> None:
-        """A file with an outcome for every job of its run is complete."""
+        """A file with an outcome for every job of its run is complete.  The file
+        leaves WAL mode, so that readers of a finished run (which cannot clean
+        up after themselves) leave no -wal and -shm files beside it."""
         meta = store.read_meta(connection)
         counts = store.counts(connection, meta)
         if meta.get("kind") != store.KIND_JOBS and counts.missing == 0 and not meta.get(
@@ -622,6 +675,24 @@ class Journal:
             connection.execute("BEGIN IMMEDIATE")
             store.write_meta(connection, {"complete": True})
             connection.execute("COMMIT")
+        connection.execute("PRAGMA busy_timeout = %d" % config.CHECKPOINT_UNWAL_WAIT_MS)
+        try:
+            connection.execute("PRAGMA journal_mode = DELETE")
+        except sqlite3.OperationalError:
+            pass   # a reader has it open: it stays in WAL mode, which is as good
+
+
+def _trim(connection: sqlite3.Connection, jobs: int) -> None:
+    """Forget what a file holds at positions from ``jobs`` on (a forced run of fewer jobs)."""
+    connection.execute("DELETE FROM failures WHERE idx >= ?", (jobs,))
+    connection.execute("DELETE FROM results WHERE first >= ?", (jobs,))
+    for first, count, keys, value in connection.execute(
+            "SELECT first, count, keys, value FROM results WHERE first < ? AND first + count > ?",
+            (jobs, jobs)).fetchall():
+        kept = jobs - first
+        connection.execute("UPDATE results SET count = ?, keys = ?, value = ? WHERE first = ?",
+                           (kept, store.pack_keys(store.unpack_keys(keys)[:kept]),
+                            store.dump_value(store.load(value)[:kept]), first))
 
 
 def _close_all_at_exit() -> None:

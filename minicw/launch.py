@@ -209,11 +209,15 @@ class ChildProcess:
     def wait_ready(self, timeout_s: float = config.READY_TIMEOUT_S) -> dict:
         """The child's ready record; MinicwError (child stopped) if it exits or stalls first."""
         try:
-            return wait_ready_file(self.ready_file, self.pid, self.alive,
-                                   "%s process" % self.role, timeout_s, self._end_of_output)
+            record = wait_ready_file(self.ready_file, self.pid, self.alive,
+                                     "%s process" % self.role, timeout_s, self._end_of_output)
         except MinicwError:
             self.stop()
             raise
+        # Read: the folder goes now, so that a parent killed later leaves none
+        # behind (the child's own removal of the file at exit then finds nothing).
+        shutil.rmtree(self._ready_dir, ignore_errors=True)
+        return record
 
     def _end_of_output(self) -> str:
         code = self.popen.poll()

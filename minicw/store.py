@@ -299,15 +299,27 @@ class Store:
         return self.records()
 
     # --- looking up ---
-    def __getitem__(self, index: int):
-        """The result of the job at ``index``; its exception is raised if it failed;
-        KeyError when nothing is stored for it."""
-        record = self.record(index)
+    def __getitem__(self, index):
+        """The result of the job at position ``index`` (a ClientThread's file: of job id
+        ``index``); its exception is raised if it failed; KeyError, saying why,
+        when nothing is stored for it."""
+        if self._by_job_id:
+            record = self.get(index)
+        else:
+            record = self.record(index)
         if record is None:
-            raise KeyError(index)
+            raise KeyError(self._why_missing(index))
         if not record.ok:
             raise record.value
         return record.value
+
+    def _why_missing(self, index) -> str:
+        if self._by_job_id:
+            return "no job with id %r is stored in %s" % (index, self.path)
+        total = self.meta.get("jobs")
+        if total is not None and not 0 <= index < total:
+            return "job %d is not in the run, whose jobs are 0 to %d" % (index, total - 1)
+        return "job %d has no outcome in %s (it has not run yet)" % (index, self.path)
 
     def record(self, index: int) -> Record | None:
         """The Record of the job at ``index`` (position; a ClientThread's: storing order)."""
@@ -320,11 +332,19 @@ class Store:
                           load(value)[index - first], None)
         return next(self._failure_records("WHERE idx = %d" % index), None)
 
-    def get(self, identity, default=None):
-        """The Record of a job by what identifies it: for a ClientThread its job id;
-        with ``key=``, the value ``key`` returned; otherwise the tuple of its
-        arguments (``store.get((x,))`` for ``map(f, xs)`` or ``execute()``).
-        Outside a ClientThread's file this reads the keys of every stored job."""
+    def get(self, *identity, default=None):
+        """The Record of a job by what identifies it, or ``default``: its arguments
+        as they were passed (``get(x)`` for ``map(f, xs)`` or ``execute()``,
+        ``get(a, b)`` for ``map(f, As, Bs)``); with ``key=``, the value ``key``
+        returned; in a ClientThread's file, its job id.  Outside a ClientThread's
+        file this reads the keys of every stored job."""
+        if self.meta.get("key_rule") == KEY_BY_ARGUMENTS:
+            identity = tuple(identity)
+        elif len(identity) == 1:
+            identity = identity[0]
+        else:
+            raise TypeError("get() takes one %s, not %d values"
+                            % ("job id" if self._by_job_id else "key", len(identity)))
         if self._by_job_id:
             found = self._reading(lambda: self._connection.execute(
                 "SELECT idx FROM jobs WHERE job_id = ?", (dump_job_id(identity),)).fetchone())
@@ -409,8 +429,9 @@ def open(path) -> Store:  # noqa: A001 - minicw.store.open, as the issue and doc
 
 # --- python -m minicw store PATH ---------------------------------------------------------
 
-def describe(store: Store, failures_shown: int = 5) -> str:
-    """What ``python -m minicw store`` prints: the run, its counts, its first failures."""
+def describe(store: Store, failures_shown: int = 5, writer: str | None = None) -> str:
+    """What ``python -m minicw store`` prints: the run, its counts, its first failures
+    (and ``writer``, who is writing it now)."""
     meta = store.meta
     counts = store.counts()
     lines = ["checkpoint %s" % store.path,
@@ -418,8 +439,13 @@ def describe(store: Store, failures_shown: int = 5) -> str:
                  {KIND_MAP: "a map", KIND_EXECUTE: "execute()", KIND_JOBS: "a ClientThread"}
                  .get(meta.get("kind"), meta.get("kind")), meta.get("minicw"),
                  meta.get("python"), meta.get("created"))]
+    if writer:
+        lines.append("  in use by    %s (a run is writing it now)" % writer)
     if meta.get("function"):
         lines.append("  function     %s" % meta["function"])
+    for forced in meta.get("forced", []):
+        lines.append("  forced       %s: resumed with resume='force' although %s"
+                     % (forced["at"], "; ".join(forced["differences"])))
     if meta.get("kind") == KIND_JOBS:
         lines.append("  jobs         %d stored (a ClientThread's run has no fixed size)"
                      % (counts.done + counts.failed))

@@ -108,8 +108,12 @@ def test_map_journals_every_result_and_a_rerun_runs_only_the_missing(executor, t
         assert stored.meta["complete"] is True
         assert (stored.meta["kind"], stored.meta["function"]) == ("map", "logged_square")
         assert stored[2999] == 2999 ** 2
-        assert stored.get((12, log)).value == 144
+        assert stored.get(12, log).value == 144
         assert list(itertools.islice(stored.results(), 3)) == [(0, 0), (1, 1), (2, 4)]
+        with pytest.raises(KeyError, match="job 3000 is not in the run, whose jobs are 0 to 2999"):
+            stored[3000]
+    for suffix in ("-wal", "-shm", ".lock"):   # a finished run's file is one file, read or not
+        assert not os.path.exists(path + suffix), suffix
 
     # The same call again runs nothing.
     os.remove(log)
@@ -125,6 +129,10 @@ def test_map_journals_every_result_and_a_rerun_runs_only_the_missing(executor, t
     assert set(ran) == {x for x in range(n) if x % 7 == 3 or x >= 2500}
     with store.open(path) as stored:
         assert stored.counts().done == n and stored.meta["complete"] is True
+    forget(path, lambda x: x == 5)
+    with store.open(path) as stored:
+        with pytest.raises(KeyError, match="job 5 has no outcome in .* .it has not run yet."):
+            stored[5]
 
 
 def test_imap_unordered_resumes_and_a_generator_gets_its_length_at_the_end(executor, tmp_path):
@@ -189,6 +197,15 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(executor, tm
     # resume="force": the stored results are used; only the job whose arguments changed runs.
     assert list(executor.map(square, changed, checkpoint=path, resume="force")) == [
         x * x for x in changed]
+    # ... also for fewer jobs: the file then holds this run's jobs only, and says it was forced.
+    assert list(executor.map(square, range(30), checkpoint=path, resume="force")) == [
+        x * x for x in range(30)]
+    with store.open(path) as stored:
+        assert stored.counts() == store.Counts(done=30, failed=0, missing=0, total=30)
+        assert [forced["differences"] for forced in stored.meta["forced"]] == [
+            ["it was written for 100 jobs and this call has 30"]]
+        assert "  forced       %s: resumed with resume='force' although it was written for 100 " \
+               "jobs and this call has 30" % stored.meta["forced"][0]["at"] in store.describe(stored)
     # resume=False starts the file over: a new function, and nothing from before.
     assert list(executor.map(cube, range(10), checkpoint=path, resume=False)) == [
         x ** 3 for x in range(10)]
@@ -197,6 +214,9 @@ def test_a_checkpoint_of_another_run_is_refused_naming_what_differs(executor, tm
         assert stored.counts() == store.Counts(done=10, failed=0, missing=0, total=10)
     with pytest.raises(ValueError, match="resume must be"):
         executor.map(cube, range(10), checkpoint=path, resume="yes")
+    with pytest.raises(CheckpointError, match="cannot use .* as a checkpoint: it is a directory; "
+                       "name a file, such as .*run.sqlite"):
+        executor.map(cube, range(10), checkpoint=str(tmp_path))
 
 
 def test_a_changed_closure_is_refused(executor, tmp_path):
@@ -224,6 +244,11 @@ def test_key_function_identifies_jobs(executor, tmp_path):
                                           "<locals>.label"
         assert stored.get("a7,b7").index == 7
         assert stored.get("nothing") is None
+    words[3] = frozenset({"c3"})
+    with pytest.raises(CheckpointMismatchError, match="the key of job 3 differs from the one it "
+                       "stored .* the argument list changed, or the key function's value "
+                       "does not pickle"):
+        list(executor.map(len, words, checkpoint=path, key=label))
 
 
 def test_a_second_writer_is_refused_while_the_first_runs(executor, tmp_path):
@@ -248,6 +273,8 @@ def test_a_second_writer_is_refused_while_the_first_runs(executor, tmp_path):
                                    "client (pid %d" % (path, os.getpid())), other.stdout
     with store.open(path) as reading:   # readers are welcome meanwhile
         assert reading.meta["function"] == "square"
+        assert "  in use by    pid %d on " % os.getpid() in store.describe(
+            reading, writer=journal.writer_of(path))
     assert list(first) == [x * x for x in range(1, 1000)]
     assert not os.path.exists(path + ".lock")
     assert len(list(executor.map(square, range(1000), checkpoint=path))) == 1000
@@ -309,7 +336,7 @@ def test_execute_with_a_checkpoint(cluster, tmp_path):
     assert raised.value.arg == 17
     with store.open(path) as stored:
         kept = len(stored)          # what arrived before execute() raised
-        assert stored.counts().failed == 1 and stored.get((17,)).error == "ValueError: no 17"
+        assert stored.counts().failed == 1 and stored.get(17).error == "ValueError: no 17"
     before = sum(runs(log).values())
     with pytest.raises(RemoteError, match="no 17") as raised:   # not run again
         cluster.execute(checkpoint=path, rerun_failed=False)
@@ -325,7 +352,7 @@ def test_execute_with_a_checkpoint(cluster, tmp_path):
     assert runs(log) == collections.Counter([17])   # the failed job, and nothing else
     with store.open(path) as stored:
         assert stored.counts() == store.Counts(done=200, failed=0, missing=0, total=200)
-        assert stored.get((17,)).value == 1017
+        assert stored.get(17).value == 1017
 
 
 def test_client_thread_resumed_by_job_id(cluster, tmp_path):
@@ -350,6 +377,9 @@ def test_client_thread_resumed_by_job_id(cluster, tmp_path):
     with store.open(path) as stored:
         assert len(stored) == 51
         assert stored.get("named").value == 49 and stored.get(50).value == 49 * 49
+        assert stored["named"] == 49
+        with pytest.raises(KeyError, match="no job with id 0 is stored"):
+            stored[0]
 
     # The same job id for another call is refused.
     with cluster.client_thread(lambda *_: None, checkpoint=path) as thread:
