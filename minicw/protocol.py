@@ -61,7 +61,8 @@ import pickle
 import traceback
 from typing import NamedTuple, Optional
 
-PROTOCOL_VERSION = 2    # 2: named records, no missing_blobs, leased()
+PROTOCOL_VERSION = 3    # 2: named records, no missing_blobs, leased(); 3: Report.failures,
+                        # NodeRecord.jobs_failed and seen_s_ago
 PICKLE_PROTOCOL = 5  # every supported Python (3.8+) reads it
 
 # --- records ---------------------------------------------------------------------------
@@ -105,6 +106,9 @@ class Report(NamedTuple):         # Runner._report -> Scheduler._accept_report
     start: int
     count: int
     results: bytes
+    failures: object         # None, or (jobs that raised, [(offset, type, message,
+                             # traceback)] of the first REPORTED_FAILURES): for the master,
+                             # which never opens ``results``
 
 
 class JobFailure(NamedTuple):
@@ -141,6 +145,8 @@ class NodeRecord(NamedTuple):
     start_method: Optional[str]
     jobs_done: int
     busy_processes: int
+    jobs_failed: int         # jobs that raised, crashed or timed out on it
+    seen_s_ago: float        # since its last heartbeat
 
     def __getitem__(self, key):
         if isinstance(key, str):
@@ -172,7 +178,8 @@ CLIENT_CALLS = (
     Call("touch", ("client_id",), "None"),
     Call("goodbye", ("client_id",), "None"),
     Call("list_nodes", (), "[NodeRecord]"),
-    Call("status", (), "{nodes: [NodeRecord], clients, queued_chunks, leased_chunks, blobs}"),
+    Call("status", (), "{nodes: [NodeRecord], clients, throughput_1m, recent_failures, ...} "
+                       "(status.py)"),
     Call("blob_transfers", ("keys",), "{key: (times put, times fetched)}"),
 )
 NODE_CALLS = (
@@ -272,6 +279,19 @@ def pack_results(values: list, errors: dict | None, seconds: float = 0.0,
 
 
 # --- exceptions across the wire ---------------------------------------------------------
+
+REPORTED_FAILURES = 8      # failures a report describes to the master (it counts them all)
+REPORTED_TRACEBACK_CHARS = 4000
+
+
+def report_failures(errors: dict | None):
+    """Report.failures for a report's ``errors`` ({offset: describe_exception(...)})."""
+    if not errors:
+        return None
+    first = sorted(errors)[:REPORTED_FAILURES]
+    return len(errors), [(offset, errors[offset][0], errors[offset][1],
+                          errors[offset][2][-REPORTED_TRACEBACK_CHARS:]) for offset in first]
+
 
 def describe_exception(exc: BaseException, skip_frames: int = 0) -> tuple:
     """(type name, message, traceback text, pickled exception or None).

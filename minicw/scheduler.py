@@ -63,6 +63,7 @@ import time
 from collections import OrderedDict, deque
 
 from minicw import config, protocol
+from minicw.activity import Activity
 from minicw.blobs import BlobStore
 from minicw.waiting import WAIT_FETCH, WAIT_LEASE, WAIT_POLL, Failure, Transition, Waiter
 from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
@@ -121,7 +122,7 @@ class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
                  "deliveries", "delivery_seq", "fetches", "blob_keys", "deficit",
                  "queued_jobs", "running_jobs", "done_jobs", "failed_jobs",
-                 "unrunnable_since", "may_queue_bytecode")
+                 "unrunnable_since", "may_queue_bytecode", "connected_at", "run")
 
     def __init__(self, client_id, info):
         self.client_id = client_id
@@ -139,11 +140,13 @@ class ClientState:
         self.unrunnable_since = None    # when no node of its bytecode's Python was left
         self.may_queue_bytecode = False  # it submitted chunks that need its Python since
                                          # the reaper last found none queued
+        self.connected_at = time.time()
+        self.run = None                 # Run: since its first job after being idle
 
 
 class NodeState:
     __slots__ = ("node_id", "info", "python", "last_seen", "tokens_by_slot", "revoked_by_slot",
-                 "commands", "poll", "jobs_done")
+                 "commands", "poll", "jobs_done", "jobs_failed", "joined_at")
 
     def __init__(self, node_id, info):
         self.node_id = node_id
@@ -155,10 +158,27 @@ class NodeState:
         self.commands = []
         self.poll = None                # Waiter of its heartbeat waiting for a command
         self.jobs_done = 0
+        self.jobs_failed = 0
+        self.joined_at = time.time()
 
     @property
     def busy_processes(self) -> int:
         return sum(1 for tokens in self.tokens_by_slot.values() if tokens)
+
+
+class Run:
+    """A client's run, for the log: from its first job after being idle until it
+    has had nothing queued or running for RUN_IDLE_S."""
+    __slots__ = ("started", "jobs", "done", "failed", "idle_since")
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.jobs = self.done = self.failed = 0
+        self.idle_since = None
+
+
+RUN_IDLE_S = 2.0   # a client idle this long has ended its run (a loop of round trips is one)
+STATUS_FAILURES = 10  # recent failures status() returns, newest first
 
 
 class Scheduler:
@@ -184,6 +204,7 @@ class Scheduler:
         self.closed = False
         self._told_shutdown = set()     # nodes that received CMD_SHUTDOWN
         self._all_told = threading.Condition(self._lock)
+        self.activity = Activity()      # throughput and recent failures (status, dashboard)
 
     # --- clients ------------------------------------------------------------------
 
@@ -241,6 +262,7 @@ class Scheduler:
                 client.chunks[chunk.chunk_id] = chunk
                 client.queue.append(chunk)
                 client.queued_jobs += len(chunk.selection)
+                self._run_of(client).jobs += len(chunk.selection)
             self._queued_chunks += len(specs)
             self._enter_rotation(client, front=False)
             self._hand_out()
@@ -651,8 +673,14 @@ class Scheduler:
         chunk.done += count
         client = chunk.client
         client.running_jobs -= count
-        client.done_jobs += count
-        node.jobs_done += count
+        failed = 0
+        if report.failures is not None:
+            failed, described = report.failures
+            for offset, type_name, message, text in described[:protocol.REPORTED_FAILURES]:
+                self.activity.failure(client.client_id, node.info.get("hostname"),
+                                      "%s/%s" % (chunk.chunk_id, indices[offset]), "raised",
+                                      "%s: %s" % (type_name, message), text)
+        self._count_finished(client, node, count - failed, failed)
         self._deliver(client, protocol.Delivery(chunk.chunk_id, indices, report.results, None))
         if chunk.done >= len(chunk.selection):
             self._release(chunk)
@@ -664,6 +692,7 @@ class Scheduler:
         ``culprit_position`` is the position that was running, or None when
         the process never started this chunk (its jobs go back uncharged).
         """
+        chunk_node = chunk.holder[0] if chunk.holder is not None else None
         self._release(chunk)
         client = chunk.client
         remaining = chunk.selection[chunk.done:]
@@ -693,9 +722,64 @@ class Scheduler:
         if failure is None:
             self._requeue(chunk, (culprit,) + others)  # the suspect first, alone at risk
             return
-        client.failed_jobs += 1
+        node = chunk_node
+        self._count_finished(client, node, 0, 1)
+        what = {protocol.FAIL_TIMEOUT: ("timed out", "over its time limit of %ss"
+                                        % chunk.timeout_s),
+                protocol.FAIL_CANCELLED: ("killed", "killed on request while running"),
+                }.get(failure.kind, ("crashed", "its process ended (%s), %d times"
+                                     % (exit_description, chunk.crashes.get(culprit, 0)
+                                        if chunk.crashes else 0)))
+        job = "%s/%s" % (chunk.chunk_id, culprit)
+        self.activity.failure(client.client_id, node.info.get("hostname") if node else None,
+                              job, what[0], what[1])
+        log.info("job %s of client %d %s on node %s: %s", job, client.client_id, what[0],
+                 node.node_id if node else "?", what[1])
         self._deliver(client, protocol.Delivery(chunk.chunk_id, (culprit,), None, failure))
         self._requeue(chunk, others)
+
+    def _count_finished(self, client: ClientState, node: NodeState | None, done: int,
+                        failed: int) -> None:
+        """``done`` jobs of ``client`` gave a result and ``failed`` did not (on ``node``)."""
+        client.done_jobs += done
+        client.failed_jobs += failed
+        if node is not None:
+            node.jobs_done += done
+            node.jobs_failed += failed
+        run = client.run
+        if run is not None:
+            run.done += done
+            run.failed += failed
+        self.activity.finished(done, failed)
+
+    def _run_of(self, client: ClientState) -> Run:
+        """The client's run, started now if it was idle (logged)."""
+        run = client.run
+        if run is None:
+            run = client.run = Run()
+            log.info("client %d (%s, pid %s) started a run", client.client_id,
+                     client.info.get("hostname"), client.info.get("pid"))
+        run.idle_since = None
+        return run
+
+    def _end_idle_runs(self, now: float) -> None:
+        """Log the end of the runs of clients idle for RUN_IDLE_S."""
+        for client in self._clients.values():
+            run = client.run
+            if run is None or client.queued_jobs or client.running_jobs:
+                continue
+            if run.idle_since is None:
+                run.idle_since = now
+            elif now - run.idle_since >= RUN_IDLE_S:
+                self._log_run_end(client, "ended")
+
+    @staticmethod
+    def _log_run_end(client: ClientState, how: str) -> None:
+        run, client.run = client.run, None
+        ended = run.idle_since if run.idle_since is not None else time.monotonic()
+        log.info("client %d %s its run: %d jobs, %d done, %d failed, in %.1fs",
+                 client.client_id, how, run.jobs, run.done, run.failed,
+                 max(0.0, ended - run.started))
 
     def _requeue(self, chunk: Chunk, selection) -> None:
         client = chunk.client
@@ -740,6 +824,8 @@ class Scheduler:
 
     def _drop_client(self, client: ClientState, why: str) -> None:
         queued_jobs, running_jobs = client.queued_jobs, client.running_jobs
+        if client.run is not None:
+            self._log_run_end(client, "left" if queued_jobs or running_jobs else "ended")
         del self._clients[client.client_id]
         if client.in_rotation:
             self._rotation.remove(client)
@@ -786,7 +872,9 @@ class Scheduler:
                 self._drop_node(node, "missed its heartbeats for %gs" % self.heartbeat_timeout_s)
             for client in [c for c in self._clients.values() if c.last_seen < limit]:
                 self._drop_client(client, "went silent for %gs" % self.heartbeat_timeout_s)
-            self._fail_unrunnable(time.monotonic())
+            now = time.monotonic()
+            self._fail_unrunnable(now)
+            self._end_idle_runs(now)
 
     def _fail_unrunnable(self, now: float) -> None:
         """Queued chunks that need a Python no connected node runs: after
@@ -814,8 +902,11 @@ class Scheduler:
         for chunk in stuck:
             jobs = tuple(chunk.selection)
             self._cancel_queued(chunk, None)        # out of the queue and its counts
-            client.failed_jobs += len(jobs)
+            self._count_finished(client, None, 0, len(jobs))
             self._deliver(client, protocol.Delivery(chunk.chunk_id, jobs, None, failure))
+        self.activity.failure(client.client_id, None, "%d chunks" % len(stuck), "no Python",
+                              "they need %s; the nodes run %s"
+                              % (python, ", ".join(present) or "nothing"))
         log.warning("client %d: %d chunks need %s and no worker node runs it (nodes: %s); "
                     "failed them", client.client_id, len(stuck), python,
                     ", ".join(present) or "none")
@@ -863,8 +954,12 @@ class Scheduler:
         with self._changing:
             return [self._node_record(node) for node in self._nodes.values()]
 
-    def status(self) -> dict:
+    def status(self, failures_shown: int = STATUS_FAILURES) -> dict:
+        """What the cluster is doing (the ``status`` call, the status command and
+        the dashboard; see status.py for the keys)."""
         with self._changing:
+            now = time.time()
+            activity = self.activity
             return {
                 "nodes": [self._node_record(node) for node in self._nodes.values()],
                 "clients": [{
@@ -872,11 +967,22 @@ class Scheduler:
                     "pid": c.info.get("pid"), "python": c.info.get("python"),
                     "queued": c.queued_jobs,
                     "running": c.running_jobs, "done": c.done_jobs, "failed": c.failed_jobs,
+                    "connected_s": round(now - c.connected_at, 1),
                 } for c in self._clients.values()],
                 "queued_chunks": self._queued_chunks,
                 "leased_chunks": len(self._leases),
                 "blobs": len(self._blobs),
+                "uptime_s": round(now - activity.started, 1),
+                "jobs_done": activity.jobs_done,
+                "jobs_failed": activity.jobs_failed,
+                "throughput_1m": round(activity.rate(60.0), 1),
+                "recent_failures": activity.failures()[:failures_shown],
             }
+
+    def throughput_series(self, seconds: int, step_s: int) -> list:
+        """``[(seconds ago, jobs/s)]`` over the last ``seconds`` (the dashboard's chart)."""
+        with self._changing:
+            return self.activity.series(seconds, step_s)
 
     @staticmethod
     def _node_record(node: NodeState) -> protocol.NodeRecord:
@@ -886,4 +992,5 @@ class Scheduler:
             hostname=info["hostname"], nprocs=info["nprocs"], pid=info["pid"], busy=busy > 0,
             node_id=node.node_id, python=info.get("python"), platform=info.get("platform"),
             start_method=info.get("start_method"), jobs_done=node.jobs_done,
-            busy_processes=busy)
+            busy_processes=busy, jobs_failed=node.jobs_failed,
+            seen_s_ago=round(time.monotonic() - node.last_seen, 1))

@@ -274,8 +274,8 @@ class Runner:
         except Exception:
             values, errors = _picklable_results(values, errors)
             results = protocol.pack_results(values, errors, seconds, notes)
-        self.reports.append(protocol.on_wire(protocol.Report(token, start, len(values),
-                                                             results)))
+        self.reports.append(protocol.on_wire(protocol.Report(
+            token, start, len(values), results, protocol.report_failures(errors))))
 
     # --- functions -------------------------------------------------------------------
 

@@ -72,8 +72,9 @@ def fetch(scheduler, client):
     return deliveries
 
 
-def report(lease, start, count, results=b"r"):
-    return protocol.Report(protocol.view(protocol.Lease, lease).token, start, count, results)
+def report(lease, start, count, results=b"r", failures=None):
+    return protocol.Report(protocol.view(protocol.Lease, lease).token, start, count, results,
+                           failures)
 
 
 def test_lease_report_deliver_exactly_once():
@@ -337,3 +338,24 @@ def test_chunks_that_no_nodes_python_runs_fail_after_the_grace_period(monkeypatc
     assert failed[3][0] == protocol.FAIL_NO_PYTHON
     assert failed[3][1] == ("CPython 3.99", ["CPython 3.11.7"])
     assert scheduler.status()["clients"][0]["failed"] == 2
+
+
+def test_status_counts_failures_reported_and_keeps_the_recent_ones():
+    scheduler, client, node = make()
+    scheduler.submit(client, [spec(1, 4)])
+    [lease], _ = scheduler.exchange(node, 0, [], 1, 0)
+    failures = (2, [(1, "ValueError", "bad 1", "Traceback ...\nValueError: bad 1\n"),
+                    (3, "KeyError", "'x'", "Traceback ...\nKeyError: 'x'\n")])
+    scheduler.exchange(node, 0, [report(lease, 0, 4, failures=failures)], 0, 0)
+    status = scheduler.status()
+    [mine] = status["clients"]
+    assert (mine["done"], mine["failed"]) == (2, 2)
+    [record] = status["nodes"]
+    assert (record.jobs_done, record.jobs_failed) == (2, 2) and record.seen_s_ago < 5
+    assert (status["jobs_done"], status["jobs_failed"]) == (2, 2)
+    assert status["throughput_1m"] == round(4 / 60, 1)
+    newest, older = status["recent_failures"]
+    assert (newest["job"], newest["kind"], newest["error"]) == ("1/3", "raised", "KeyError: 'x'")
+    assert older["error"] == "ValueError: bad 1" and "ValueError: bad 1" in older["traceback"]
+    series = scheduler.throughput_series(60, 10)
+    assert len(series) == 6 and series[-1] == (10, 0.4) and sum(r for _, r in series) == 0.4
