@@ -1,31 +1,85 @@
-"""``python -m minicw COMMAND``: the commands that are not a role.
+"""``python -m minicw COMMAND``: every command of minicw in one place.
 
-    python -m minicw store PATH     what a checkpoint file holds (store.py): the run,
-                                    its counts (done, failed, missing), its first failures
+    python -m minicw master [options]          = python -m minicw.master (master.py)
+    python -m minicw worker HOST PORT KEY -n N = python -m minicw.worker (worker.py)
+    python -m minicw status [HOST:PORT]        what the cluster is doing (status.py):
+                        [--json] [--watch S]   nodes, clients, throughput, recent failures
+    python -m minicw store PATH                what a checkpoint file holds (store.py)
 
-The roles have their own modules: ``python -m minicw.master``,
-``python -m minicw.worker``.
+``master`` and ``worker`` hand the rest of the command line to their modules;
+``python -m minicw.master`` and ``python -m minicw.worker`` keep working.
+Every command takes -v / -q.  Exit codes: 0 done, 1 a minicw error (said on
+stderr in one line), 2 a usage error.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from minicw.errors import MinicwError
 
+DELEGATED = {"master": "minicw.master:master_main", "worker": "minicw.worker:worker_main"}
+
 
 def parser() -> argparse.ArgumentParser:
+    from minicw import config, launch
     commands = argparse.ArgumentParser(
-        prog="python -m minicw", description="minicw commands (the roles run as "
-        "python -m minicw.master and python -m minicw.worker)")
+        prog="python -m minicw", description="minicw: run Python functions across a "
+        "cluster of ordinary machines.")
     sub = commands.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("master", help="run a master (python -m minicw master --help)",
+                   add_help=False)
+    sub.add_parser("worker", help="run a worker node (python -m minicw worker --help)",
+                   add_help=False)
+
+    status = sub.add_parser(
+        "status", help="what a cluster is doing: nodes, clients, throughput, failures",
+        description="Show a master's worker nodes, clients, throughput and recent failures. "
+        "The master is HOST:PORT, else $%s, else the one a launcher recorded (local run "
+        "directory, then SLURM), else %s:%d; the key is --authkey-file, else $%s, else the "
+        "run directory's key file." % (config.ENV_MASTER, config.DEFAULT_HOST,
+                                       config.DEFAULT_PORT, config.ENV_AUTHKEY))
+    status.add_argument("address", nargs="?", metavar="HOST:PORT", help="the master")
+    status.add_argument("--authkey-file", metavar="FILE",
+                        help="read the key from this file (mode 600)")
+    status.add_argument("--json", action="store_true",
+                        help="print one JSON document (its keys: python -m pydoc minicw.status)")
+    status.add_argument("--watch", type=float, metavar="S",
+                        help="print it again every S seconds, until Ctrl-C")
+    launch.add_log_options(status)
+
     store = sub.add_parser("store", help="show what a checkpoint file holds",
                            description="Show a checkpoint file's run, its counts of done, "
                            "failed and missing jobs, and its first failures.")
     store.add_argument("path", metavar="PATH", help="the checkpoint file (checkpoint=PATH)")
     store.add_argument("--failures", type=int, default=5, metavar="N",
                        help="show the first N failures (default 5)")
+    launch.add_log_options(store)
     return commands
+
+
+def show_status(options) -> int:
+    from minicw import discover, rundir, status
+    if options.address:
+        address = discover.parse_master(options.address)
+    else:
+        address = discover.master_address()
+    key = rundir.read_key_file(options.authkey_file) if options.authkey_file else None
+    key = discover.authkey(key)
+    tty = sys.stdout.isatty()
+    while True:
+        doc = status.document(status.fetch(address, key), address)
+        text = status.dumps(doc) if options.json else status.render(doc)
+        if options.watch and tty and not options.json:
+            text = "\033[H\033[J" + text    # the screen cleared: a live view
+        print(text, flush=True)
+        if not options.watch:
+            return 0
+        try:
+            time.sleep(max(0.2, options.watch))
+        except KeyboardInterrupt:
+            return 0
 
 
 def show_store(options) -> int:
@@ -36,18 +90,31 @@ def show_store(options) -> int:
     return 0
 
 
-COMMANDS = {"store": show_store}
+COMMANDS = {"status": show_status, "store": show_store}
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        module_name, function = DELEGATED[argv[0]].split(":")
+        import importlib
+        return getattr(importlib.import_module(module_name), function)(argv[1:])
     commands = parser()
     options = commands.parse_args(argv)
     if options.command is None:
         commands.print_help()
         return 2
+    from minicw import launch
+    launch.start_logging(launch.log_level(options) if options.verbose or options.log_level
+                         else "warning")   # a command's own output is what it prints
     try:
         return COMMANDS[options.command](options)
+    except KeyboardInterrupt:
+        return 130
     except MinicwError as exc:
+        print("minicw %s: %s" % (options.command, exc), file=sys.stderr)
+        return 1
+    except OSError as exc:   # e.g. --authkey-file missing
         print("minicw %s: %s" % (options.command, exc), file=sys.stderr)
         return 1
 

@@ -35,6 +35,7 @@ import argparse
 import collections
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -166,6 +167,10 @@ def ready_address(record: dict, here: bool = False) -> tuple:
 
 # --- a child of this process --------------------------------------------------------------
 
+# A line of the log format of start_logging: "<time> <logger> LEVEL: message".
+LOG_LINE_LEVEL = re.compile(r"^\S+ \S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL): ")
+
+
 class ChildProcess:
     """A master or worker node started by ``start_master`` or ``start_worker``."""
 
@@ -200,11 +205,14 @@ class ChildProcess:
         return reader
 
     def _forward(self, stream, level: int) -> None:
-        """Log each line of the child's ``stream``, keeping the last ones for errors."""
+        """Log each line of the child's ``stream``, keeping the last ones for errors.
+        A line of the child's own log goes on at the level it was logged at."""
         for line in stream:
             line = line.rstrip("\n")
             self._last_lines.append(line)
-            log.log(level, "[%s %d] %s", self.role, self.pid, line)
+            logged = LOG_LINE_LEVEL.search(line)
+            line_level = getattr(logging, logged.group(1)) if logged else level
+            log.log(line_level, "[%s %d] %s", self.role, self.pid, line)
 
     def wait_ready(self, timeout_s: float = config.READY_TIMEOUT_S) -> dict:
         """The child's ready record; MinicwError (child stopped) if it exits or stalls first."""
@@ -311,11 +319,27 @@ def exit_with_stdin(on_eof: Callable[[], None]) -> None:
 
 # --- in the child: the options and habits of a launched master or node -------------------
 
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """-v / -q / --log-level, which every command takes (read by ``log_level``)."""
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log more: debug messages too")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="log less: warnings and errors only")
+    parser.add_argument("--log-level", default=None,
+                        help="debug, info (default), warning or error")
+
+
+def log_level(args) -> str:
+    """The level the log options ask for: --log-level, else -v or -q, else info."""
+    if args.log_level:
+        return args.log_level
+    return "debug" if args.verbose else "warning" if args.quiet else "info"
+
+
 def add_child_options(parser: argparse.ArgumentParser) -> None:
-    """The options every launched command takes: --log-level, --ready-file, and
-    --exit-with-stdin (hidden: only ChildProcess passes it)."""
-    parser.add_argument("--log-level", default="warning",
-                        help="debug, info, warning (default) or error")
+    """The options every launched command takes: the log options, --ready-file,
+    and --exit-with-stdin (hidden: only ChildProcess passes it)."""
+    add_log_options(parser)
     parser.add_argument("--ready-file", metavar="PATH",
                         help="once ready, write a JSON record here (for a program that "
                         "started this one; see minicw/launch.py); removed at exit")

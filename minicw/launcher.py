@@ -215,8 +215,7 @@ def _write_pid_file(run_dir: str, name: str, entry: dict) -> None:
 def _start_local_master(run_dir: str, port: int, key: str, timeout_s: float) -> tuple:
     """Start the master; (its entry, the ready record)."""
     key_file = rundir.write_authkey(run_dir, key)
-    argv = [sys.executable, "-m", "minicw.master", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning"]
+    argv = [sys.executable, "-m", "minicw.master", "--host", "127.0.0.1", "--port", str(port)]
     try:
         return _spawn_ready(run_dir, "master", argv, key, "master", timeout_s)
     except MinicwError:

@@ -59,7 +59,7 @@ def _master_key(args) -> tuple:
 def master_main(argv=None) -> int:
     """Run a master until SIGTERM, SIGINT or (--exit-with-stdin) EOF on stdin; the exit code."""
     args = master_parser().parse_args(argv)
-    launch.start_logging(args.log_level)
+    launch.start_logging(launch.log_level(args))
     try:
         key, key_source, generated = _master_key(args)
     except MinicwError as exc:

@@ -547,8 +547,14 @@ class WorkerNode:
             if commands:
                 return
         if reason == protocol.END_DIED:
-            log.warning("worker process %d (pid %s) ended: %s", slot.index, process.pid,
-                        exit_description)
+            log.warning("worker process %d (pid %s) ended: %s (running job %s of lease %s)",
+                        slot.index, process.pid, exit_description, position, token)
+        elif reason == protocol.END_TIMED_OUT:
+            log.info("worker process %d (pid %s) killed: job %s of lease %s ran over its "
+                     "time limit", slot.index, process.pid, position, token)
+        else:
+            log.info("worker process %d (pid %s) killed: job %s of lease %s was cancelled "
+                     "while it ran", slot.index, process.pid, position, token)
         api.process_ended(self.node_id, slot.index, token, position, reason, exit_description)
         if not draining:
             self._start_process(slot.index)

@@ -67,7 +67,7 @@ def _worker_master(args) -> tuple:
 def worker_main(argv=None) -> int:
     """Run a worker node until SIGTERM (drained), EOF on stdin or the master's shutdown."""
     args = worker_parser().parse_args(argv)
-    launch.start_logging(args.log_level)
+    launch.start_logging(launch.log_level(args))
     try:
         host, port = _worker_master(args)
     except MinicwError as exc:

@@ -211,7 +211,7 @@ def test_script_start_stop_start_reports_the_new_master(no_slurm_env):
         assert second_port != first_port
         assert discover.master_address() == ("127.0.0.1", second_port)
         assert len(run_squares(("127.0.0.1", second_port), discover.authkey(), 100)) == 100
-        assert open(run_dir / "master.log").read().count("listening on") == 2
+        assert open(run_dir / "master.log").read().count("minicw master listening on") == 2
     assert not any(launcher.process_alive(entry) for entry in seen)
 
 
