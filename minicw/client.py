@@ -26,6 +26,7 @@ current stream does not own (left over from a cancelled run) are dropped.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -37,7 +38,7 @@ import warnings
 from concurrent.futures import CancelledError
 from typing import NamedTuple, Optional
 
-from minicw import config, context, protocol, serialize, transport
+from minicw import config, context, output, protocol, serialize, transport
 from minicw.errors import (
     AuthkeyMismatchError, ClusterShutdownError, JobTimeoutError, MasterConnectionError,
     MasterLostError, MinicwError, NoMatchingPythonError, RemoteError, SerializationError,
@@ -78,9 +79,11 @@ class Session:
     once.  A master that shut down on purpose is not waited for.
     """
 
-    def __init__(self, address, authkey, reconnect_timeout_s: float | None = None):
+    def __init__(self, address, authkey, reconnect_timeout_s: float | None = None,
+                 forward_output=None):
         self.address = tuple(address)
         self._authkey = authkey
+        self.output_limit = config.output_limit(forward_output)  # per job; 0: not forwarded
         self.reconnect_timeout_s = config.reconnect_timeout_s(reconnect_timeout_s)
         self._blobs = {}                  # key -> bytes of every blob stored
         self._blob_lock = threading.Lock()
@@ -224,7 +227,7 @@ class Session:
             return self._context[1]
         if signature != self._context[0]:
             described = context.describe()
-            key, blob = context.make_blob(*described)
+            key, blob = context.make_blob(*described, output_limit=self.output_limit)
             self.put_blob(key, blob)
             self._context = (signature, key)
         return self._context[1]
@@ -369,8 +372,9 @@ def failure_error(failure: protocol.JobFailure, job: str) -> BaseException:
     """The exception a synthesized failure stands for."""
     kind, detail = failure
     if kind == protocol.FAIL_CRASHED:
-        exit_description, attempts = detail
-        return WorkerCrashedError(job, exit_description, attempts)
+        exit_description, attempts, printed = detail
+        return WorkerCrashedError(job, exit_description, attempts,
+                                  output.text_of(printed[1]) if printed else "")
     if kind == protocol.FAIL_TIMEOUT:
         return JobTimeoutError(job, detail)
     if kind == protocol.FAIL_CANCELLED:
@@ -379,6 +383,20 @@ def failure_error(failure: protocol.JobFailure, job: str) -> BaseException:
         python, present = detail
         return NoMatchingPythonError(job, python, list(present))
     return MinicwError("job %s was lost: %s" % (job, detail))
+
+
+def _chunk_job(chunk_id, index) -> str:
+    return "job %s/%s" % (chunk_id, index)
+
+
+def _forward_crash_output(failure: protocol.JobFailure, indices, label_of) -> None:
+    """A crashed job's output, written as if it had come with a result."""
+    if failure.kind != protocol.FAIL_CRASHED or not failure.detail[2]:
+        return
+    origin, printed = failure.detail[2]
+    for index in indices:
+        if index is not None:
+            output.write_job(origin, label_of(index), printed)
 
 
 def remote_error(description: tuple, arg=None, has_arg: bool = False) -> RemoteError:
@@ -415,8 +433,13 @@ class Segment(NamedTuple):
     errors: Optional[dict]    # {offset in values: exception} of the jobs that failed
 
 
-def decode(delivery: protocol.Delivery, session: Session | None = None) -> tuple:
+def decode(delivery: protocol.Delivery, session: Session | None = None,
+           label_of=None) -> tuple:
     """``([Segment], seconds)`` for one Delivery, its results loaded once.
+
+    What the jobs printed is written to this process's stdout and stderr
+    (output.py), each line prefixed with the worker and ``label_of(index)``,
+    the job's name for the caller (default: "job CHUNK/INDEX").
 
     A whole run of consecutive jobs stays one segment, so results move in
     bulk; failures and jobs rerun out of order become one-job segments, and
@@ -427,18 +450,26 @@ def decode(delivery: protocol.Delivery, session: Session | None = None) -> tuple
     as warnings through ``session``.
     """
     chunk_id, indices = delivery.chunk_id, delivery.indices
+    if label_of is None:
+        label_of = functools.partial(_chunk_job, chunk_id)
     if delivery.failure is not None:
+        _forward_crash_output(delivery.failure, indices, label_of)
         return [Segment(index, [None], {0: failure_error(delivery.failure,
                                                          "%s/%s" % (chunk_id, index))})
                 for index in indices if index is not None], None
     try:
-        values, errors, seconds, notes = serialize.loads(delivery.results)
+        values, errors, seconds, notes, printed = serialize.loads(delivery.results)
     except Exception as exc:
         error = SerializationError("cannot load the results of chunk %s: %s" % (chunk_id, exc))
         return [Segment(index, [None], {0: error}) for index in indices
                 if index is not None], None
     if notes and session is not None:
         session.warn_once(notes)
+    if printed is not None:
+        origin, by_offset = printed
+        output.forward(origin, {offset: jobs_output for offset, jobs_output in by_offset.items()
+                                if indices[offset] is not None},
+                       lambda offset: label_of(indices[offset]))
     if errors:
         errors = {offset: remote_error(description) for offset, description in errors.items()}
     if type(indices) is range and indices.step == 1:

@@ -43,7 +43,7 @@ class ClientThread(threading.Thread):
     def __init__(self, callback, host: str | None = None, port: int | None = None,
                  authkey=None, errback=None, job_timeout: float | None = None,
                  max_retries: int = config.DEFAULT_MAX_RETRIES, checkpoint=None,
-                 resume=True, rerun_failed: bool = True):
+                 resume=True, rerun_failed: bool = True, forward_output=None):
         super().__init__(name="minicw-client", daemon=True)
         self.callback = callback
         self.errback = errback
@@ -60,6 +60,7 @@ class ClientThread(threading.Thread):
         self._errors = []                    # (jobid, exception) of failed jobs and callbacks
         self._stopped = False
         self._checkpoint = (checkpoint, resume, rerun_failed)
+        self._forward_output = forward_output
         self._journal = None                 # checkpoint.Journal, by job id
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -74,7 +75,8 @@ class ClientThread(threading.Thread):
                 resume, rerun_failed)
         try:
             self._dispatcher = dispatch.Dispatcher(self.address, self._authkey,
-                                                   self._job_timeout, self._max_retries)
+                                                   self._job_timeout, self._max_retries,
+                                                   self._forward_output)
         except BaseException:
             if self._journal is not None:
                 self._journal.close()
@@ -175,7 +177,8 @@ class ClientThread(threading.Thread):
             on_done = self._on_done(jobid, fn, args, kwargs)
             if on_done is None:       # its outcome is in the checkpoint already
                 return jobid
-            job = self._dispatcher.submit_job(fn, args, kwargs, on_done)
+            job = self._dispatcher.submit_job(fn, args, kwargs, on_done,
+                                              label="job %s" % (jobid,))
         except BaseException:
             with self._lock:
                 self._jobs.pop(jobid, None)

@@ -69,6 +69,34 @@ def reconnect_timeout_s(explicit: float | None = None) -> float:
     return float(text) if text else DEFAULT_RECONNECT_TIMEOUT_S
 
 
+# --- job output (output.py) -------------------------------------------------------
+ENV_FORWARD_OUTPUT = "MINICW_FORWARD_OUTPUT"  # 0: off; 1: on; a number: on, with that limit
+DEFAULT_OUTPUT_LIMIT = 64 * 1024  # characters of one job's output sent back; the rest is cut
+
+
+def output_limit(forward_output=None) -> int:
+    """Characters of each job's output a client gets back (0: none, the output
+    stays on the worker node): ``forward_output`` (True, False, or a limit),
+    else $MINICW_FORWARD_OUTPUT, else on with DEFAULT_OUTPUT_LIMIT."""
+    if forward_output is None:
+        text = os.environ.get(ENV_FORWARD_OUTPUT, "").strip()
+        if not text:
+            return DEFAULT_OUTPUT_LIMIT
+        try:
+            forward_output = int(text)
+        except ValueError:
+            raise ValueError("%s=%r: use 0 (off), 1 (on) or a limit in characters"
+                             % (ENV_FORWARD_OUTPUT, text)) from None
+    if forward_output is True or forward_output == 1:
+        return DEFAULT_OUTPUT_LIMIT
+    if not forward_output:
+        return 0
+    if forward_output < 0:
+        raise ValueError("forward_output must be True, False or a positive limit, not %r"
+                         % (forward_output,))
+    return int(forward_output)
+
+
 # --- work movement ---------------------------------------------------------------
 DEFAULT_CHUNKSIZE = None        # jobs per chunk in MasterNode.execute; None sizes them (chunking.py)
 MAX_CHUNKS_PER_CALL = 16        # chunks moved by one proxy call to or from a worker process
@@ -111,6 +139,7 @@ DEFAULT_RUN_DIR = "~/.minicw/run"  # ... when it is not set and no --run-dir is 
 READY_TIMEOUT_S = 60.0          # a started master must listen, a worker node join, within this
 READY_POLL_S = 0.01             # how often a parent looks for its child's ready file
 CHILD_STOP_TIMEOUT_S = 10.0     # launch.py: EOF on stdin, then SIGTERM, then SIGKILL, over this
+CHILD_OUTPUT_DRAIN_S = 2.0      # launch.py: after a child ended, its last output is read this long
 LOCAL_STOP_GRACE_S = 10.0       # local launcher: SIGTERM, then SIGKILL to the group after this
                                 # (a worker node finishes the jobs it holds meanwhile)
 GROUP_LINGER_S = 2.0            # a process group's members may outlive its leader this long

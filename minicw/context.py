@@ -76,9 +76,12 @@ def describe() -> tuple:
     return cwd, entries, python_tag(), installation_dirs()
 
 
-def make_blob(cwd, entries, tag: str, installation: tuple) -> tuple[str, bytes]:
+def make_blob(cwd, entries, tag: str, installation: tuple,
+              output_limit: int = 0) -> tuple[str, bytes]:
+    """The client's context blob; ``output_limit``: characters of each job's output
+    it wants back (output.py; 0: none)."""
     return protocol.pack_blob(protocol.BLOB_CONTEXT, cwd, tuple(entries), tag,
-                              tuple(installation))
+                              tuple(installation), output_limit)
 
 
 def other_family(path: str) -> bool:
@@ -163,8 +166,9 @@ class JobContext:
     """
 
     def __init__(self, cwd, entries, client_python: str | None = None,
-                 client_installation: tuple = ()):
+                 client_installation: tuple = (), output_limit: int = 0):
         self.notes = []
+        self.output_limit = output_limit   # characters of each job's output to send back
         host = socket.gethostname()
         if cwd and other_family(cwd):
             self.notes.append("the client's working directory %s is a path of another "

@@ -40,6 +40,7 @@ error (the session broke, or closed).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -59,9 +60,10 @@ class Job:
     """One submitted call and what happens to it."""
 
     __slots__ = ("func_key", "fn", "args", "kwargs", "job_timeout", "max_retries",
-                 "on_done", "chunk_id", "index", "settled")
+                 "on_done", "chunk_id", "index", "settled", "label")
 
-    def __init__(self, func_key, fn, args, kwargs, job_timeout, max_retries, on_done):
+    def __init__(self, func_key, fn, args, kwargs, job_timeout, max_retries, on_done,
+                 label=None):
         self.func_key = func_key
         self.fn = fn                  # named only if the job fails (not per submit)
         self.args = args
@@ -72,14 +74,16 @@ class Job:
         self.chunk_id = None          # set when packed into a chunk
         self.index = None
         self.settled = False
+        self.label = label            # its name in forwarded output, e.g. "job 17"
 
 
 class Dispatcher:
     """A client session with batching sender and routing receiver threads."""
 
     def __init__(self, address, authkey, job_timeout=None,
-                 max_retries: int = config.DEFAULT_MAX_RETRIES):
-        self.session = client.Session(address, authkey)
+                 max_retries: int = config.DEFAULT_MAX_RETRIES, forward_output=None):
+        self.session = client.Session(address, authkey, forward_output=forward_output)
+        self._job_numbers = itertools.count(1)  # names jobs in forwarded output
         self.job_timeout = job_timeout
         self.max_retries = max_retries
         self._lock = threading.Lock()
@@ -172,12 +176,16 @@ class Dispatcher:
         if self.closed:
             raise RuntimeError("cannot schedule new jobs after shutdown")
 
-    def submit_job(self, fn, args, kwargs, on_done, job_timeout=None, max_retries=None) -> Job:
-        """Queue ``fn(*args, **kwargs)``; ``on_done(ok, value)`` is called once with the outcome."""
+    def submit_job(self, fn, args, kwargs, on_done, job_timeout=None, max_retries=None,
+                   label=None) -> Job:
+        """Queue ``fn(*args, **kwargs)``; ``on_done(ok, value)`` is called once with the
+        outcome.  ``label`` names the job in its forwarded output (default: "job N",
+        N counting this session's submits)."""
         self.check_open()
         job = Job(self.function_key(fn), fn, args, kwargs,
                   self.job_timeout if job_timeout is None else job_timeout,
-                  self.max_retries if max_retries is None else max_retries, on_done)
+                  self.max_retries if max_retries is None else max_retries, on_done,
+                  label or "job %d" % next(self._job_numbers))
         with self._lock:
             self.check_open()
             self._outstanding += 1
@@ -500,11 +508,12 @@ class JobsRoute:
 
     def deliver(self, delivery: protocol.Delivery) -> None:
         dispatcher = self.dispatcher
-        segments, seconds = client.decode(delivery, dispatcher.session)
+        jobs = self.jobs
+        segments, seconds = client.decode(delivery, dispatcher.session,
+                                          lambda index: jobs[index].label)
         if seconds is not None:
             dispatcher.record_time(self.func_keys, seconds,
                                    sum(len(segment.values) for segment in segments))
-        jobs = self.jobs
         outcomes = []
         with dispatcher._lock:  # settle the whole delivery under one acquisition
             for first, values, errors in segments:
@@ -691,7 +700,8 @@ class MapStream:
 
     def deliver(self, delivery: protocol.Delivery) -> None:
         chunk_id = delivery.chunk_id
-        segments, seconds = client.decode(delivery, self.dispatcher.session)
+        segments, seconds = client.decode(delivery, self.dispatcher.session,
+                                          functools.partial(self._label, chunk_id))
         count = sum(len(segment.values) for segment in segments)
         if seconds is not None:
             self.dispatcher.record_time((self.func_key,), seconds, count)
@@ -726,6 +736,16 @@ class MapStream:
             # finish 200 chunks in any order).
             if not self.ordered or self._next_to_yield in self._ready or not self._results_due:
                 self._cond.notify_all()
+
+    def _label(self, chunk_id: int, index: int) -> str:
+        """A job's name in its forwarded output: its item's position in the map."""
+        record = self._in_flight.get(chunk_id)
+        if record is None:
+            return "item ?"
+        position = record[0] + index
+        if self.checkpointed is not None:
+            position = self.checkpointed.position_of(position)
+        return "item %d" % position
 
     def _retire(self, chunk_id, record, count: int) -> None:
         """``count`` jobs of a chunk were yielded (or handed over, unordered)."""

@@ -126,18 +126,23 @@ class WorkerCrashedError(JobError):
     """A job ended its worker process on every allowed attempt.
 
     ``exit_description`` names the exit code or the signal, ``attempts`` counts
-    the runs that ended this way.
+    the runs that ended this way, ``output`` is what the job printed before
+    its last crash ("" when nothing, or when output is not forwarded).
     """
 
-    def __init__(self, job: str, exit_description: str, attempts: int = 1):
-        super().__init__(job, exit_description, attempts)
+    def __init__(self, job: str, exit_description: str, attempts: int = 1, output: str = ""):
+        super().__init__(job, exit_description, attempts, output)
         self.job = job
         self.exit_description = exit_description
         self.attempts = attempts
+        self.output = output
 
     def __str__(self) -> str:
-        return "job %s crashed its worker process (%s) on %d attempt(s)" % (
+        text = "job %s crashed its worker process (%s) on %d attempt(s)" % (
             self.job, self.exit_description, self.attempts)
+        if self.output:
+            text += "; its output before the crash:\n" + self.output.rstrip("\n")
+        return text
 
 
 class JobTimeoutError(JobError, TimeoutError):

@@ -159,14 +159,17 @@ class ClusterExecutor(Executor):
     ``host``/``port``/``authkey`` default to $MINICW_MASTER and
     $MINICW_AUTHKEY (see discover.py).  ``job_timeout`` (seconds) limits
     each job's run time; ``max_retries`` reruns a job whose process died.
+    What jobs print comes back to this process's stdout and stderr, each line
+    prefixed with its worker and job, unless ``forward_output=False`` (or
+    $MINICW_FORWARD_OUTPUT=0); a number sets the characters kept per job.
     """
 
     def __init__(self, host: str | None = None, port: int | None = None, authkey=None,
                  job_timeout: float | None = None,
-                 max_retries: int = config.DEFAULT_MAX_RETRIES):
+                 max_retries: int = config.DEFAULT_MAX_RETRIES, forward_output=None):
         address = discover.master_address(host, port)
         self._dispatcher = dispatch.Dispatcher(address, discover.authkey(authkey),
-                                               job_timeout, max_retries)
+                                               job_timeout, max_retries, forward_output)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         _live_executors.add(self)

@@ -167,6 +167,14 @@ def ready_address(record: dict, here: bool = False) -> tuple:
 
 # --- a child of this process --------------------------------------------------------------
 
+def _write_line(stream, text: str) -> None:
+    try:
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError, AttributeError):
+        pass   # our own output is closed or gone
+
+
 # A line of the log format of start_logging: "<time> <logger> LEVEL: message".
 LOG_LINE_LEVEL = re.compile(r"^\S+ \S+ \S+ (DEBUG|INFO|WARNING|ERROR|CRITICAL): ")
 
@@ -206,10 +214,16 @@ class ChildProcess:
 
     def _forward(self, stream, level: int) -> None:
         """Log each line of the child's ``stream``, keeping the last ones for errors.
-        A line of the child's own log goes on at the level it was logged at."""
+        A line of the child's own log goes on at the level it was logged at.
+        What a worker node's jobs wrote to its standard output itself (not
+        through sys.stdout, which output.py sends back with each result: a C
+        extension, a subprocess) goes to ours, so that none of it is lost."""
         for line in stream:
             line = line.rstrip("\n")
             self._last_lines.append(line)
+            if level == logging.INFO and self.role == "worker" and not line.startswith("minicw "):
+                _write_line(sys.stdout, "[%s %d] %s\n" % (self.role, self.pid, line))
+                continue
             logged = LOG_LINE_LEVEL.search(line)
             line_level = getattr(logging, logged.group(1)) if logged else level
             log.log(line_level, "[%s %d] %s", self.role, self.pid, line)
@@ -254,6 +268,10 @@ class ChildProcess:
 
     def _wait(self, timeout_s: float | None) -> int:
         code = self.popen.wait(timeout_s)
+        # What it wrote last is still in the pipes: let the readers pass it on
+        # (a process it started may hold a pipe open, hence the limit).
+        for reader in self._readers:
+            reader.join(config.CHILD_OUTPUT_DRAIN_S)
         for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr):
             self._close(stream)
         shutil.rmtree(self._ready_dir, ignore_errors=True)
@@ -293,7 +311,9 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
         argv += ["-n", str(nprocs)]
     if oversubscribe:
         argv.append("--oversubscribe")
-    child = ChildProcess("worker", argv, authkey)
+    # Unbuffered: what its jobs write to their standard output themselves reaches
+    # ours line by line (_forward), and none is left in a buffer when it stops.
+    child = ChildProcess("worker", argv, authkey, {"PYTHONUNBUFFERED": "1"})
     child.wait_ready()
     return child
 

@@ -26,10 +26,11 @@ class LocalCluster(MasterNode):
     """
 
     def __init__(self, n_workers: int | None = None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
-                 heartbeat_timeout_s: float | None = None, oversubscribe: bool = False):
+                 heartbeat_timeout_s: float | None = None, oversubscribe: bool = False,
+                 forward_output=None):
         super().__init__(HOST="127.0.0.1", PORT=0,
                          AUTHKEY=secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES),
-                         chunksize=chunksize)
+                         chunksize=chunksize, forward_output=forward_output)
         self.n_workers = n_workers
         self.oversubscribe = oversubscribe    # n_workers may exceed the CPU count
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -46,14 +47,17 @@ class LocalCluster(MasterNode):
         self.shutdown()
 
     def executor(self, **options):
-        """A ClusterExecutor bound to this cluster (``options``: job_timeout, max_retries)."""
+        """A ClusterExecutor bound to this cluster (``options``: job_timeout, max_retries,
+        forward_output, which defaults to the cluster's)."""
         from minicw.executor import ClusterExecutor
+        options.setdefault("forward_output", self.forward_output)
         host, port = self.address
         return ClusterExecutor(host, port, self.authkey, **options)
 
     def client_thread(self, callback, **options):
         """A ClientThread bound to this cluster, not yet started."""
         from minicw.client_thread import ClientThread
+        options.setdefault("forward_output", self.forward_output)
         host, port = self.address
         return ClientThread(callback, host, port, self.authkey, **options)
 

@@ -35,10 +35,13 @@ class MasterNode:
     ``chunksize`` fixes how many args travel in one chunk; None (the
     default) sizes chunks from the measured time per job (chunking.py):
     one arg per chunk for slow functions, up to 4,096 for fast ones.
+    What jobs print comes back to this process's stdout and stderr
+    (``forward_output=False`` keeps it on the workers).
     """
 
     def __init__(self, HOST: str = "127.0.0.1", PORT: int = config.DEFAULT_PORT,
-                 AUTHKEY=None, chunksize: int | None = config.DEFAULT_CHUNKSIZE):
+                 AUTHKEY=None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
+                 forward_output=None):
         if AUTHKEY is None:
             AUTHKEY = secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES)
         if chunksize is not None and int(chunksize) < 1:
@@ -47,6 +50,7 @@ class MasterNode:
         self.PORT = int(PORT)
         self.AUTHKEY = transport.as_authkey(AUTHKEY)
         self.chunksize = None if chunksize is None else int(chunksize)
+        self.forward_output = forward_output  # what jobs print comes back here (output.py)
         self._job_times = chunking.JobTimes()  # for chunk sizes, across executes
         self.max_retries = config.DEFAULT_MAX_RETRIES
         self.heartbeat_timeout_s = None
@@ -94,7 +98,8 @@ class MasterNode:
         self._address = (host, port)
         self.PORT = port
         try:
-            self._session = client.Session(self._address, self.AUTHKEY)
+            self._session = client.Session(self._address, self.AUTHKEY,
+                                           forward_output=self.forward_output)
             if if_join_as_worker:
                 self.join_as_worker(nprocs, oversubscribe)
         except BaseException:
@@ -111,7 +116,8 @@ class MasterNode:
         if self._session is not None:
             raise MinicwError("already connected to %s" % transport.format_address(self._address))
         self._address = (self.HOST or config.DEFAULT_HOST, self.PORT)
-        self._session = client.Session(self._address, self.AUTHKEY)
+        self._session = client.Session(self._address, self.AUTHKEY,
+                                           forward_output=self.forward_output)
         self.server_status = "Connected"
         return self
 
@@ -319,7 +325,8 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
     try:
         for delivery in stream:
             items = args_by_chunk[delivery.chunk_id]
-            segments, seconds = client.decode(delivery, session)
+            segments, seconds = client.decode(delivery, session,
+                                              lambda index: "arg %r" % (items[index],))
             if seconds is not None:
                 job_times.record((func_key,), seconds,
                                  sum(len(segment.values) for segment in segments))

@@ -36,14 +36,16 @@ import platform
 import socket
 import sys
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import time
 import types
 from collections import OrderedDict
 from multiprocessing import connection, get_context
 
-from minicw import config, protocol, serialize, transport, worker_process
+from minicw import config, output, protocol, serialize, transport, worker_process
 from minicw.errors import (
     AuthkeyMismatchError, ClusterShutdownError, MasterConnectionError, MasterHostUnknownError,
 )
@@ -231,6 +233,7 @@ class WorkerNode:
         self._stop_requested = threading.Event()
         self._drain_requested = threading.Event()
         self._registered = threading.Event()
+        self._output_dir = None   # the slots' files of what their jobs print (output.py)
 
     # --- public ------------------------------------------------------------------
 
@@ -261,6 +264,9 @@ class WorkerNode:
         finally:
             self._stop_processes()
             self._registered.clear()
+            if self._output_dir is not None:
+                shutil.rmtree(self._output_dir, ignore_errors=True)
+                self._output_dir = None
 
     def stop(self, drain: bool = False) -> None:
         """Ask ``join_cluster`` to return; with ``drain``, leased jobs finish first."""
@@ -555,16 +561,29 @@ class WorkerNode:
         else:
             log.info("worker process %d (pid %s) killed: job %s of lease %s was cancelled "
                      "while it ran", slot.index, process.pid, position, token)
-        api.process_ended(self.node_id, slot.index, token, position, reason, exit_description)
+        printed = None
+        if reason != protocol.END_KILLED and token:
+            printed = output.crashed_output(self._output_file(slot.index), position) or None
+            if printed is not None:
+                printed = ("%s:%s" % (socket.gethostname(), process.pid), printed)
+        api.process_ended(self.node_id, slot.index, token, position, reason, exit_description,
+                          printed)
         if not draining:
             self._start_process(slot.index)
+
+    def _output_file(self, index: int) -> str:
+        """The file in which slot ``index``'s process mirrors what its job prints."""
+        if self._output_dir is None:
+            self._output_dir = tempfile.mkdtemp(prefix="minicw-node-")
+        return os.path.join(self._output_dir, "slot-%d.out" % index)
 
     def _start_process(self, index: int) -> None:
         node_end, process_end = self.context.Pipe(duplex=True)
         state = self.context.RawArray("q", worker_process.STATE_FIELDS)
         state[worker_process.STATE_POSITION] = -1
         spec = {"node_id": self.node_id, "slot": index, "control": process_end,
-                "slot_state": state, "address": self.address, "authkey": self.authkey}
+                "slot_state": state, "address": self.address, "authkey": self.authkey,
+                "output_file": self._output_file(index)}
         process = self.context.Process(target=worker_process.run_process, args=(spec,),
                                        name="minicw-worker-%d" % index, daemon=True)
         with _main_hidden():

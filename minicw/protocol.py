@@ -50,8 +50,9 @@ nodes once and cached):
     (BLOB_CALLABLE, serialized_callable)      a function shipped by value
     (BLOB_ENVIR_NAME, envir_key, name)        a name in an environment source
     (BLOB_ENVIR_SOURCE, source_text, label)   the environment source itself
-    (BLOB_CONTEXT, cwd, sys_path)             where the client's jobs run: its working
-                                              directory and sys.path entries to prepend
+    (BLOB_CONTEXT, cwd, sys_path, python,     where the client's jobs run: its working
+     installation, output_limit)              directory and sys.path entries to prepend,
+                                              and how much of each job's output it wants
     (BLOB_DATA, serialized_object)            an object broadcast once (broadcast.py)
 """
 from __future__ import annotations
@@ -187,7 +188,7 @@ NODE_CALLS = (
     Call("poll", ("node_id", "timeout_s"), "[Command]", waits=True),
     Call("get_blob", ("key",), "bytes"),
     Call("process_ended", ("node_id", "slot", "token", "position", "reason",
-                           "exit_description"), "None"),
+                           "exit_description", "output"), "None"),
     Call("unregister", ("node_id",), "None"),
 )
 PROCESS_CALLS = (
@@ -221,7 +222,9 @@ CALL_STAR = 1   # fn(*item)                       (map over several iterables)
 CALL_FULL = 2   # func_keys[item[0]](*item[1], **item[2])   (submit)
 
 # --- synthesized failures --------------------------------------------------------------
-FAIL_CRASHED = "crashed"      # detail: (exit description, attempts)
+FAIL_CRASHED = "crashed"      # detail: (exit description, attempts, (origin, [(stream,
+                              # text)]) the job wrote before its process died (output.py),
+                              # or None)
 FAIL_TIMEOUT = "timeout"      # detail: timeout_s
 FAIL_CANCELLED = "cancelled"  # detail: why
 FAIL_LOST = "lost"            # detail: why (e.g. the function blob is unknown)
@@ -272,10 +275,11 @@ def pack_payload(kind: int, items: list) -> bytes:
 
 
 def pack_results(values: list, errors: dict | None, seconds: float = 0.0,
-                 notes: list | None = None) -> bytes:
-    """Results of consecutive jobs: ``values[i]``, or ``errors[i]`` when job i raised."""
+                 notes: list | None = None, output: tuple | None = None) -> bytes:
+    """Results of consecutive jobs: ``values[i]``, or ``errors[i]`` when job i raised;
+    ``output``: None, or (origin, {i: [(stream, text)]}) of the jobs that printed."""
     from minicw import serialize
-    return serialize.dumps((values, errors, seconds, notes), PICKLE_PROTOCOL)
+    return serialize.dumps((values, errors, seconds, notes, output), PICKLE_PROTOCOL)
 
 
 # --- exceptions across the wire ---------------------------------------------------------

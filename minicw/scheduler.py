@@ -445,10 +445,11 @@ class Scheduler:
             self._settle(waiter, self._reply_now(waiter))
 
     def process_ended(self, node_id: str, slot: int, token: int, position: int,
-                      reason: str, exit_description: str) -> None:
+                      reason: str, exit_description: str, output=None) -> None:
         """A node's worker process ended; settle every lease it held.
 
-        ``token``/``position`` say which job it was running (0/-1: none known).
+        ``token``/``position`` say which job it was running (0/-1: none known);
+        ``output`` is what that job printed before (output.py), or None.
         """
         with self._changing:
             node = self._nodes.get(node_id)
@@ -462,7 +463,8 @@ class Scheduler:
                 if chunk is None:
                     continue
                 if held_token == token:
-                    self._end_lease(chunk, max(position, chunk.done), reason, exit_description)
+                    self._end_lease(chunk, max(position, chunk.done), reason, exit_description,
+                                    output)
                 else:
                     self._end_lease(chunk, None, reason, exit_description)
 
@@ -686,7 +688,8 @@ class Scheduler:
             self._release(chunk)
             del client.chunks[chunk.chunk_id]
 
-    def _end_lease(self, chunk: Chunk, culprit_position, reason: str, exit_description: str):
+    def _end_lease(self, chunk: Chunk, culprit_position, reason: str, exit_description: str,
+                   output=None):
         """LEASED -> QUEUED / RETRIED / FAILED for a lease whose process ended.
 
         ``culprit_position`` is the position that was running, or None when
@@ -715,7 +718,7 @@ class Scheduler:
             chunk.crashes[culprit] = attempts
             if attempts > chunk.max_retries:
                 failure = protocol.JobFailure(protocol.FAIL_CRASHED,
-                                              (exit_description, attempts))
+                                              (exit_description, attempts, output))
             else:
                 log.info("job %s/%s crashed its process (%s); retry %d of %d",
                          chunk.chunk_id, culprit, exit_description, attempts, chunk.max_retries)

@@ -111,8 +111,10 @@ class NodeAPI(_RoleAPI):
     def get_blob(self, key):
         return self._scheduler.get_blob(key)
 
-    def process_ended(self, node_id, slot, token, position, reason, exit_description):
-        self._scheduler.process_ended(node_id, slot, token, position, reason, exit_description)
+    def process_ended(self, node_id, slot, token, position, reason, exit_description,
+                      output=None):
+        self._scheduler.process_ended(node_id, slot, token, position, reason, exit_description,
+                                      output)
 
     def unregister(self, node_id):
         self._scheduler.unregister_node(node_id)

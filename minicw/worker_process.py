@@ -35,13 +35,14 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import threading
 import time
 from collections import OrderedDict, deque
 from multiprocessing import connection, parent_process
 
-from minicw import broadcast, config, context, envir, protocol, serialize, transport
+from minicw import broadcast, config, context, envir, output, protocol, serialize, transport
 from minicw.errors import EnvirError
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ class Runner:
         self.revoked = set()
         self.chunk_seconds = 0.0     # moving average of the time one chunk takes
         self.draining = False
+        # What jobs print, for clients that want it back (output.py); the node
+        # reads the slot's file when this process dies under a job.
+        self.capture = output.Capture(self.state, STATE_POSITION, spec.get("output_file"))
+        self.origin = "%s:%d" % (socket.gethostname(), os.getpid())
 
     def run(self) -> int:
         broadcast.set_fetcher(self._fetch_blob)
@@ -207,8 +212,15 @@ class Runner:
             self._report(token, 0, [None] * len(selection), errors, 0.0)
             self._finish_lease()
             return
-        self._run_jobs(token, selection, items, _caller(kind, functions), lease.timeout_s,
-                       job_context, started)
+        output_limit = job_context.output_limit if job_context is not None else 0
+        if output_limit:
+            self.capture.install(output_limit)
+        try:
+            self._run_jobs(token, selection, items, _caller(kind, functions), lease.timeout_s,
+                           job_context, started)
+        finally:
+            if output_limit:
+                self.capture.uninstall()
 
     def _run_jobs(self, token, selection, items, call, timeout_s, job_context, started):
         # The inner loop runs once per job: names are bound locally, and the
@@ -269,11 +281,14 @@ class Runner:
 
     def _report(self, token, start, values, errors, seconds) -> None:
         notes, self.notes = self.notes or None, []
+        printed = self.capture.take(start, len(values))
+        if printed is not None:
+            printed = (self.origin, printed)
         try:
-            results = protocol.pack_results(values, errors, seconds, notes)
+            results = protocol.pack_results(values, errors, seconds, notes, printed)
         except Exception:
             values, errors = _picklable_results(values, errors)
-            results = protocol.pack_results(values, errors, seconds, notes)
+            results = protocol.pack_results(values, errors, seconds, notes, printed)
         self.reports.append(protocol.on_wire(protocol.Report(
             token, start, len(values), results, protocol.report_failures(errors))))
 
@@ -295,9 +310,10 @@ class Runner:
             return None
         job_context = self.contexts.get(key)
         if job_context is None:
-            _, cwd, entries, python, installation = pickle.loads(self._fetch_blob(key))
+            _, cwd, entries, python, installation, output_limit = pickle.loads(
+                self._fetch_blob(key))
             job_context = self.contexts[key] = context.JobContext(cwd, entries, python,
-                                                                  installation)
+                                                                  installation, output_limit)
             if len(self.contexts) > FUNCTIONS_PER_PROCESS:
                 self.contexts.popitem(last=False)
         return job_context
