@@ -41,7 +41,7 @@ import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, quote
 
-from minicw import activity, config, launch
+from minicw import activity, config, launch, transport
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,7 @@ CONTENT_SECURITY_POLICY = ("default-src 'none'; style-src 'unsafe-inline'; img-s
 
 def token(authkey: str | bytes) -> str:
     """The dashboard's token for a cluster key: hex of HMAC-SHA256(key, label), truncated."""
-    if isinstance(authkey, str):
-        authkey = authkey.encode("utf-8", "surrogateescape")
-    digest = hmac.new(authkey, config.DASHBOARD_TOKEN_LABEL, hashlib.sha256).hexdigest()
+    digest = hmac.new(transport.as_authkey(authkey), config.DASHBOARD_TOKEN_LABEL, hashlib.sha256).hexdigest()
     return digest[:config.DASHBOARD_TOKEN_CHARS]
 
 

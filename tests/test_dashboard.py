@@ -208,6 +208,7 @@ def test_requests_without_the_token_get_403_and_nothing_else(run_going):
 
 def test_the_page_shows_nodes_clients_chart_and_the_failure(run_going):
     url, port = run_going
+    assert url.endswith("?token=" + dashboard.token(KEY))   # whoever has the key knows it
     status, body = fetch(url)
     assert status == 200
     page = body.decode("utf-8")
