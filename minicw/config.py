@@ -163,3 +163,15 @@ CHECKPOINT_BACKLOG_BYTES = 256 << 20  # results waiting to be written beyond thi
 CHECKPOINT_LOOKUP_JOBS = 512        # a resumed run looks up the stored jobs this many at a time
 CHECKPOINT_UNWAL_WAIT_MS = 200      # a finished run's file leaves WAL mode unless a reader
                                     # holds it longer than this
+
+
+# --- the dashboard: dashboard.py ---------------------------------------------------
+DASHBOARD_HOST = "127.0.0.1"     # the page is served on this interface unless told otherwise
+DASHBOARD_TOKEN_LABEL = b"minicw dashboard token v1"  # HMAC'd with the key: the page's token
+DASHBOARD_TOKEN_CHARS = 32       # hex characters of that HMAC-SHA256 kept (128 bits)
+DASHBOARD_REFRESH_S = 2          # the page reloads itself this often
+DASHBOARD_CHART_S = 600          # the throughput chart covers this much of the past ...
+DASHBOARD_CHART_STEP_S = 10      # ... one bar per this many seconds
+DASHBOARD_FAILURES_SHOWN = 20    # newest failures on the page (status.json has all kept)
+DASHBOARD_STOP_POLL_S = 0.2      # its server looks this often whether it must stop
+DASHBOARD_REQUEST_TIMEOUT_S = 10.0  # a browser silent this long mid-request is dropped

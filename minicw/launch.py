@@ -7,7 +7,9 @@
     removes a stale ready file, starts     --ready-file PATH: once listening (master) or
       the child with --ready-file PATH       joined (node) it writes PATH atomically:
     wait_ready_file(PATH, pid) <-----------  master  {"pid", "host", "port", "hostname",
-      polls until PATH names the child's               "job_id" ($SLURM_JOB_ID, if set)}
+      polls until PATH names the child's               "job_id" ($SLURM_JOB_ID, if set),
+                                                       "dashboard_host", "dashboard_port"
+                                                       (--dashboard; never its token)}
       pid; the child exiting first or a      node    {"pid", "node_id", "nprocs"}
       timeout raises MinicwError quoting     and removes PATH at shutdown if it still
       the end of the child's output          names its pid
@@ -92,10 +94,14 @@ def own_session() -> dict:
 
 # --- the ready file: the child's side ------------------------------------------------------
 
-def master_ready_record(host: str, port: int) -> dict:
-    """What a master writes once it listens on (host, port)."""
+def master_ready_record(host: str, port: int, dashboard: tuple | None = None) -> dict:
+    """What a master writes once it listens on (host, port), its dashboard on
+    ``dashboard`` (host, port) if it serves one."""
     record = {"pid": os.getpid(), "host": host, "port": int(port),
               "hostname": socket.gethostname()}
+    if dashboard is not None:
+        # Where only: the parent has the key, and computes the page's token.
+        record["dashboard_host"], record["dashboard_port"] = dashboard[0], int(dashboard[1])
     if os.environ.get("SLURM_JOB_ID"):
         record["job_id"] = os.environ["SLURM_JOB_ID"]
     return record
@@ -199,6 +205,7 @@ class ChildProcess:
             shutil.rmtree(self._ready_dir, ignore_errors=True)
             raise
         self.pid = self.popen.pid
+        self.ready_record = None   # the child's ready record, once wait_ready() has it
         self._last_lines = collections.deque(maxlen=OUTPUT_LINES_KEPT)
         # Two pipes, not one: the child's stdout says what it did (info), its
         # stderr what went wrong (its warnings, errors, tracebacks), which must
@@ -239,6 +246,7 @@ class ChildProcess:
         # Read: the folder goes now, so that a parent killed later leaves none
         # behind (the child's own removal of the file at exit then finds nothing).
         shutil.rmtree(self._ready_dir, ignore_errors=True)
+        self.ready_record = record
         return record
 
     def _end_of_output(self) -> str:
@@ -286,11 +294,18 @@ class ChildProcess:
 
 
 def start_master(host: str, port: int, authkey: str | bytes,
-                 heartbeat_timeout_s: float | None = None) -> tuple[ChildProcess, tuple]:
-    """Start ``python -m minicw.master``; returns the child and the (host, port) to reach it."""
+                 heartbeat_timeout_s: float | None = None,
+                 dashboard_port: int | None = None) -> tuple[ChildProcess, tuple]:
+    """Start ``python -m minicw.master``; returns the child and the (host, port) to reach it.
+
+    ``dashboard_port`` (0: a free one): it serves its dashboard on 127.0.0.1;
+    the child's ``ready_record`` says where.
+    """
     argv = ["minicw.master", "--host", host, "--port", str(port)]
     if heartbeat_timeout_s is not None:
         argv += ["--heartbeat-timeout", str(heartbeat_timeout_s)]
+    if dashboard_port is not None:
+        argv += ["--dashboard", str(dashboard_port)]
     child = ChildProcess("master", argv, authkey)
     record = child.wait_ready()
     return child, ready_address(record, here=True)

@@ -5,6 +5,7 @@
            > $MINICW_AUTHKEY > a new one, printed once
       server.Master(host, port, key).start()
       --ready-file PATH: the ready record (launch.py) once listening
+      --dashboard PORT: the read-only status page (dashboard.py), its URL printed once
       serves until SIGTERM / SIGINT, or EOF on stdin (--exit-with-stdin)
 
 The one master main loop: ``LocalCluster``/``MasterNode`` (launch.py), the
@@ -41,6 +42,11 @@ def master_parser() -> argparse.ArgumentParser:
                         help="declare a silent worker node or client dead after this "
                         "long (default: $%s or %g)" % (config.ENV_HEARTBEAT_TIMEOUT_S,
                                                        config.DEFAULT_HEARTBEAT_TIMEOUT_S))
+    parser.add_argument("--dashboard", type=int, metavar="PORT",
+                        help="serve a read-only status page on this port (0: a free one); "
+                        "its URL, with the token derived from the key, is printed once")
+    parser.add_argument("--dashboard-host", default=config.DASHBOARD_HOST, metavar="HOST",
+                        help="interface the status page listens on (default: %(default)s)")
     launch.add_child_options(parser)
     return parser
 
@@ -64,17 +70,24 @@ def master_main(argv=None) -> int:
         key, key_source, generated = _master_key(args)
     except MinicwError as exc:
         return launch.command_error("minicw-master", exc)
-    master = Master(args.host, args.port, key, heartbeat_timeout_s=args.heartbeat_timeout)
+    dashboard_address = (None if args.dashboard is None
+                         else (args.dashboard_host, args.dashboard))
+    master = Master(args.host, args.port, key, heartbeat_timeout_s=args.heartbeat_timeout,
+                    dashboard_address=dashboard_address)
     try:
         host, port = master.start()
     except OSError as exc:
         return launch.command_error("minicw-master", exc.strerror)
     _print_master_started(host, port, key if generated else None, key_source)
+    if master.dashboard is not None:
+        print("dashboard (read-only; the URL holds its token): %s" % master.dashboard.url,
+              flush=True)
     if args.exit_with_stdin:
         launch.exit_with_stdin(master.shutdown)
     launch.on_signals(lambda signum, frame: threading.Thread(target=master.shutdown).start())
     if args.ready_file:  # last: whoever reads it may signal us at once
-        launch.write_ready_file(args.ready_file, launch.master_ready_record(host, port))
+        launch.write_ready_file(args.ready_file, launch.master_ready_record(
+            host, port, master.dashboard.address if master.dashboard else None))
     while not master.wait(1.0):  # wake now and then so signals are handled promptly
         pass
     if args.ready_file:

@@ -37,11 +37,14 @@ class MasterNode:
     one arg per chunk for slow functions, up to 4,096 for fast ones.
     What jobs print comes back to this process's stdout and stderr
     (``forward_output=False`` keeps it on the workers).
+    ``dashboard``: a port (True: a free one) where the master serves its
+    read-only status page on 127.0.0.1; its URL, token included, is
+    ``self.dashboard_url`` once started.
     """
 
     def __init__(self, HOST: str = "127.0.0.1", PORT: int = config.DEFAULT_PORT,
                  AUTHKEY=None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
-                 forward_output=None):
+                 forward_output=None, dashboard: int | bool | None = None):
         if AUTHKEY is None:
             AUTHKEY = secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES)
         if chunksize is not None and int(chunksize) < 1:
@@ -55,6 +58,8 @@ class MasterNode:
         self.max_retries = config.DEFAULT_MAX_RETRIES
         self.heartbeat_timeout_s = None
         self.server_status = "Not started"
+        self.dashboard = dashboard
+        self.dashboard_url = None     # the master's dashboard page, once started with one
         self._master_process = None
         self._worker_process = None
         self._session = None
@@ -94,9 +99,11 @@ class MasterNode:
             self.shutdown()
         bind_host = self.HOST if self.HOST else "0.0.0.0"
         self._master_process, (host, port) = launch.start_master(
-            bind_host, self.PORT, self.AUTHKEY, self.heartbeat_timeout_s)
+            bind_host, self.PORT, self.AUTHKEY, self.heartbeat_timeout_s,
+            _dashboard_port(self.dashboard))
         self._address = (host, port)
         self.PORT = port
+        self.dashboard_url = _dashboard_url(self._master_process.ready_record, self.AUTHKEY)
         try:
             self._session = client.Session(self._address, self.AUTHKEY,
                                            forward_output=self.forward_output)
@@ -158,6 +165,7 @@ class MasterNode:
             self._master_process.stop()
             self._master_process = None
         self.server_status = "Shut down"
+        self.dashboard_url = None
 
     def _require_session(self) -> client.Session:
         if self._session is None:
@@ -256,6 +264,22 @@ class MasterNode:
                                                  self._target_name)
         session.put_blob(func_key, func_blob)
         return func_key
+
+
+def _dashboard_port(dashboard) -> int | None:
+    """The --dashboard port for MasterNode's ``dashboard`` (True: 0, a free one)."""
+    if dashboard is None or dashboard is False:
+        return None
+    return 0 if dashboard is True else int(dashboard)
+
+
+def _dashboard_url(ready_record: dict, authkey: bytes) -> str | None:
+    """The page's URL from the master's ready record (which holds no token)."""
+    if "dashboard_port" not in ready_record:
+        return None
+    from minicw import dashboard  # the page's server, only for a master that serves one
+    return dashboard.page_url(ready_record["dashboard_host"], ready_record["dashboard_port"],
+                              authkey, here=True)
 
 
 def check_args(args):

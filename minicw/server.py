@@ -23,7 +23,9 @@ that the state change which settles it answers later through the event
 loop; nothing blocks a thread, and nothing sleeps in a loop.
 
 ``python -m minicw.master`` runs one (master.py); ``Master`` can also run
-inside any process (``start()`` / ``shutdown()``), as the tests do.
+inside any process (``start()`` / ``shutdown()``), as the tests do.  Given
+a ``dashboard_address``, it also serves the read-only status page of
+dashboard.py (threads of its own, reading the Scheduler's public methods).
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import logging
 import threading
 
 from minicw import config, protocol, transport
+from minicw.dashboard import Dashboard
 from minicw.errors import ProtocolVersionError
 from minicw.reactor import Reactor
 from minicw.scheduler import Scheduler
@@ -154,10 +157,12 @@ def call_table(apis: dict) -> dict:
 
 
 class Master:
-    """A minicw master serving on ``(host, port)`` (port 0: any free port)."""
+    """A minicw master serving on ``(host, port)`` (port 0: any free port), and
+    its dashboard on ``dashboard_address`` (host, port) if given."""
 
     def __init__(self, host: str = config.DEFAULT_HOST, port: int = config.DEFAULT_PORT,
-                 authkey=None, heartbeat_timeout_s: float | None = None):
+                 authkey=None, heartbeat_timeout_s: float | None = None,
+                 dashboard_address: tuple | None = None):
         if authkey is None:
             raise ValueError("the master needs an authkey")
         self.scheduler = Scheduler(config.heartbeat_timeout_s(heartbeat_timeout_s))
@@ -166,6 +171,8 @@ class Master:
         self._server = None
         self._stopped = threading.Event()
         self._threads = []
+        self._dashboard_address = dashboard_address
+        self.dashboard = None     # a started dashboard.Dashboard (its .url, .address)
 
     @property
     def address(self) -> tuple:
@@ -198,7 +205,19 @@ class Master:
         self._spawn(self._server.accepter, "minicw-accept")
         self._spawn(self._reap, "minicw-reaper")
         log.info("master listening on %s", transport.format_address(self.address))
+        if self._dashboard_address is not None:
+            self._start_dashboard()
         return self.address
+
+    def _start_dashboard(self) -> None:
+        """Serve the dashboard; OSError (the master shut down) if it cannot listen."""
+        dashboard = Dashboard(self.scheduler, self._authkey, self.address)
+        try:
+            dashboard.start(*self._dashboard_address)
+        except OSError:
+            self.shutdown()
+            raise
+        self.dashboard = dashboard
 
     def _spawn(self, target, name):
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -216,6 +235,8 @@ class Master:
 
     def shutdown(self) -> None:
         """Tell every node and waiting client, then stop listening."""
+        if self.dashboard is not None:
+            self.dashboard.close()
         if self._server is None or self._server.closing.is_set():
             self._stopped.set()
             return
