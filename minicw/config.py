@@ -134,3 +134,30 @@ CHECKPOINT_BACKLOG_BYTES = 256 << 20  # results waiting to be written beyond thi
 CHECKPOINT_LOOKUP_JOBS = 512        # a resumed run looks up the stored jobs this many at a time
 CHECKPOINT_UNWAL_WAIT_MS = 200      # a finished run's file leaves WAL mode unless a reader
                                     # holds it longer than this
+
+
+# --- progress display: progress.py -------------------------------------------------
+ENV_PROGRESS = "MINICW_PROGRESS"   # "1": show progress (plain lines when stderr is not a
+                                   # terminal), "0": never; progress=True/False on a call wins
+PROGRESS_DELAY_S = 2.0             # a run shows nothing before it has taken this long
+PROGRESS_TERMINAL_EVERY_S = 0.25   # the line on a terminal is rewritten at most this often
+PROGRESS_NOTEBOOK_EVERY_S = 0.5    # ... a notebook's display updated at most this often
+PROGRESS_PLAIN_EVERY_S = 30.0      # stderr not a terminal (a pipe, a log): a line at most
+                                   # this often, the first after this long too (forced on:
+                                   # after PROGRESS_DELAY_S)
+PROGRESS_WAKE_S = 0.5              # a caller waiting for results wakes this often to keep
+                                   # the elapsed time and ETA current
+
+
+def progress_setting(explicit: bool | None = None) -> bool | None:
+    """Whether runs show their progress: ``explicit`` (a call's ``progress=``) if
+    given, else $MINICW_PROGRESS ("1" on, "0" off), else None: the default
+    (shown, where it fits: see progress.py)."""
+    if explicit is not None:
+        return bool(explicit)
+    text = os.environ.get(ENV_PROGRESS, "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return None
