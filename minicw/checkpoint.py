@@ -31,6 +31,7 @@ from collections import deque
 from minicw import config, store
 from minicw.client import job_exception
 from minicw.journal import Journal
+from minicw.progress import OFF as NO_PROGRESS
 
 
 # --- keys, a block at a time --------------------------------------------------------------
@@ -87,6 +88,7 @@ class CheckpointedMap:
         self._where = {}                # inner position -> (position, key), until journaled
         self._pulled = 0                # positions pulled from items
         self.total = None               # positions in all, once items ran out
+        self.progress = NO_PROGRESS     # counts stored runs (the inner stream, fresh ones)
 
     def missing_count(self, length: int) -> int | None:
         """How many of ``length`` jobs will run (None when not known beforehand)."""
@@ -164,11 +166,13 @@ class CheckpointedMap:
             self.journal.add_outcomes(positions, keys, values, errors)
 
     # --- what the caller iterates ---
-    def results(self, fresh) -> "Results":
+    def results(self, fresh, progress=NO_PROGRESS) -> "Results":
         """The map's results: stored ones read back, ``fresh`` ones (the inner
-        MapStream's results) for the jobs that ran, in order when ``ordered``."""
+        MapStream's results) for the jobs that ran, in order when ``ordered``.
+        ``progress`` is the whole map's, shared with the inner stream."""
+        self.progress = progress
         walk = self._walk_ordered(fresh) if self.ordered else self._walk_unordered(fresh)
-        return Results(walk, fresh, self.journal)
+        return Results(walk, fresh, self.journal, progress)
 
     def _walk_ordered(self, fresh):
         """Position by position: a stored run from the file, a fresh run from the
@@ -211,6 +215,7 @@ class CheckpointedMap:
             yield value
 
     def _stored(self, first: int, count: int):
+        self.progress.add_stored(count)
         for ok, value in self.journal.load(first, count):
             if not ok:
                 raise job_exception(value)
@@ -223,10 +228,11 @@ class Results:
     cancelled and the checkpoint is committed and released (its lock is not
     held until the program exits)."""
 
-    def __init__(self, walk, fresh, journal: Journal):
+    def __init__(self, walk, fresh, journal: Journal, progress=NO_PROGRESS):
         self._walk = walk
         self._fresh = fresh
         self._journal = journal
+        self._progress = progress
 
     def __iter__(self) -> "Results":
         return self
@@ -242,6 +248,7 @@ class Results:
         self._walk.close()
         self._fresh.close()
         self._journal.close()
+        self._progress.finish()
 
     def __del__(self):
         self.close()
@@ -249,10 +256,12 @@ class Results:
 
 # --- execute() ------------------------------------------------------------------------------
 
-def resumed_execute(journal: Journal, args, key_fn, run_missing, failure_of) -> dict:
+def resumed_execute(journal: Journal, args, key_fn, run_missing, failure_of,
+                    progress=NO_PROGRESS) -> dict:
     """execute() with a checkpoint: {arg: result} for every arg, the stored ones read
     back and the rest run by ``run_missing(missing_args, on_segment)``; a stored
-    failure reused (not ``rerun_failed``) raises ``failure_of(error, arg)``."""
+    failure reused (not ``rerun_failed``) raises ``failure_of(error, arg)``.
+    ``progress`` (the whole run's) counts the stored ones."""
     identity = identities(False, key_fn)
     position_of = {}
     stored_positions = []
@@ -267,6 +276,7 @@ def resumed_execute(journal: Journal, args, key_fn, run_missing, failure_of) -> 
                 else:
                     position_of[arg] = (first + offset, key)
         journal.set_meta(jobs=len(args))
+        progress.add_stored(len(stored_positions))
 
         def on_segment(items, values, errors) -> None:
             positions, keys = zip(*(position_of[arg] for arg in items))

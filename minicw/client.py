@@ -491,9 +491,10 @@ def delivered_jobs(indices) -> int:
     return len(indices) - indices.count(None)
 
 
-def stream_results(session: Session, chunks, window: int):
+def stream_results(session: Session, chunks, window: int, on_idle=None):
     """Run chunks with at most ``window`` in flight; yield each Delivery (``decode``
-    reads it; it may hold part of a chunk).
+    reads it; it may hold part of a chunk).  ``on_idle()`` runs after a fetch
+    that brought nothing (at least every FETCH_WAIT_S: a progress line ticks).
 
     ``chunks`` yields ChunkSpecs (their ids from ``session.new_chunk_id``).  Closing the generator early (or an exception in the consumer)
     cancels every chunk still queued.
@@ -515,7 +516,10 @@ def stream_results(session: Session, chunks, window: int):
                 session.submit(batch)
             if not remaining_by_chunk:
                 return
-            for delivery in session.fetch(FETCH_WAIT_S):
+            deliveries = session.fetch(FETCH_WAIT_S)
+            if not deliveries and on_idle is not None:
+                on_idle()
+            for delivery in deliveries:
                 chunk_id = delivery.chunk_id
                 if chunk_id not in remaining_by_chunk:
                     continue  # left over from an earlier, cancelled stream

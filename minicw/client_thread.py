@@ -7,7 +7,8 @@
         v  Dispatcher (dispatch.py): batched submits, routed results
     receiver thread --(jobid, ok, value)--> this thread's queue --> callback(jobid, result)
     thread.wait()                          blocks until every job is done; raises the
-                                           first RemoteError
+                                           first RemoteError; a long wait shows its
+                                           progress on stderr (progress.py)
     thread.stop()                          ends the session (jobs not done are dropped)
 
 Callbacks run in this thread, one at a time, in completion order, as in the
@@ -27,10 +28,12 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import CancelledError
 
 from minicw import config, discover, dispatch
 from minicw.errors import MinicwError
+from minicw.progress import start_progress
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class ClientThread(threading.Thread):
         self._lock = threading.Lock()
         self._all_done = threading.Condition(self._lock)
         self._errors = []                    # (jobid, exception) of failed jobs and callbacks
+        self._jobs_finished = 0              # callbacks run (or skipped), ever: for progress
+        self._jobs_failed = 0                # ... of jobs that failed
         self._stopped = False
         self._checkpoint = (checkpoint, resume, rerun_failed)
         self._forward_output = forward_output
@@ -104,23 +109,49 @@ class ClientThread(threading.Thread):
     def _finish(self, jobid, ok, value) -> None:
         with self._lock:
             self._jobs.pop(jobid, None)
+            self._jobs_finished += 1
             if not ok and not isinstance(value, CancelledError):
                 self._errors.append((jobid, value))
+                self._jobs_failed += 1
             if not self._jobs:
                 self._all_done.notify_all()
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, progress: bool | None = None) -> None:
         """Block until every submitted job is done and its callback has run.
 
         Raises the first job error (a RemoteError, WorkerCrashedError, ...)
         or callback error since the last ``wait()``; TimeoutError if jobs
         are still running after ``timeout`` seconds.
+
+        A wait longer than 2 s shows its progress on stderr: the jobs done
+        during this wait out of those plus the ones still outstanding (jobs
+        submitted meanwhile included), and how many failed.  ``progress=``
+        and $MINICW_PROGRESS as for ``executor.map``.
         """
         self._require_started()
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            if not self._all_done.wait_for(lambda: not self._jobs, timeout):
-                raise TimeoutError("%d jobs still running after %gs" % (len(self._jobs), timeout))
-            errors, self._errors = self._errors, []
+            finished_before, failed_before = self._jobs_finished, self._jobs_failed
+            outstanding = len(self._jobs)
+        run_progress = start_progress(outstanding, progress, "wait")
+        try:
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                with self._lock:
+                    all_done = self._all_done.wait_for(lambda: not self._jobs,
+                                                       run_progress.wait_s(left))
+                    done = self._jobs_finished - finished_before
+                    failed = self._jobs_failed - failed_before
+                    outstanding = len(self._jobs)
+                    if all_done:
+                        errors, self._errors = self._errors, []
+                run_progress.update(done, failed, done + outstanding)
+                if all_done:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("%d jobs still running after %gs" % (outstanding, timeout))
+        finally:
+            run_progress.finish()
         if errors:
             raise errors[0][1]
 

@@ -175,3 +175,30 @@ DASHBOARD_CHART_STEP_S = 10      # ... one bar per this many seconds
 DASHBOARD_FAILURES_SHOWN = 20    # newest failures on the page (status.json has all kept)
 DASHBOARD_STOP_POLL_S = 0.2      # its server looks this often whether it must stop
 DASHBOARD_REQUEST_TIMEOUT_S = 10.0  # a browser silent this long mid-request is dropped
+
+
+# --- progress display: progress.py -------------------------------------------------
+ENV_PROGRESS = "MINICW_PROGRESS"   # "1": show progress (plain lines when stderr is not a
+                                   # terminal), "0": never; progress=True/False on a call wins
+PROGRESS_DELAY_S = 2.0             # a run shows nothing before it has taken this long
+PROGRESS_TERMINAL_EVERY_S = 0.25   # the line on a terminal is rewritten at most this often
+PROGRESS_NOTEBOOK_EVERY_S = 0.5    # ... a notebook's display updated at most this often
+PROGRESS_PLAIN_EVERY_S = 30.0      # stderr not a terminal (a pipe, a log): a line at most
+                                   # this often, the first after this long too (forced on:
+                                   # after PROGRESS_DELAY_S)
+PROGRESS_WAKE_S = 0.5              # a caller waiting for results wakes this often to keep
+                                   # the elapsed time and ETA current
+
+
+def progress_setting(explicit: bool | None = None) -> bool | None:
+    """Whether runs show their progress: ``explicit`` (a call's ``progress=``) if
+    given, else $MINICW_PROGRESS ("1" on, "0" off), else None: the default
+    (shown, where it fits: see progress.py)."""
+    if explicit is not None:
+        return bool(explicit)
+    text = os.environ.get(ENV_PROGRESS, "").strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    return None

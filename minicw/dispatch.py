@@ -52,6 +52,7 @@ from concurrent.futures import CancelledError, TimeoutError as FuturesTimeoutErr
 
 from minicw import broadcast, chunking, client, config, protocol, serialize
 from minicw.errors import MinicwError, SerializationError
+from minicw.progress import OFF as NO_PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -542,6 +543,7 @@ class JobsRoute:
 
 
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
+_IDLE = object()   # MapStream._take: nothing arrived for a while, the progress line may tick
 
 
 def name_of(fn) -> str:
@@ -585,7 +587,8 @@ class MapStream:
 
     def __init__(self, dispatcher: Dispatcher, fn, items, kind: int, chunksize: int | None,
                  window_jobs: int | None, ordered: bool, timeout: float | None,
-                 job_timeout=None, max_retries=None, length: int | None = None):
+                 job_timeout=None, max_retries=None, length: int | None = None,
+                 progress=NO_PROGRESS):
         self.dispatcher = dispatcher
         self.func_key = dispatcher.function_key(fn)
         self.func_name = name_of(fn)
@@ -618,6 +621,7 @@ class MapStream:
         self._error = None                   # the session broke
         self._eager = False                  # shutdown: submit everything now
         self.checkpointed = None             # a checkpoint.CheckpointedMap journaling results
+        self.progress = progress             # progress.Progress: counts segments as taken
 
     # --- feeding (consumer's thread) ---------------------------------------------------------
 
@@ -766,21 +770,27 @@ class MapStream:
 
     def results(self):
         """Yield results in order (or as they arrive); raise at the first failed job."""
+        progress = self.progress
         try:
             while True:
                 self.top_up()
                 segment = self._take()
                 if segment is _MORE:
                     continue
+                if segment is _IDLE:
+                    progress.tick()
+                    continue
                 if segment is None:
                     return
                 values, errors = segment
                 del segment
                 if errors is None:
+                    progress.add(len(values))   # a segment at a time: per result, nothing
                     while values:
                         # No local names the result: once the caller drops it, it is freed.
                         yield values.popleft()
                     continue
+                progress.add(min(errors) + 1, 1)   # up to the failure that will raise
                 offset = 0
                 while values:
                     if offset in errors:
@@ -789,10 +799,13 @@ class MapStream:
                     yield values.popleft()
         finally:
             self.close()
+            if self.checkpointed is None:   # else its Results, which counts stored ones too
+                progress.finish()
 
     def _take(self):
         """The next segment ``(deque of values, errors)`` to yield; None when all are
-        yielded; _MORE when nothing is in flight and more must be submitted."""
+        yielded; _MORE when nothing is in flight and more must be submitted; _IDLE
+        when nothing came within the progress display's wake-up time."""
         with self._cond:
             while True:
                 if self.ordered:
@@ -813,7 +826,9 @@ class MapStream:
                     remaining = self.deadline - time.monotonic()
                     if remaining <= 0:
                         raise FuturesTimeoutError()
-                self._cond.wait(remaining)
+                wait_s = self.progress.wait_s(remaining)
+                if not self._cond.wait(wait_s) and wait_s != remaining:
+                    return _IDLE
 
     def _retire_oldest(self, count: int) -> None:
         """In order, ``count`` yielded positions belong to the oldest chunks in flight."""

@@ -8,6 +8,7 @@
     executor.map(fn, *iterables)  --> MapStream.results(): lazy, a bounded window of
                                       chunks in flight, results in order
     executor.imap_unordered(...)  --> the same, results as they finish
+                                      (both show their progress on long runs: progress.py)
     executor.broadcast(obj)       --> Handle: the object, sent once per worker node
 
 Futures behave as the standard library's: ``result()`` re-raises the job's
@@ -30,6 +31,7 @@ from minicw import config, discover, dispatch, protocol
 # here first, it runs after _shutdown_at_exit, which lets live maps finish.
 from minicw import journal
 from minicw.client import job_exception
+from minicw.progress import start_progress
 
 _live_executors = weakref.WeakSet()
 
@@ -194,7 +196,8 @@ class ClusterExecutor(Executor):
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
             ordered: bool = True, job_timeout=None, max_retries=None,
-            checkpoint=None, key=None, resume=True, rerun_failed: bool = True):
+            checkpoint=None, key=None, resume=True, rerun_failed: bool = True,
+            progress: bool | None = None):
         """Like ``Executor.map``, but lazy: at most a window of jobs is in flight.
 
         ``chunksize`` > 1 fixes the jobs per chunk; the default 1 lets minicw
@@ -211,6 +214,11 @@ class ClusterExecutor(Executor):
         arguments, or of ``key(*args)`` when given; a file written for
         another function or argument list is refused (CheckpointMismatchError)
         unless ``resume="force"``; ``resume=False`` starts the file over.
+
+        A run that takes more than 2 s shows its progress on stderr (a line
+        rewritten in place on a terminal; see progress.py); ``progress=False``
+        hides it, ``progress=True`` shows it also when stderr is not a
+        terminal; $MINICW_PROGRESS=0/1 does the same for every call.
         """
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -224,6 +232,7 @@ class ClusterExecutor(Executor):
             else:
                 kind, items = protocol.CALL_STAR, zip(*iterables)
             length = _shortest_length(iterables)
+            run_progress = start_progress(length, progress, "map")
             resumed = None
             if checkpoint is not None:
                 resumed = self._checkpointed(fn, kind, items, length, ordered, checkpoint,
@@ -233,15 +242,17 @@ class ClusterExecutor(Executor):
             try:
                 stream = dispatch.MapStream(
                     self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
-                    buffersize, ordered, timeout, job_timeout, max_retries, length=length)
+                    buffersize, ordered, timeout, job_timeout, max_retries, length=length,
+                    progress=run_progress)
                 stream.checkpointed = resumed
                 stream.top_up()
             except BaseException:
+                run_progress.finish()
                 if resumed is not None:
                     resumed.journal.close()
                 raise
         if resumed is not None:
-            return resumed.results(stream.results())
+            return resumed.results(stream.results(), run_progress)
         return stream.results()
 
     def _checkpointed(self, fn, kind, items, length, ordered, path, key, resume,
@@ -254,11 +265,12 @@ class ClusterExecutor(Executor):
         return checkpoint.CheckpointedMap(opened, items, identity, ordered)
 
     def imap_unordered(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None,
-                       job_timeout=None, **checkpoint_options):
-        """``map`` that yields results as their jobs finish (also with ``checkpoint=``)."""
+                       job_timeout=None, progress: bool | None = None, **checkpoint_options):
+        """``map`` that yields results as their jobs finish (also with ``checkpoint=``
+        and ``progress=``)."""
         return self.map(fn, *iterables, timeout=timeout, chunksize=chunksize,
                         buffersize=buffersize, ordered=False, job_timeout=job_timeout,
-                        **checkpoint_options)
+                        progress=progress, **checkpoint_options)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
@@ -334,6 +346,7 @@ class _WithOptions:
         return self._executor._submit(fn, args, kwargs, self._job_timeout, self._max_retries)
 
     def map(self, fn, *iterables, **options):
+        """The executor's ``map`` (``progress=``, ``checkpoint=``... pass through)."""
         options.setdefault("job_timeout", self._job_timeout)
         options.setdefault("max_retries", self._max_retries)
         return self._executor.map(fn, *iterables, **options)

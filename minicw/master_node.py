@@ -9,7 +9,8 @@
         stores the environment and the function name as blobs (once per
         session), cuts the args into chunks (of ``chunksize`` args, or sized
         from measured job times by chunking.py when it is None), streams them
-        through the cluster (client.stream_results) and returns {arg: result}
+        through the cluster (client.stream_results) and returns {arg: result};
+        a long run shows its progress on stderr meanwhile (progress.py)
 
 The master runs in its own process, not in a thread of the REPL: the REPL
 stays responsive, and the master's work does not compete for the REPL's GIL.
@@ -23,6 +24,7 @@ import secrets
 from minicw import (broadcast, chunking, client, config, envir, launch, protocol, serialize,
                     transport)
 from minicw.errors import ArgsError, EnvirError, MinicwError, RemoteError
+from minicw.progress import OFF as NO_PROGRESS, start_progress
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +212,7 @@ class MasterNode:
         self._args = check_args(args)
 
     def execute(self, job_timeout: float | None = None, checkpoint=None, key=None,
-                resume=True, rerun_failed: bool = True) -> dict:
+                resume=True, rerun_failed: bool = True, progress: bool | None = None) -> dict:
         """Run the target function on every arg across the cluster; returns {arg: result}.
 
         ``checkpoint`` (a file path) journals every result and final failure
@@ -231,6 +233,11 @@ class MasterNode:
         TimeoutError) for one that ran over ``job_timeout`` seconds.  Then,
         or on Ctrl-C, the jobs still queued are cancelled and the cluster
         stays usable.
+
+        A run that takes more than 2 s shows its progress on stderr (a line
+        rewritten in place on a terminal); ``progress=False`` hides it,
+        ``progress=True`` shows it also when stderr is not a terminal;
+        $MINICW_PROGRESS=0/1 does the same for every call.
         """
         session = self._require_session()
         if self._envir is None or self._target_name is None:
@@ -243,19 +250,23 @@ class MasterNode:
         # With no worker node yet the jobs wait for one (the session says so).
         processes = sum(node.nprocs for node in session.list_nodes())
         window = chunking.window_chunks(processes)
+        run_progress = start_progress(len(args), progress, "execute")
 
         def run(args, on_segment=None) -> dict:
             return run_keyed(session, func_key, args, self.chunksize, window,
                              self.max_retries, job_timeout, self._job_times, processes,
-                             on_segment)
-        if checkpoint is None:
-            return run(args)
-        from minicw import checkpoint as checkpoints
-        from minicw import journal, store
-        opened = journal.Journal(checkpoint, journal.run_meta(
-            store.KIND_EXECUTE, self._target_name, func_key, self._envir[0],
-            journal.key_rule(key), len(args)), resume, rerun_failed)
-        return checkpoints.resumed_execute(opened, args, key, run, _with_arg)
+                             on_segment, run_progress)
+        try:
+            if checkpoint is None:
+                return run(args)
+            from minicw import checkpoint as checkpoints
+            from minicw import journal, store
+            opened = journal.Journal(checkpoint, journal.run_meta(
+                store.KIND_EXECUTE, self._target_name, func_key, self._envir[0],
+                journal.key_rule(key), len(args)), resume, rerun_failed)
+            return checkpoints.resumed_execute(opened, args, key, run, _with_arg, run_progress)
+        finally:
+            run_progress.finish()
 
     def _store_function(self, session: client.Session) -> str:
         envir_key, source_blob, _, _ = self._envir
@@ -311,11 +322,12 @@ def check_args(args):
 def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int | None,
               window: int, max_retries: int, job_timeout: float | None = None,
               job_times: chunking.JobTimes | None = None, processes: int = 0,
-              on_segment=None) -> dict:
+              on_segment=None, progress=NO_PROGRESS) -> dict:
     """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error.
 
     ``on_segment(args, values, errors)`` (a checkpoint's journal) sees every
-    run of consecutive outcomes as it arrives, failures included.
+    run of consecutive outcomes as it arrives, failures included; ``progress``
+    (progress.Progress) counts them.
 
     Chunks hold ``chunksize`` args, or when it is None as many as
     ``job_times`` and ``processes`` call for (chunking.jobs_per_chunk),
@@ -345,7 +357,7 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                                      max_retries, context_key, serialize.bytecode_python(payload))
 
     results = {}
-    stream = client.stream_results(session, chunks(), window)
+    stream = client.stream_results(session, chunks(), window, on_idle=progress.tick)
     try:
         for delivery in stream:
             items = args_by_chunk[delivery.chunk_id]
@@ -359,7 +371,9 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                     on_segment(items[first:first + len(values)], values, errors)
                 if errors:
                     offset = min(errors)
+                    progress.add(offset + 1, 1)
                     raise _with_arg(errors[offset], items[first + offset])
+                progress.add(len(values))
                 results.update(zip(items[first:first + len(values)], values))
     finally:
         stream.close()
