@@ -76,6 +76,10 @@ progress   the batched ``executor.map(chunksize=1000)`` of no-op jobs, 1,000,000
            stderr that says it is a terminal and writes to os.devnull) against
            the same map with ``progress=False``: >= 0.98x (the display costs at
            most 2%); 5 repeats at least.
+output     jobs that print nothing, with output forwarding on (the default)
+           and off (``forward_output=False``), two executors on one cluster:
+           the batched map of ``progress`` (>= 0.98x) and the round trip of
+           ``roundtrip`` (median <= 1.02x); 5 repeats at least.
 """
 from __future__ import annotations
 
@@ -810,6 +814,62 @@ def bench_progress(run: Run) -> list:
     ]
 
 
+# --- workload: output -------------------------------------------------------------------
+
+def bench_output(run: Run) -> list:
+    """Jobs that print nothing, with output forwarding on (the default) and off:
+    the batched map and the round trip, each side by side in one run."""
+    n = run.sizes["progress"]
+    total = n * (n + 1) // 2
+    samples = run.sizes["roundtrip"]
+    with contextlib.ExitStack() as stack:
+        cluster = stack.enter_context(LocalCluster(n_workers=WORKERS))
+        stack.push(on_error(cluster.shutdown))
+        forwarding = stack.enter_context(cluster.executor(forward_output=True))
+        silent = stack.enter_context(cluster.executor(forward_output=False))
+
+        def mapped(executor):
+            return lambda: throughput(n, lambda: sum(executor.map(inc, range(n), chunksize=1000)),
+                                      lambda s: expect("sum", s, total))
+
+        def round_trips(executor):
+            def measure():
+                times = []
+                for i in range(samples):
+                    started = time.perf_counter()
+                    expect("result", executor.submit(inc, i).result(), i + 1)
+                    times.append(time.perf_counter() - started)
+                return {"median_us": statistics.median(times) * 1e6}
+            return measure
+
+        with run.guard("output warm-up"):
+            for executor in (forwarding, silent):
+                expect("warm-up", sum(executor.map(inc, range(10_000), chunksize=1000)),
+                       50_005_000)
+                round_trips(executor)()
+        # A B B A in every round: whichever side goes second after a switch of
+        # executor pays for it (seen as 3-8% either way), so both sides do.
+        runs = run.interleave("output", {
+            "map forwarding": mapped(forwarding), "map off": mapped(silent),
+            "map off ": mapped(silent), "map forwarding ": mapped(forwarding),
+            "roundtrip forwarding": round_trips(forwarding), "roundtrip off": round_trips(silent),
+            "roundtrip off ": round_trips(silent),
+            "roundtrip forwarding ": round_trips(forwarding),
+        }, min_repeat=PROGRESS_MIN_REPEAT)
+        for name in [name for name in runs if name.endswith(" ")]:
+            runs[name.strip()] += runs.pop(name)
+    return [
+        make_row("output", "executor.map(chunksize=1000), output forwarded, %d no-op jobs" % n,
+                 median(runs, "map forwarding", "tasks_per_s"), "tasks/s",
+                 "the same map, forward_output=False", median(runs, "map off", "tasks_per_s"),
+                 Target("ratio", ">=", 0.98)),
+        make_row("output", "executor.submit().result(), output forwarded, median",
+                 median(runs, "roundtrip forwarding", "median_us"), "us",
+                 "the same, forward_output=False", median(runs, "roundtrip off", "median_us"),
+                 Target("ratio", "<=", 1.02)),
+    ]
+
+
 def _per_job_us(slower: float | None, faster: float | None) -> float:
     if not slower or not faster:
         return float("nan")
@@ -1466,6 +1526,7 @@ WORKLOADS = {
     "scale": bench_scale,
     "checkpoint": bench_checkpoint,
     "progress": bench_progress,
+    "output": bench_output,
 }
 
 
