@@ -105,8 +105,7 @@ def main(argv=None) -> int:
         commands.print_help()
         return 2
     from minicw import launch
-    launch.start_logging(launch.log_level(options) if options.verbose or options.log_level
-                         else "warning")   # a command's own output is what it prints
+    launch.start_tool_logging(options)
     try:
         return COMMANDS[options.command](options)
     except KeyboardInterrupt:

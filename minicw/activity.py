@@ -27,6 +27,7 @@ class Activity:
 
     def __init__(self):
         self.started = time.time()
+        self._started_monotonic = time.monotonic()
         self._buckets = deque()          # [second (int, monotonic), done, failed], oldest first
         self._failures = deque(maxlen=RECENT_FAILURES)
         self.jobs_done = 0
@@ -57,8 +58,10 @@ class Activity:
 
     # --- reading ---
     def rate(self, window_s: float = 60.0, now: float | None = None) -> float:
-        """Jobs finished (done or failed) per second over the last ``window_s``."""
+        """Jobs finished (done or failed) per second over the last ``window_s`` (or
+        since the master started, when that is shorter)."""
         now = time.monotonic() if now is None else now
+        window_s = max(1.0, min(window_s, now - self._started_monotonic))
         since = now - window_s
         total = sum(done + failed for second, done, failed in self._buckets if second >= since)
         return total / window_s

@@ -166,13 +166,14 @@ class CheckpointedMap:
             self.journal.add_outcomes(positions, keys, values, errors)
 
     # --- what the caller iterates ---
-    def results(self, fresh, progress=NO_PROGRESS) -> "Results":
-        """The map's results: stored ones read back, ``fresh`` ones (the inner
-        MapStream's results) for the jobs that ran, in order when ``ordered``.
+    def results(self, stream, progress=NO_PROGRESS) -> "Results":
+        """The map's results: stored ones read back, fresh ones (the inner MapStream
+        ``stream``'s results) for the jobs that ran, in order when ``ordered``.
         ``progress`` is the whole map's, shared with the inner stream."""
         self.progress = progress
+        fresh = stream.results()
         walk = self._walk_ordered(fresh) if self.ordered else self._walk_unordered(fresh)
-        return Results(walk, fresh, self.journal, progress)
+        return Results(walk, stream, fresh, self.journal, progress)
 
     def _walk_ordered(self, fresh):
         """Position by position: a stored run from the file, a fresh run from the
@@ -228,8 +229,9 @@ class Results:
     cancelled and the checkpoint is committed and released (its lock is not
     held until the program exits)."""
 
-    def __init__(self, walk, fresh, journal: Journal, progress=NO_PROGRESS):
+    def __init__(self, walk, stream, fresh, journal: Journal, progress=NO_PROGRESS):
         self._walk = walk
+        self._stream = stream    # closed itself: a generator never started ignores close()
         self._fresh = fresh
         self._journal = journal
         self._progress = progress
@@ -247,6 +249,7 @@ class Results:
     def close(self) -> None:
         self._walk.close()
         self._fresh.close()
+        self._stream.close()
         self._journal.close()
         self._progress.finish()
 

@@ -252,7 +252,7 @@ class ClusterExecutor(Executor):
                     resumed.journal.close()
                 raise
         if resumed is not None:
-            return resumed.results(stream.results(), run_progress)
+            return resumed.results(stream, run_progress)
         return stream.results()
 
     def _checkpointed(self, fn, kind, items, length, ordered, path, key, resume,

@@ -371,6 +371,12 @@ def log_level(args) -> str:
     return "debug" if args.verbose else "warning" if args.quiet else "info"
 
 
+def start_tool_logging(args) -> None:
+    """Logging for a command whose output is what it prints (status, store, the
+    launcher scripts): warnings and errors, unless -v or --log-level asks for more."""
+    start_logging(log_level(args) if args.verbose or args.log_level else "warning")
+
+
 def add_child_options(parser: argparse.ArgumentParser) -> None:
     """The options every launched command takes: the log options, --ready-file,
     and --exit-with-stdin (hidden: only ChildProcess passes it)."""

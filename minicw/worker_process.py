@@ -217,12 +217,13 @@ class Runner:
             self.capture.install(output_limit)
         try:
             self._run_jobs(token, selection, items, _caller(kind, functions), lease.timeout_s,
-                           job_context, started)
+                           job_context, started, 1 if kind == protocol.CALL_ONE else 2)
         finally:
             if output_limit:
                 self.capture.uninstall()
 
-    def _run_jobs(self, token, selection, items, call, timeout_s, job_context, started):
+    def _run_jobs(self, token, selection, items, call, timeout_s, job_context, started,
+                  own_frames: int = 1):
         # The inner loop runs once per job: names are bound locally, and the
         # context check is inlined, because each attribute lookup here costs
         # a measurable share of a no-op job.  The clock, which costs more than
@@ -252,7 +253,9 @@ class Runner:
                 append(None)
                 if errors is None:
                     errors = {}
-                errors[position - start] = protocol.describe_exception(exc, skip_frames=1)
+                # the traceback starts in the job: our frames (this loop, and
+                # the caller of a job with several arguments) are left out
+                errors[position - start] = protocol.describe_exception(exc, skip_frames=own_frames)
             if job_path is not None and (flags.touched or sys.path is not job_path):
                 job_context.after_job()
             if position < check_at or position == last:

@@ -19,7 +19,7 @@ try:
 except ImportError:  # a clean checkout: use the package next to this script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicw import config, launcher, rundir  # noqa: E402
+from minicw import config, launch, launcher, rundir  # noqa: E402
 from minicw.errors import MinicwError  # noqa: E402
 
 
@@ -42,6 +42,7 @@ def parser() -> argparse.ArgumentParser:
                    help="the master's port on 127.0.0.1 (default: a free one)")
     p.add_argument("--timeout", type=float, default=config.READY_TIMEOUT_S, metavar="SECONDS",
                    help="how long a process may take to come up (default: %(default)g)")
+    launch.add_log_options(p)
     return p
 
 
@@ -62,6 +63,7 @@ def report_start(run_dir: str) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    launch.start_tool_logging(args)
     run_dir = rundir.path(args.run_dir)
     try:
         if args.action == "start":

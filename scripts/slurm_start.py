@@ -24,7 +24,7 @@ try:
 except ImportError:  # a clean checkout: use the package next to this script
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minicw import config, rundir, slurm  # noqa: E402
+from minicw import config, launch, rundir, slurm  # noqa: E402
 from minicw.errors import MinicwError  # noqa: E402
 
 
@@ -60,6 +60,7 @@ def parser() -> argparse.ArgumentParser:
                    metavar="SECONDS",
                    help="start: how long the master job may take to write its address; "
                         "stop: to leave the queue (default: %(default)g)")
+    launch.add_log_options(p)
     return p
 
 
@@ -84,6 +85,7 @@ def do_start(args, run_dir: str) -> None:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    launch.start_tool_logging(args)
     run_dir = rundir.path(args.run_dir)
     try:
         if args.action == "start":
