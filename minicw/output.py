@@ -28,6 +28,8 @@ import os
 import sys
 import threading
 
+from minicw import progress
+
 STDOUT, STDERR = "out", "err"
 CUT_NOTE = "[minicw: %d more bytes of this job's output cut; the limit is %d per job]\n"
 
@@ -193,7 +195,7 @@ def forward(origin: str, output: dict, label_of) -> None:
 
 def write_job(origin: str, label: str, entries: list) -> None:
     prefix = "[%s %s] " % (origin, label)
-    with _write_lock:
+    with _write_lock, progress.room_for_output():
         for stream, text in _lines(entries):
             target = sys.stderr if stream == STDERR else sys.stdout
             try:

@@ -35,9 +35,11 @@ appears before the run has taken PROGRESS_DELAY_S.  Then, on stderr:
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import threading
 import time
 
 from minicw import config
@@ -240,23 +242,69 @@ def _clock_text(seconds: float) -> str:
 class _TerminalLine:
     """One line rewritten in place: carriage return, the text, blanks over what is
     left of a longer earlier text (no escape sequences: a dumb terminal has
-    none), cut to the terminal's width (a wrapped line cannot be rewritten)."""
+    none), cut to the terminal's width (a wrapped line cannot be rewritten).
+
+    Job output forwarded meanwhile (output.py, from the receiver thread) goes
+    through ``room_for_output``: the line is blanked, the output written, the
+    line drawn again below it."""
 
     def __init__(self, stream, columns: int):
         self.stream = stream
         self.width = max(20, columns - 1)
         self.written = 0
+        self.text = ""
+        self.lock = threading.Lock()
 
     def show(self, text: str) -> None:
+        with self.lock:
+            self._draw(text)
+            _showing.add(self)
+
+    def _draw(self, text: str) -> None:
         text = text[:self.width]
         self.stream.write("\r" + text + " " * (self.written - len(text)))
         self.stream.flush()
         self.written = len(text)
+        self.text = text
 
     def end(self, text: str) -> None:
-        self.show(text)
-        self.stream.write("\n")
+        with self.lock:
+            self._draw(text)
+            self.stream.write("\n")
+            self.stream.flush()
+            _showing.discard(self)
+
+    def blank(self) -> None:
+        """(lock held) The line emptied, the cursor at its start."""
+        self.stream.write("\r" + " " * self.written + "\r")
         self.stream.flush()
+        self.written = 0
+
+
+_showing = set()   # the _TerminalLines drawn and not ended
+
+
+@contextlib.contextmanager
+def room_for_output():
+    """Write job output inside this: a progress line on the terminal steps aside."""
+    lines = list(_showing)
+    for line in lines:
+        line.lock.acquire()
+        try:
+            line.blank()
+        except (OSError, ValueError):
+            pass
+    try:
+        yield
+    finally:
+        for line in lines:
+            try:
+                if line in _showing:
+                    line._draw(line.text)
+            except (OSError, ValueError):
+                pass
+            finally:
+                line.lock.release()
 
 
 class _NotebookLine:

@@ -109,6 +109,20 @@ def test_a_shorter_line_blanks_what_is_left_of_the_longer_one():
                                  "\rminicw map: 7 done, ETA 0:01\n")
 
 
+def test_forwarded_job_output_gets_a_line_of_its_own_then_the_line_comes_back(monkeypatch):
+    from minicw import output
+    stream = FakeStream()
+    monkeypatch.setattr(sys, "stdout", stream)
+    line = progress._TerminalLine(stream, 80)
+    line.show("minicw map: 5/10 done")
+    output.write_job("vm:1", "item 3", [("out", "hello\n")])
+    assert stream.getvalue() == ("\rminicw map: 5/10 done" + "\r" + " " * 21 + "\r"
+                                 + "[vm:1 item 3] hello\n" + "\rminicw map: 5/10 done")
+    line.end("minicw map: 10/10 done")
+    output.write_job("vm:1", "item 4", [("out", "after\n")])   # an ended line stays put
+    assert stream.getvalue().endswith("minicw map: 10/10 done\n[vm:1 item 4] after\n")
+
+
 def test_finish_draws_the_final_counts_and_ends_the_line_once():
     shown, clock, stream = make(total=310)
     clock.advance(DELAY_S + 1)
