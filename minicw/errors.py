@@ -138,8 +138,12 @@ class WorkerCrashedError(JobError):
         self.output = output
 
     def __str__(self) -> str:
-        text = "job %s crashed its worker process (%s) on %d attempt(s)" % (
-            self.job, self.exit_description, self.attempts)
+        if self.exit_description.startswith("its worker node "):   # the node died under it
+            text = "job %s was running when its worker node died, on %d attempt(s) (the " \
+                   "last: %s)" % (self.job, self.attempts, self.exit_description[4:])
+        else:
+            text = "job %s crashed its worker process (%s) on %d attempt(s)" % (
+                self.job, self.exit_description, self.attempts)
         if self.output:
             text += "; its output before the crash:\n" + self.output.rstrip("\n")
         return text

@@ -854,12 +854,19 @@ class Scheduler:
         del self._nodes[node.node_id]
         self._live_slots -= len(node.tokens_by_slot)
         requeued = 0
+        # A node that died (not one that left) may have been killed by a job it
+        # ran (it used up the machine's memory, say): the job each process was
+        # running -- the first unreported one of its oldest lease -- is charged
+        # a retry, so such a job takes down at most max_retries + 1 nodes.
+        charged = why != "left"
+        death = "its worker node %s %s" % (node.node_id, why)
         for slot, tokens in node.tokens_by_slot.items():
-            for token in sorted(tokens):
+            for order, token in enumerate(sorted(tokens)):
                 chunk = self._leases.get(token)
                 if chunk is not None:
                     requeued += len(chunk.selection) - chunk.done
-                    self._end_lease(chunk, None, protocol.END_DIED, why)
+                    running = chunk.done if charged and order == 0 else None
+                    self._end_lease(chunk, running, protocol.END_DIED, death)
         self._answer_poll(node)
         self._stop_waiters(node)
         level = logging.INFO if why == "left" else logging.WARNING
