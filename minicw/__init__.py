@@ -6,7 +6,7 @@ loaded on first use, so ``import minicw`` stays cheap in worker processes.
 from minicw.errors import (  # noqa: F401
     ArgsError, AuthkeyMismatchError, CheckpointError, CheckpointLockedError,
     CheckpointMismatchError, ClusterShutdownError, EnvirError,
-    HandshakeTimeoutError, IncompatiblePythonError, JobError, JobTimeoutError,
+    HandshakeTimeoutError, IncompatiblePythonError, InvalidCallError, JobError, JobTimeoutError,
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
     MasterNotListeningError, MinicwError, NoMatchingPythonError, ProtocolVersionError,
     RemoteError,

@@ -63,7 +63,9 @@ class Activity:
         now = time.monotonic() if now is None else now
         window_s = max(1.0, min(window_s, now - self._started_monotonic))
         since = now - window_s
-        total = sum(done + failed for second, done, failed in self._buckets if second >= since)
+        # a bucket counts when its second overlaps the window (its start may not)
+        total = sum(done + failed for second, done, failed in self._buckets
+                    if second + 1 > since)
         return total / window_s
 
     def series(self, seconds: int = HISTORY_S, step_s: int = 10,

@@ -20,6 +20,17 @@ GENERATED_AUTHKEY_BYTES = 24   # secrets.token_urlsafe(24) gives 32 characters
 # --- connections --------------------------------------------------------------
 CONNECT_TIMEOUT_S = 10.0       # TCP connect to the master
 HANDSHAKE_TIMEOUT_S = 5.0      # authkey challenge, both directions; a silent peer is dropped after this
+ENV_HANDSHAKE_TIMEOUT_S = "MINICW_HANDSHAKE_TIMEOUT_S"  # the master's whole-handshake deadline
+MAX_PENDING_HANDSHAKES = 64     # connections the master authenticates at once; more are closed
+ACCEPT_BACKOFF_MAX_S = 1.0      # the accept loop, out of file descriptors or threads, retries
+                                # after a pause growing to this
+REFUSALS_LOGGED_EVERY_S = 10.0  # refused connections are logged at most this often
+
+
+def handshake_timeout_s() -> float:
+    """How long a peer may take to complete the whole handshake with the master."""
+    text = os.environ.get(ENV_HANDSHAKE_TIMEOUT_S)
+    return float(text) if text else HANDSHAKE_TIMEOUT_S
 
 # --- liveness -------------------------------------------------------------------
 ENV_HEARTBEAT_TIMEOUT_S = "MINICW_HEARTBEAT_TIMEOUT_S"
@@ -95,6 +106,29 @@ def output_limit(forward_output=None) -> int:
         raise ValueError("forward_output must be True, False or a positive limit, not %r"
                          % (forward_output,))
     return int(forward_output)
+
+
+# --- what the master accepts (validate.py) ----------------------------------------
+ENV_MAX_MESSAGE_BYTES = "MINICW_MAX_MESSAGE_BYTES"
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 30   # one payload, result or blob: larger ones are refused
+
+
+def max_message_bytes() -> int:
+    """The largest payload, result or blob a peer may send the master."""
+    text = os.environ.get(ENV_MAX_MESSAGE_BYTES)
+    return int(text) if text else DEFAULT_MAX_MESSAGE_BYTES
+
+
+MAX_NAME_CHARS = 1024           # a key, a host name, a Python tag
+MAX_PATH_CHARS = 4096           # a working directory
+MAX_NODE_PROCESSES = 4096       # worker processes one node may register
+MAX_JOBS_PER_CHUNK = 1 << 31    # jobs in one chunk (a range of args may be long)
+MAX_FUNCTIONS_PER_CHUNK = 100_000  # distinct functions in one chunk of submits
+MAX_CHUNKS_PER_SUBMIT = 1_000_000  # chunks in one submit or cancel call
+MAX_BLOBS_PER_CALL = 1_000_000
+MAX_REPORTS_PER_CALL = 100_000
+MAX_RETRIES_ALLOWED = 1000
+MAX_WAIT_S = 86400.0            # a waiting call's timeout
 
 
 # --- work movement ---------------------------------------------------------------

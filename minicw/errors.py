@@ -13,6 +13,7 @@ it by type.  The hierarchy::
      +-- ClusterShutdownError             the master was shut down on purpose
      +-- SessionExpiredError              the master forgot this client (silent too long)
      +-- ProtocolVersionError             peers speak different minicw protocols
+     +-- InvalidCallError (also ValueError)  a call the master refuses (names the field)
      +-- JobError                         one job did not produce a result
      |    +-- RemoteError                 the job raised; carries type, message, traceback
      |    +-- WorkerCrashedError          the job took its process down, retries used up
@@ -82,6 +83,11 @@ class ClusterShutdownError(MinicwError):
 
 class SessionExpiredError(MinicwError):
     """The master dropped this client session (closed, or silent too long)."""
+
+
+class InvalidCallError(MinicwError, ValueError):
+    """A peer's call the master refuses: an argument of the wrong type, out of
+    range, too large, or naming something unknown (the message names it)."""
 
 
 class ProtocolVersionError(MinicwError):

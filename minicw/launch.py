@@ -326,9 +326,7 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
         argv += ["-n", str(nprocs)]
     if oversubscribe:
         argv.append("--oversubscribe")
-    # Unbuffered: what its jobs write to their standard output themselves reaches
-    # ours line by line (_forward), and none is left in a buffer when it stops.
-    child = ChildProcess("worker", argv, authkey, {"PYTHONUNBUFFERED": "1"})
+    child = ChildProcess("worker", argv, authkey)
     child.wait_ready()
     return child
 

@@ -131,7 +131,7 @@ def _end_group_members(entry: dict) -> None:
 
 def spawn_detached(argv: list, log_path: str, env: dict) -> dict:
     """Start ``argv`` in a new session with its output in ``log_path``; its record entry."""
-    with open(log_path, "ab") as log_file:
+    with rundir.open_private(log_path, "ab") as log_file:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file,
                                  stderr=subprocess.STDOUT, env=env, close_fds=True,
                                  **launch.own_session())
@@ -208,7 +208,7 @@ def _remove_local_record(run_dir: str, record: dict) -> None:
 
 def _write_pid_file(run_dir: str, name: str, entry: dict) -> None:
     entry["pid_file"] = os.path.join(run_dir, name + ".pid")
-    with open(entry["pid_file"], "w") as handle:
+    with rundir.open_private(entry["pid_file"], "w") as handle:
         handle.write("%d\n" % entry["pid"])
 
 

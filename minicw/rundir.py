@@ -27,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import logging
 import os
 import secrets
 import subprocess
 
 from minicw import config
 from minicw.errors import MinicwError
+
+log = logging.getLogger(__name__)
 
 AUTHKEY_FILE = "authkey"
 LOCAL_RECORD = "master.json"      # written by minicw.launcher
@@ -49,14 +52,44 @@ def path(run_dir: str | None = None) -> str:
 
 
 def ensure(run_dir: str | None = None) -> str:
-    """Create the run directory (mode 700) if needed; returns its absolute path."""
+    """Create the run directory (mode 700) if needed; returns its absolute path.
+
+    Others must not write there (they could replace a record or a key file):
+    a directory of ours that group or others may write is made 700 again; one
+    of another user's that they may write is refused.
+    """
     where = path(run_dir)
     try:
         os.makedirs(where, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise MinicwError("cannot create the run directory %s: %s"
                           % (where, exc.strerror)) from None
+    if os.name == "posix":
+        _keep_private(where)
     return where
+
+
+def _keep_private(where: str) -> None:
+    status = os.stat(where)
+    if not status.st_mode & 0o022:
+        return
+    if status.st_uid != os.getuid():
+        raise MinicwError("the run directory %s belongs to another user and others may write "
+                          "in it; use a directory of your own (--run-dir or $%s)"
+                          % (where, config.ENV_RUN_DIR))
+    log.warning("the run directory %s was writable by others (mode %o); made it 700",
+                where, status.st_mode & 0o777)
+    os.chmod(where, 0o700)
+
+
+def open_private(file_path: str, mode: str = "w", **options):
+    """``open(file_path, mode)`` for a file only its owner may read or write,
+    whatever the umask (records, logs, pid files)."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    fd = os.open(file_path, flags, 0o600)
+    if hasattr(os, "fchmod"):
+        os.fchmod(fd, 0o600)   # an existing file keeps its mode through os.open
+    return os.fdopen(fd, mode, **options)
 
 
 # --- the key ---------------------------------------------------------------------------
@@ -176,7 +209,7 @@ def _windows_readers(file_path: str) -> str | None:
 def write_json(file_path: str, record: dict) -> str:
     """Write ``record`` to ``file_path`` atomically (a reader never sees half of it)."""
     temporary = _temporary_name(file_path)
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with open_private(temporary, "w", encoding="utf-8") as handle:
         json.dump(record, handle, indent=2, sort_keys=True)
         handle.write("\n")
     os.replace(temporary, file_path)

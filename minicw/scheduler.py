@@ -66,7 +66,8 @@ from minicw import config, protocol
 from minicw.activity import Activity
 from minicw.blobs import BlobStore
 from minicw.waiting import WAIT_FETCH, WAIT_LEASE, WAIT_POLL, Failure, Transition, Waiter
-from minicw.errors import ClusterShutdownError, MinicwError, SessionExpiredError
+from minicw.errors import (ClusterShutdownError, InvalidCallError, MinicwError,
+                           SessionExpiredError)
 
 log = logging.getLogger(__name__)
 
@@ -250,15 +251,22 @@ class Scheduler:
             self._check_open()
             client = self._client(client_id)
             client.last_seen = time.monotonic()
-            for spec in specs:
-                chunk = Chunk(client, spec)
-                if chunk.python is not None:
-                    client.may_queue_bytecode = True
+            # Every chunk is checked before any is queued: a refused submit changes nothing.
+            chunks = [Chunk(client, spec) for spec in specs]
+            ids = set()
+            for chunk in chunks:
+                if chunk.chunk_id in client.chunks or chunk.chunk_id in ids:
+                    raise InvalidCallError("chunk %d: chunk_id is already in use by a chunk of "
+                                           "this client" % chunk.chunk_id)
+                ids.add(chunk.chunk_id)
                 missing = [key for key in chunk.func_keys + (chunk.context_key,)
                            if key is not None and key not in self._blobs]
                 if missing:
-                    raise MinicwError("chunk %r names function blobs the master does not "
-                                      "hold: %s" % (chunk.chunk_id, ", ".join(missing)))
+                    raise InvalidCallError("chunk %d names function blobs the master does not "
+                                           "hold: %s" % (chunk.chunk_id, ", ".join(missing)))
+            for chunk in chunks:
+                if chunk.python is not None:
+                    client.may_queue_bytecode = True
                 client.chunks[chunk.chunk_id] = chunk
                 client.queue.append(chunk)
                 client.queued_jobs += len(chunk.selection)

@@ -33,7 +33,7 @@ import inspect
 import logging
 import threading
 
-from minicw import config, protocol, transport
+from minicw import config, protocol, transport, validate
 from minicw.dashboard import Dashboard
 from minicw.errors import ProtocolVersionError
 from minicw.reactor import Reactor
@@ -61,34 +61,41 @@ class ClientAPI(_RoleAPI):
     """What a client may call (protocol.CLIENT_CALLS); see Scheduler for each contract."""
 
     def hello(self, info: dict):
+        validate.peer_info(info, "client")
         _check_protocol(info, "client")
         client_id = self._scheduler.open_client(info)
         return client_id, {"protocol": protocol.PROTOCOL_VERSION,
                            "heartbeat_timeout_s": self._scheduler.heartbeat_timeout_s}
 
     def put_blobs(self, client_id, blobs):
-        self._scheduler.put_blobs(client_id, blobs)
+        self._scheduler.put_blobs(_client_id(client_id), validate.blobs(blobs))
 
     def submit(self, client_id, specs):
-        self._scheduler.submit(client_id, specs)
+        self._scheduler.submit(_client_id(client_id), validate.chunk_specs(specs))
 
     def fetch(self, on_reply, client_id, timeout_s, ack=0):
-        return self._scheduler.fetch(client_id, timeout_s, ack, on_reply)
+        return self._scheduler.fetch(_client_id(client_id),
+                                     validate.wait_s("fetch's timeout_s", timeout_s),
+                                     validate.integer("fetch's ack", ack, 0, 2 ** 63 - 1),
+                                     on_reply)
 
     def cancel(self, client_id, requests):
-        return self._scheduler.cancel(client_id, requests)
+        return self._scheduler.cancel(_client_id(client_id), validate.cancel_requests(requests))
 
     def kill(self, client_id, chunk_id, index):
-        return self._scheduler.kill(client_id, chunk_id, index)
+        return self._scheduler.kill(_client_id(client_id),
+                                    validate.integer("kill's chunk_id", chunk_id, 0, 2 ** 63 - 1),
+                                    validate.integer("kill's index", index, 0,
+                                                     config.MAX_JOBS_PER_CHUNK))
 
     def leased(self, client_id, jobs):
-        return self._scheduler.leased(client_id, jobs)
+        return self._scheduler.leased(_client_id(client_id), validate.job_refs(jobs))
 
     def touch(self, client_id):
-        self._scheduler.touch(client_id)
+        self._scheduler.touch(_client_id(client_id))
 
     def goodbye(self, client_id):
-        self._scheduler.close_client(client_id)
+        self._scheduler.close_client(_client_id(client_id))
 
     def list_nodes(self):
         return self._scheduler.list_nodes()
@@ -97,37 +104,56 @@ class ClientAPI(_RoleAPI):
         return self._scheduler.status()
 
     def blob_transfers(self, keys):
-        return self._scheduler.blob_transfers(keys)
+        return self._scheduler.blob_transfers(
+            [validate.text("a blob key", key) for key in
+             validate.sequence("blob_transfers's keys", keys, config.MAX_BLOBS_PER_CALL)])
 
 
 class NodeAPI(_RoleAPI):
     """What a worker node may call (protocol.NODE_CALLS)."""
 
     def register(self, info: dict):
+        validate.node_info(info)
         _check_protocol(info, "worker node")
         node_id = self._scheduler.register_node(info)
         return node_id, self._scheduler.heartbeat_timeout_s
 
     def poll(self, on_reply, node_id, timeout_s):
-        return self._scheduler.poll(node_id, timeout_s, on_reply)
+        return self._scheduler.poll(validate.text("node_id", node_id),
+                                    validate.wait_s("poll's timeout_s", timeout_s), on_reply)
 
     def get_blob(self, key):
-        return self._scheduler.get_blob(key)
+        return self._scheduler.get_blob(validate.text("a blob key", key))
 
     def process_ended(self, node_id, slot, token, position, reason, exit_description,
                       output=None):
-        self._scheduler.process_ended(node_id, slot, token, position, reason, exit_description,
-                                      output)
+        self._scheduler.process_ended(
+            validate.text("node_id", node_id),
+            validate.integer("process_ended's slot", slot, 0, config.MAX_NODE_PROCESSES),
+            validate.integer("process_ended's token", token, 0, 2 ** 63 - 1),
+            validate.integer("process_ended's position", position, -1, config.MAX_JOBS_PER_CHUNK),
+            validate.end_reason(reason),
+            validate.text("process_ended's exit_description", exit_description),
+            validate.process_output(output))
 
     def unregister(self, node_id):
-        self._scheduler.unregister_node(node_id)
+        self._scheduler.unregister_node(validate.text("node_id", node_id))
 
 
 class ProcessAPI(_RoleAPI):
     """What a worker process may call (protocol.PROCESS_CALLS): one report-and-lease call."""
 
     def exchange(self, on_reply, node_id, slot, reports, want, timeout_s):
-        return self._scheduler.exchange(node_id, slot, reports, want, timeout_s, on_reply)
+        return self._scheduler.exchange(
+            validate.text("node_id", node_id),
+            validate.integer("exchange's slot", slot, 0, config.MAX_NODE_PROCESSES),
+            validate.reports(reports),
+            validate.integer("exchange's want", want, 0, config.MAX_CHUNKS_PER_CALL),
+            validate.wait_s("exchange's timeout_s", timeout_s), on_reply)
+
+
+def _client_id(value) -> int:
+    return validate.integer("client_id", value, 0, 2 ** 63 - 1)
 
 
 API_CLASSES = {"client": ClientAPI, "node": NodeAPI, "process": ProcessAPI}

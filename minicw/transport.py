@@ -50,6 +50,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from multiprocessing import connection, managers
 from multiprocessing import AuthenticationError
 
@@ -181,7 +182,7 @@ class _Listener(connection.Listener):
 
     def accept(self):
         conn = super().accept()
-        tune(conn, receive_timeout_s=config.HANDSHAKE_TIMEOUT_S)
+        tune(conn, receive_timeout_s=config.handshake_timeout_s())
         return conn
 
 
@@ -199,6 +200,16 @@ class _Server(managers.Server):
         self.closing = threading.Event()
         self.adopter = None   # (objects, adopt(conn, first_request, object)): see
                               # accept_connection
+        self.handshakes = _Handshakes()
+
+    def shutdown(self, conn):
+        """The manager's own request to stop the server, refused: any peer with the
+        key could send it, and the master would end without telling its nodes
+        and clients.  The master stops on SIGTERM, Ctrl-C or ``Master.shutdown()``,
+        which tell them."""
+        raise PermissionError("a minicw master is not stopped by a peer's request; stop it "
+                              "with SIGTERM or Ctrl-C where it runs (it tells its worker "
+                              "nodes and clients)")
 
     def accept_connection(self, conn, name):
         """Serve a proxy's connection: in this thread, as the standard Server does,
@@ -225,16 +236,51 @@ class _Server(managers.Server):
         self.serve_client(_Replay(conn, request))
 
     def accepter(self):
+        """Accept connections until closed, whatever runs out meanwhile: with no
+        file descriptor or thread to spare, the connection is closed, the loop
+        pauses (up to ACCEPT_BACKOFF_MAX_S) and says so, rate-limited, and
+        the sessions already served go on."""
+        pause = 0.0
+        self.handshakes.start(self.closing)
         while not self.closing.is_set():
             try:
                 conn = self.listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self.closing.is_set():
                     return
+                pause = self._back_off(pause, "cannot accept connections: %s" % exc)
                 continue
-            worker = threading.Thread(target=self.handle_request, args=(conn,),
-                                      name="minicw-conn", daemon=True)
-            worker.start()
+            if not self.handshakes.admit(conn):
+                conn.close()
+                self._refused("more than %d connections are in their handshake"
+                              % config.MAX_PENDING_HANDSHAKES)
+                continue
+            try:
+                worker = threading.Thread(target=self.handle_request, args=(conn,),
+                                          name="minicw-conn", daemon=True)
+                worker.start()
+            except RuntimeError as exc:   # no thread to be had now
+                self.handshakes.done(conn)
+                conn.close()
+                pause = self._back_off(pause, "cannot start a thread for a connection: %s" % exc)
+                continue
+            pause = 0.0
+
+    def _back_off(self, pause: float, why: str) -> float:
+        self._refused(why)
+        pause = min(config.ACCEPT_BACKOFF_MAX_S, max(0.01, pause * 2))
+        self.closing.wait(pause)
+        return pause
+
+    _refusals = [0, 0.0]   # refused since the last log line, when it was written
+
+    def _refused(self, why: str) -> None:
+        refusals = self._refusals
+        refusals[0] += 1
+        now = time.monotonic()
+        if now - refusals[1] >= config.REFUSALS_LOGGED_EVERY_S:
+            log.warning("%s (%d connection(s) refused or dropped)", why, refusals[0])
+            refusals[0], refusals[1] = 0, now
 
     def _authenticate(self, conn) -> bool:
         try:
@@ -246,6 +292,8 @@ class _Server(managers.Server):
         except (EOFError, OSError, ValueError, AssertionError) as exc:
             log.info("dropped a connection during the handshake: %s", type(exc).__name__)
             return False
+        finally:
+            self.handshakes.done(conn)
         tune(conn, receive_timeout_s=0.0)
         return True
 
@@ -285,6 +333,51 @@ class _Server(managers.Server):
             self.listener.close()
         except OSError:
             pass
+
+
+class _Handshakes:
+    """Connections in their handshake: at most MAX_PENDING_HANDSHAKES at once, each
+    given config.handshake_timeout_s() for the whole of it.  The receive timeout
+    of a socket counts per read, so a peer sending a byte now and then would
+    hold its thread for ever; a watcher thread shuts down the socket of a
+    handshake past its deadline, which ends its reads."""
+
+    def __init__(self):
+        self._deadlines = {}          # conn -> monotonic deadline
+        self._lock = threading.Lock()
+
+    def start(self, closing: threading.Event) -> None:
+        threading.Thread(target=self._watch, args=(closing,), name="minicw-handshakes",
+                         daemon=True).start()
+
+    def admit(self, conn) -> bool:
+        with self._lock:
+            if len(self._deadlines) >= config.MAX_PENDING_HANDSHAKES:
+                return False
+            self._deadlines[conn] = time.monotonic() + config.handshake_timeout_s()
+            return True
+
+    def done(self, conn) -> None:
+        with self._lock:
+            self._deadlines.pop(conn, None)
+
+    def _watch(self, closing: threading.Event) -> None:
+        period = min(1.0, config.handshake_timeout_s() / 4)
+        while not closing.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                # Under the lock: a connection still listed has not finished its
+                # handshake, so it is not closed yet and its descriptor is its own.
+                late = [conn for conn, deadline in self._deadlines.items() if deadline < now]
+                for conn in late:
+                    del self._deadlines[conn]
+                    try:
+                        _with_socket(conn, lambda sock: sock.shutdown(socket.SHUT_RDWR))
+                    except OSError:
+                        pass
+            if late:
+                log.info("dropped %d connection(s) that did not finish the handshake within "
+                         "%gs", len(late), config.handshake_timeout_s())
 
 
 class _Replay:

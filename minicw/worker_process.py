@@ -77,10 +77,25 @@ def run_process(spec: dict) -> None:
     """Entry point of a worker process (the target of the node's Process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's business
     _exit_with_parent()
+    _whole_lines()
     runner = Runner(spec)
     code = runner.run()
     runner.state[STATE_EXIT] = code
     sys.exit(code)
+
+
+def _whole_lines() -> None:
+    """Job output that is not sent back (forwarding off, or written before a lease)
+    goes to the node's output a line at a time: the processes of a node share it,
+    and a pipe takes a line in one write whole, where unbuffered pieces of two
+    processes' prints interleave; a killed process leaves no whole line behind."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(line_buffering=True, write_through=False)
+            except (ValueError, OSError):
+                pass
 
 
 def _exit_with_parent() -> None:

@@ -22,9 +22,10 @@ def env_with_key(key=KEY, **extra):
 class Proc:
     """A child process whose stdout lines are collected by a thread."""
 
-    def __init__(self, argv, env=None, stdin=subprocess.DEVNULL):
+    def __init__(self, argv, env=None, stdin=subprocess.DEVNULL, **popen_options):
         self.popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      stdin=stdin, env=env, universal_newlines=True)
+                                      stdin=stdin, env=env, universal_newlines=True,
+                                      **popen_options)
         self.pid = self.popen.pid
         self.out, self.err = [], []
         self._open_streams = 2

@@ -3,6 +3,7 @@ worker node, malformed calls through the manager, a session's blobs, files
 under a zero umask.
 """
 import os
+import re
 import signal
 import time
 
@@ -10,6 +11,8 @@ import pytest
 
 from minicw import ClusterExecutor, WorkerCrashedError
 from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def kills_its_node(x):
@@ -43,4 +46,157 @@ def test_a_job_that_kills_its_node_fails_after_max_retries_plus_one_nodes():
     finally:
         for node in nodes:
             node.stop()
+        master.stop()
+
+
+def test_malformed_calls_get_an_error_naming_the_field_and_harm_nobody_else():
+    from minicw import InvalidCallError, client, protocol, transport
+    master, port = helpers.start_master()
+    node = helpers.start_worker(port, nprocs=2)
+    try:
+        api = transport.connect_master(("127.0.0.1", port), helpers.KEY).client()
+        client_id, _ = api.hello(client.client_info())
+        api.put_blobs(client_id, [("fn", protocol.pack_blob(protocol.BLOB_CALLABLE, b"x")[1])])
+
+        def spec(chunk_id, n_jobs=1, **fields):
+            fields = dict(protocol.ChunkSpec(chunk_id, ("fn",), n_jobs, b"p", None, 2, None)
+                          ._asdict(), **fields)
+            return tuple(fields.values())
+        bad_calls = [
+            (lambda: api.submit(client_id, [spec(1, n_jobs=10 ** 20)]),
+             "chunk 1: n_jobs must be an integer from 1 to 2147483648, not 100000000000000000000"),
+            (lambda: api.submit(client_id, [spec(2, n_jobs=-3)]), "chunk 2: n_jobs must be"),
+            (lambda: api.submit(client_id, [spec(3, max_retries="2")]), "chunk 3: max_retries"),
+            (lambda: api.submit(client_id, [spec(4, func_keys=("missing",))]),
+             "chunk 4 names function blobs the master does not hold: missing"),
+            (lambda: api.submit(client_id, [spec(5), spec(5)]),
+             "chunk 5: chunk_id is already in use"),
+            (lambda: api.submit(client_id, ["junk"]), "a chunk spec must be a tuple of 8 fields"),
+            (lambda: api.submit("me", []), "client_id must be an integer"),
+            (lambda: api.fetch(client_id, -1, 0), "fetch's timeout_s must be a number"),
+            (lambda: api.cancel(client_id, [(1, "all")]), "a cancel request's indices"),
+            (lambda: api.put_blobs(client_id, [("k", "not bytes")]), "blob k must be bytes"),
+        ]
+        for call, message in bad_calls:
+            with pytest.raises(InvalidCallError, match=re.escape(message)):
+                call()
+        nodes = transport.connect_master(("127.0.0.1", port), helpers.KEY).node()
+        for nprocs in (3_000_000, -3, "2"):
+            with pytest.raises(InvalidCallError, match="worker node info 'nprocs' must be an "
+                               "integer from 1 to 4096"):
+                nodes.register(dict(client.client_info(), nprocs=nprocs))
+        api.goodbye(client_id)     # a client that sent all that still leaves cleanly
+
+        # Meanwhile the cluster is whole: an innocent client gets exact results.
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            assert list(executor.map(small, range(200))) == list(range(200))
+            status = executor.status()
+        assert [n.nprocs for n in status["nodes"]] == [2]
+        assert status["queued_chunks"] == 0
+    finally:
+        node.stop()
+        master.stop()
+
+
+def test_the_launchers_files_are_private_under_a_zero_umask(tmp_path):
+    import stat
+    import subprocess
+    import sys
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)                      # left open by someone, or by a umask of 0
+    script = os.path.join(ROOT, "scripts", "local_start.py")
+
+    def launcher(*args):
+        return subprocess.run([sys.executable, script] + list(args) + ["--run-dir", str(run_dir)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=120,
+                              preexec_fn=lambda: os.umask(0), env=dict(os.environ, PYTHONPATH=ROOT))
+    started = launcher("start", "-n", "1")
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "was writable by others (mode 777); made it 700" in started.stderr
+        assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+        modes = {entry.name: stat.S_IMODE(entry.stat().st_mode) for entry in run_dir.iterdir()}
+        assert {"authkey", "master.json", "master.log", "master.pid"} <= set(modes)
+        assert {name: mode for name, mode in modes.items() if mode & 0o077} == {}
+    finally:
+        assert launcher("stop").returncode == 0
+
+
+def test_a_peers_raw_shutdown_request_is_refused():
+    from multiprocessing.connection import Client
+    master, port = helpers.start_master()
+    node = helpers.start_worker(port, nprocs=1)
+    try:
+        raw = Client(("127.0.0.1", port), authkey=helpers.KEY.encode())
+        raw.send((None, "shutdown", (), {}))
+        kind, error = raw.recv()
+        raw.close()
+        assert kind == "#ERROR" and isinstance(error, PermissionError)
+        assert "not stopped by a peer's request; stop it with SIGTERM" in str(error)
+        time.sleep(0.5)
+        assert master.popen.poll() is None
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            assert executor.submit(small, 7).result(timeout=30) == 7
+    finally:
+        node.stop()
+        master.stop()
+
+
+def _trickle(port, stop):
+    """A peer that announces a 200-byte answer to the challenge, then sends it one
+    byte every 0.5 s: each read of the master gets a byte in time, so only a
+    deadline for the whole handshake ends it."""
+    import socket
+    import struct
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        sock.sendall(struct.pack("!i", 200))
+        while not stop.is_set():
+            try:
+                sock.sendall(b"\x00")
+            except OSError:
+                return "closed"
+            stop.wait(0.5)
+        return "open"
+    finally:
+        sock.close()
+
+
+def test_slow_and_exhausting_peers_before_authentication(tmp_path):
+    import resource
+    import sys
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    def low_fd_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+    env = helpers.env_with_key(MINICW_HANDSHAKE_TIMEOUT_S="2")
+    master = helpers.Proc([sys.executable, "-m", "minicw.master", "--host", "127.0.0.1",
+                           "--port", "0"], env=env, preexec_fn=low_fd_limit)
+    port = int(master.wait_for(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    node = helpers.start_worker(port, nprocs=1)
+    stop = threading.Event()
+    try:
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            assert executor.submit(small, 1).result(timeout=30) == 1
+            # 120 peers that trickle bytes: more than the master has descriptors for,
+            # and more than it handshakes at once.
+            with ThreadPoolExecutor(120) as peers:
+                started = time.monotonic()
+                trickling = [peers.submit(_trickle, port, stop) for _ in range(120)]
+                time.sleep(1.0)
+                # The session already served goes on meanwhile.
+                assert list(executor.map(small, range(50))) == list(range(50))
+                outcomes = [future.result(timeout=30) for future in trickling]
+                elapsed = time.monotonic() - started
+            assert outcomes.count("closed") == 120 and elapsed < 15, (outcomes, elapsed)
+            # ... and once they are gone, new clients connect again.
+            with ClusterExecutor("127.0.0.1", port, helpers.KEY) as again:
+                assert again.submit(small, 2).result(timeout=30) == 2
+        assert master.popen.poll() is None
+    finally:
+        stop.set()
+        node.stop()
         master.stop()
