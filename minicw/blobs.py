@@ -15,6 +15,21 @@ from __future__ import annotations
 from minicw.errors import MinicwError
 
 
+BLOB_OVERHEAD = 400          # bytes the master spends on a blob besides its data
+TRIM_AFTER_BYTES = 64 << 20  # freeing this much at once hands memory back to the system
+
+
+def give_back_memory() -> None:
+    """Ask the C allocator to return freed memory to the system (glibc only):
+    freed blobs otherwise stay in the master's heap, and a master that once held
+    a client's 100,000 blobs would keep their size for the rest of its life."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError, ImportError):
+        pass   # not glibc: the allocator keeps its own counsel
+
+
 class _Entry:
     __slots__ = ("data", "owners", "puts", "fetches")
 
@@ -52,14 +67,18 @@ class BlobStore:
         entry.fetches += 1
         return entry.data
 
-    def release(self, client_id: int, keys) -> None:
-        """The client left: drop the blobs no other connected client put."""
+    def release(self, client_id: int, keys) -> int:
+        """The client left: drop the blobs no other connected client put; how many
+        bytes went."""
+        freed = 0
         for key in keys:
             entry = self._entries.get(key)
             if entry is not None:
                 entry.owners.discard(client_id)
                 if not entry.owners:
+                    freed += len(entry.data) + BLOB_OVERHEAD
                     del self._entries[key]
+        return freed
 
     def transfers(self, keys) -> dict:
         """{key: (times put, times fetched by nodes)} for blobs held."""

@@ -90,6 +90,7 @@ class Session:
         self._in_flight = {}              # chunk_id -> _Unfinished
         self._in_flight_lock = threading.Lock()
         self._recover_lock = threading.Lock()
+        self._gave_up = None              # the MasterLostError once reconnecting has failed
         self._generation = 0              # reconnections so far
         self._chunk_ids = itertools.count(1)
         self._context = (None, None)      # (described context, its blob key)
@@ -141,6 +142,8 @@ class Session:
         with self._recover_lock:
             if self._generation != generation:
                 return
+            if self._gave_up is not None:   # another thread waited the whole time already
+                raise self._gave_up
             where = transport.format_address(self.address)
             log.warning("lost the master at %s (%s); reconnecting for up to %gs", where,
                         type(cause).__name__, self.reconnect_timeout_s)
@@ -158,10 +161,11 @@ class Session:
                         raise
                     cause = exc
                 if time.monotonic() + pause_s > deadline:
-                    raise MasterLostError(
+                    self._gave_up = MasterLostError(
                         "lost the master at %s and it did not come back within %gs (%s: %s)"
                         % (where, self.reconnect_timeout_s, type(cause).__name__, cause),
-                        self.address) from None
+                        self.address)
+                    raise self._gave_up from None
                 time.sleep(pause_s)
                 pause_s = min(pause_s * 2, 1.0)
             self._generation += 1

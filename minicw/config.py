@@ -119,6 +119,20 @@ def max_message_bytes() -> int:
     return int(text) if text else DEFAULT_MAX_MESSAGE_BYTES
 
 
+ENV_MAX_SESSION_BLOB_BYTES = "MINICW_MAX_SESSION_BLOB_BYTES"
+DEFAULT_MAX_SESSION_BLOB_BYTES = 4 << 30  # blobs (functions, broadcast data) one client
+ENV_MAX_SESSION_BLOBS = "MINICW_MAX_SESSION_BLOBS"  # session may keep in the master, in
+DEFAULT_MAX_SESSION_BLOBS = 1_000_000                # bytes and in number
+
+
+def max_session_blobs() -> tuple:
+    """(bytes, count) of blobs one client session may keep in the master."""
+    size = os.environ.get(ENV_MAX_SESSION_BLOB_BYTES)
+    count = os.environ.get(ENV_MAX_SESSION_BLOBS)
+    return (int(size) if size else DEFAULT_MAX_SESSION_BLOB_BYTES,
+            int(count) if count else DEFAULT_MAX_SESSION_BLOBS)
+
+
 MAX_NAME_CHARS = 1024           # a key, a host name, a Python tag
 MAX_PATH_CHARS = 4096           # a working directory
 MAX_NODE_PROCESSES = 4096       # worker processes one node may register

@@ -526,13 +526,14 @@ class WorkerNode:
 
     def _end_slot(self, api, slot: _Slot, reason: str) -> None:
         """Kill a slot's process on purpose and report why."""
-        slot.process.kill()
+        _kill_group(slot.process)
         slot.process.join()
         self._process_ended(api, slot, reason, draining=False)
 
     def _process_ended(self, api, slot: _Slot, reason: str, draining: bool) -> None:
         process = slot.process
         process.join()
+        _kill_group(process)   # what its job started dies with it
         token = slot.state[worker_process.STATE_TOKEN]
         position = slot.state[worker_process.STATE_POSITION]
         exit_description = describe_exit(process.exitcode)
@@ -593,12 +594,25 @@ class WorkerNode:
 
     def _stop_processes(self) -> None:
         for slot in list(self._slots.values()):
-            if slot.process.is_alive():
-                slot.process.kill()
+            _kill_group(slot.process)
         for slot in list(self._slots.values()):
             slot.process.join()
             slot.control.close()
         self._slots.clear()
+
+
+def _kill_group(process) -> None:
+    """Kill a worker process and, where the platform has process groups, the
+    processes its jobs started (the worker process leads a group of its own;
+    after it died, its group lives on in what it left)."""
+    if hasattr(os, "killpg") and process.pid is not None:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+        except (ProcessLookupError, PermissionError):
+            pass   # no group left (or never one): the process alone, if alive
+    if process.is_alive():
+        process.kill()
 
 
 # Windows reports a process that crashed by the NTSTATUS code of the crash.

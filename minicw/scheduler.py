@@ -62,9 +62,8 @@ import threading
 import time
 from collections import OrderedDict, deque
 
-from minicw import config, protocol
+from minicw import blobs, config, protocol
 from minicw.activity import Activity
-from minicw.blobs import BlobStore
 from minicw.waiting import WAIT_FETCH, WAIT_LEASE, WAIT_POLL, Failure, Transition, Waiter
 from minicw.errors import (ClusterShutdownError, InvalidCallError, MinicwError,
                            SessionExpiredError)
@@ -123,7 +122,8 @@ class ClientState:
     __slots__ = ("client_id", "info", "last_seen", "queue", "in_rotation", "chunks",
                  "deliveries", "delivery_seq", "fetches", "blob_keys", "deficit",
                  "queued_jobs", "running_jobs", "done_jobs", "failed_jobs",
-                 "unrunnable_since", "may_queue_bytecode", "connected_at", "run")
+                 "unrunnable_since", "may_queue_bytecode", "connected_at", "run",
+                 "blob_bytes")
 
     def __init__(self, client_id, info):
         self.client_id = client_id
@@ -143,6 +143,7 @@ class ClientState:
                                          # the reaper last found none queued
         self.connected_at = time.time()
         self.run = None                 # Run: since its first job after being idle
+        self.blob_bytes = 0             # of the blobs it put (config.max_session_blobs)
 
 
 class NodeState:
@@ -198,7 +199,7 @@ class Scheduler:
         self._queued_chunks = 0
         self._live_slots = 0            # worker processes of all registered nodes
         self._leases = {}               # token -> Chunk
-        self._blobs = BlobStore()
+        self._blobs = blobs.BlobStore()
         self._tokens = itertools.count(1)
         self._client_ids = itertools.count(1)
         self._node_serials = itertools.count(1)
@@ -229,12 +230,24 @@ class Scheduler:
             self._client(client_id).last_seen = time.monotonic()
 
     def put_blobs(self, client_id: int, blobs) -> None:
-        """Store ``[(key, bytes)]``; kept while any client that put them is connected."""
+        """Store ``[(key, bytes)]``; kept while any client that put them is connected,
+        up to config.max_session_blobs() per client (InvalidCallError beyond)."""
         with self._changing:
             client = self._client(client_id)
-            for key, data in blobs:
+            new = {key: data for key, data in blobs if key not in client.blob_keys}
+            size = client.blob_bytes + sum(len(data) for data in new.values())
+            count = len(client.blob_keys) + len(new)
+            max_size, max_count = config.max_session_blobs()
+            if size > max_size or count > max_count:
+                raise InvalidCallError(
+                    "this client session would keep %d blobs of %d bytes in the master; the "
+                    "limit is %d blobs, %d bytes (%s, %s): broadcast fewer or smaller objects"
+                    % (count, size, max_count, max_size, config.ENV_MAX_SESSION_BLOBS,
+                       config.ENV_MAX_SESSION_BLOB_BYTES))
+            for key, data in new.items():
                 self._blobs.put(client_id, key, data)
                 client.blob_keys.add(key)
+            client.blob_bytes = size
 
     def get_blob(self, key: str) -> bytes:
         with self._changing:
@@ -846,7 +859,8 @@ class Scheduler:
         for chunk in list(client.chunks.values()):
             if chunk.token:
                 self._revoke(chunk)
-        self._blobs.release(client.client_id, client.blob_keys)
+        if self._blobs.release(client.client_id, client.blob_keys) >= blobs.TRIM_AFTER_BYTES:
+            blobs.give_back_memory()
         self._fail_fetches(client, self._unknown_client(client.client_id))
         log.info("client %d %s; %d queued and %d running jobs dropped", client.client_id,
                  why, queued_jobs, running_jobs)

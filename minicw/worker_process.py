@@ -76,6 +76,10 @@ EXIT_MASTER_LOST = 4   # the connection to the master broke
 def run_process(spec: dict) -> None:
     """Entry point of a worker process (the target of the node's Process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the node's business
+    if hasattr(os, "setpgid"):
+        # A group of its own: the processes its jobs start end with it (the node
+        # kills the group, and so does the lifeline below).
+        os.setpgid(0, 0)
     _exit_with_parent()
     _whole_lines()
     runner = Runner(spec)
@@ -106,6 +110,8 @@ def _exit_with_parent() -> None:
 
     def watch():
         connection.wait([parent.sentinel])
+        if hasattr(os, "killpg"):   # the processes of its job too (its own group)
+            os.killpg(os.getpgid(0), signal.SIGKILL)
         os._exit(EXIT_MASTER_LOST)
     threading.Thread(target=watch, name="minicw-lifeline", daemon=True).start()
 

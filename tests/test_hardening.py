@@ -200,3 +200,107 @@ def test_slow_and_exhausting_peers_before_authentication(tmp_path):
         stop.set()
         node.stop()
         master.stop()
+
+
+def _rss_mb(pid: int) -> float:
+    import resource
+    with open("/proc/%d/statm" % pid) as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 1e6
+
+
+def test_a_sessions_blobs_are_freed_when_it_ends_and_bounded_while_it_lasts():
+    from minicw import InvalidCallError, client, transport
+    env = helpers.env_with_key(MINICW_MAX_SESSION_BLOBS="150000")
+    master, port = helpers.start_master(env=env)
+    try:
+        baseline = _rss_mb(master.pid)
+        api = transport.connect_master(("127.0.0.1", port), helpers.KEY).client()
+        client_id, _ = api.hello(client.client_info())
+        for first in range(0, 100_000, 10_000):   # 100,000 blobs of 1 KB, as broadcasts are
+            api.put_blobs(client_id, [("blob-%d" % i, os.urandom(1000))
+                                      for i in range(first, first + 10_000)])
+        grown = _rss_mb(master.pid)
+        assert grown - baseline > 100, (baseline, grown)
+        with pytest.raises(InvalidCallError, match=re.escape(
+                "this client session would keep 160000 blobs of 160000000 bytes in the master; "
+                "the limit is 150000 blobs")):
+            api.put_blobs(client_id, [("more-%d" % i, os.urandom(1000)) for i in range(60_000)])
+        api.goodbye(client_id)
+        time.sleep(0.5)
+        after = _rss_mb(master.pid)
+        assert after - baseline < 40, (baseline, grown, after)
+    finally:
+        master.stop()
+
+
+def hold(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_master_that_never_comes_back_is_given_up_after_the_reconnect_timeout():
+    from minicw import MasterLostError, config
+    master, port = helpers.start_master()
+    node = helpers.start_worker(port, nprocs=1)
+    try:
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            running = executor.submit(hold, 60)
+            time.sleep(0.5)
+            master.stop(signal.SIGKILL)
+            started = time.monotonic()
+            with pytest.raises(MasterLostError, match="did not come back within 5s"):
+                running.result(timeout=60)
+            waited = time.monotonic() - started
+            # every thread of the session gives up together, not one after another
+            assert waited < config.reconnect_timeout_s() + 3, waited
+            with pytest.raises(MasterLostError):
+                executor.submit(hold, 0).result(timeout=10)
+    finally:
+        node.stop()
+        master.stop()
+
+
+def spawn_sleepers(count, record, then_sleep=0.0):
+    """Start ``count`` `sleep 300` processes, write their PIDs to ``record``, then
+    sleep ``then_sleep`` seconds; their PIDs."""
+    import subprocess
+    pids = [subprocess.Popen(["sleep", "300"]).pid for _ in range(count)]
+    with open(record, "w") as handle:
+        handle.write(" ".join(map(str, pids)))
+    time.sleep(then_sleep)
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="process groups are POSIX")
+def test_processes_a_job_started_end_with_its_process_and_its_node(tmp_path):
+    master, port = helpers.start_master()
+    node = helpers.start_worker(port, nprocs=1)
+    try:
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY, max_retries=0) as executor:
+            # A job over its time limit: its process is killed, and its children too.
+            record = str(tmp_path / "late.pids")
+            late = executor.with_options(job_timeout=1).submit(spawn_sleepers, 5, record, 30)
+            with pytest.raises(TimeoutError):
+                late.result(timeout=30)
+            with open(record) as handle:
+                timed_out = [int(pid) for pid in handle.read().split()]
+            # A job that left its children running: they end with the node's SIGTERM.
+            left = executor.submit(spawn_sleepers, 5, str(tmp_path / "left.pids")).result(
+                timeout=30)
+        assert all(_alive(pid) for pid in left)
+        assert node.stop() == 0
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in left + timed_out) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in left + timed_out if _alive(pid)]
+    finally:
+        node.stop()
+        master.stop()
