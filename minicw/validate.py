@@ -118,38 +118,38 @@ def chunk_spec(fields) -> tuple:
     return tuple(fields)
 
 
-def blobs(blobs_in) -> list:
-    sequence("put_blobs's blobs", blobs_in, config.MAX_BLOBS_PER_CALL)
-    for item in blobs_in:
+def pairs(name: str, items, max_items: int, what: str) -> list:
+    """``items``: a list of at most ``max_items`` pairs, each described as ``what``."""
+    for item in sequence(name, items, max_items):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise InvalidCallError("a blob must be a (key, bytes) pair, not %s" % _shown(item))
-        text("a blob key", item[0])
-        data("blob %s" % item[0][:40], item[1], config.max_message_bytes())
+            raise InvalidCallError("%s must be a %s pair, not %s" % (name, what, _shown(item)))
+    return items
+
+
+def blobs(blobs_in) -> list:
+    for key, value in pairs("put_blobs's blobs", blobs_in, config.MAX_BLOBS_PER_CALL,
+                            "(key, bytes)"):
+        text("a blob key", key)
+        data("blob %s" % key[:40], value, config.max_message_bytes())
     return blobs_in
 
 
 def cancel_requests(requests) -> list:
-    sequence("cancel's requests", requests, config.MAX_CHUNKS_PER_SUBMIT)
-    for item in requests:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise InvalidCallError("a cancel request must be a (chunk_id, indices or None) "
-                                   "pair, not %s" % _shown(item))
-        integer("a cancel request's chunk_id", item[0], 0, 2 ** 63 - 1)
-        if item[1] is not None:
-            for index in sequence("a cancel request's indices", item[1],
+    for chunk_id, indices in pairs("cancel's requests", requests, config.MAX_CHUNKS_PER_SUBMIT,
+                                   "(chunk_id, indices or None)"):
+        integer("a cancel request's chunk_id", chunk_id, 0, 2 ** 63 - 1)
+        if indices is not None:
+            for index in sequence("a cancel request's indices", indices,
                                   config.MAX_JOBS_PER_CHUNK):
                 integer("a cancel request's index", index, 0, config.MAX_JOBS_PER_CHUNK)
     return requests
 
 
 def job_refs(jobs) -> list:
-    sequence("leased's jobs", jobs, config.MAX_JOBS_PER_CHUNK)
-    for item in jobs:
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise InvalidCallError("a job must be a (chunk_id, index) pair, not %s"
-                                   % _shown(item))
-        integer("a job's chunk_id", item[0], 0, 2 ** 63 - 1)
-        integer("a job's index", item[1], 0, config.MAX_JOBS_PER_CHUNK)
+    for chunk_id, index in pairs("leased's jobs", jobs, config.MAX_JOBS_PER_CHUNK,
+                                 "(chunk_id, index)"):
+        integer("a job's chunk_id", chunk_id, 0, 2 ** 63 - 1)
+        integer("a job's index", index, 0, config.MAX_JOBS_PER_CHUNK)
     return jobs
 
 

@@ -167,3 +167,19 @@ def master():
     running.start()
     yield running
     running.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A LocalCluster of 2 worker processes, shared by the tests of a module (a
+    module that needs another cluster defines its own ``cluster``)."""
+    from minicw import LocalCluster
+    with LocalCluster(n_workers=2) as running:
+        yield running
+
+
+@pytest.fixture
+def executor(cluster):
+    """A ClusterExecutor on ``cluster``, shut down after the test."""
+    with cluster.executor() as running:
+        yield running

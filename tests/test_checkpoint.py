@@ -20,22 +20,10 @@ import time
 import pytest
 
 from minicw import (CheckpointError, CheckpointLockedError, CheckpointMismatchError,
-                    LocalCluster, RemoteError, config, journal, store)
+                    RemoteError, config, journal, store)
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2) as running:
-        yield running
-
-
-@pytest.fixture
-def executor(cluster):
-    with cluster.executor() as running:
-        yield running
 
 
 def square(x):

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from minicw import LocalCluster, MasterNode, chunking
+from minicw import MasterNode, chunking
 
 # A slow function that says which process ran it: sized chunks must spread
 # a short run of slow jobs over every process instead of one chunk of all.
@@ -14,12 +14,6 @@ def where(x):
     time.sleep(0.05)
     return os.getpid()
 """
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2) as running:
-        yield running
 
 
 def test_untimed_function_goes_one_job_per_chunk():

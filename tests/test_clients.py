@@ -19,21 +19,9 @@ from minicw.errors import MinicwError
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
 def solo():
     """One worker process: the order in which jobs run is known."""
     with LocalCluster(n_workers=1) as running:
-        yield running
-
-
-@pytest.fixture
-def executor(cluster):
-    with cluster.executor() as running:
         yield running
 
 

@@ -18,12 +18,6 @@ from tests.helpers import KEY, PY, Proc, start_master, start_worker
 DOUBLE = "f = lambda x: x * 2"
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2) as running:
-        yield running
-
-
 def test_local_cluster_runs_envir_function(cluster):
     cluster.load_envir(DOUBLE, from_file=False)
     cluster.register_target_function("f")

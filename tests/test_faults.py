@@ -17,7 +17,7 @@ import time
 import pytest
 
 from minicw import (
-    ClusterExecutor, ClusterShutdownError, LocalCluster, WorkerCrashedError, chunking,
+    ClusterExecutor, ClusterShutdownError, WorkerCrashedError, chunking,
 )
 from tests.helpers import KEY, PY, Proc, start_master, start_worker
 
@@ -145,12 +145,6 @@ def test_sigterm_to_a_worker_node_drains_its_jobs(master_and_two_nodes):
 
 
 # --- jobs that kill their process ---------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2) as running:
-        yield running
-
 
 @pytest.mark.parametrize("how, described", [
     ("exit", "exit code 3"), ("segfault", "signal SIGSEGV"), ("sigkill", "signal SIGKILL")])

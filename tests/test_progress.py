@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from minicw import LocalCluster, RemoteError, config, progress
+from minicw import RemoteError, config, progress
 from minicw.progress import Progress, start_progress
 
 DELAY_S = config.PROGRESS_DELAY_S
@@ -314,12 +314,6 @@ def test_a_terminal_ipython_draws_the_terminal_line(monkeypatch):
 
 
 # --- each kind of run, on a real cluster ---------------------------------------------------
-
-@pytest.fixture(scope="module")
-def cluster():
-    with LocalCluster(n_workers=2) as running:
-        yield running
-
 
 @pytest.fixture
 def quick_display(monkeypatch):
