@@ -109,6 +109,7 @@ class Session:
         self._manager, self._api, self.client_id = manager, api, client_id
         self._acked = 0                   # last delivery number received from this master
         self.heartbeat_timeout_s = master_info["heartbeat_timeout_s"]
+        transport.master_heartbeat(self.address, self.heartbeat_timeout_s, api)
 
     def _call(self, method: str, *args, with_id: bool = True, after_recovery: str = "retry"):
         """Call the master; on a lost connection recover, then retry (or not:

@@ -33,6 +33,19 @@ def handshake_timeout_s() -> float:
     return float(text) if text else HANDSHAKE_TIMEOUT_S
 
 # --- liveness -------------------------------------------------------------------
+ENV_LINK_TIMEOUT_S = "MINICW_LINK_TIMEOUT_S"
+MIN_LINK_TIMEOUT_S = 10.0           # a busy master may answer slowly: never less than this
+
+
+def link_timeout_s() -> float:
+    """How long a peer waits on its link to the master for any answer before it
+    takes the link for dead and reconnects: $MINICW_LINK_TIMEOUT_S, else two
+    heartbeat timeouts (at least MIN_LINK_TIMEOUT_S)."""
+    text = os.environ.get(ENV_LINK_TIMEOUT_S)
+    if text:
+        return float(text)
+    return max(MIN_LINK_TIMEOUT_S, 2 * heartbeat_timeout_s())
+
 ENV_HEARTBEAT_TIMEOUT_S = "MINICW_HEARTBEAT_TIMEOUT_S"
 DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # a node or client silent this long is declared dead
 HEARTBEATS_PER_TIMEOUT = 4          # peers speak this many times per timeout period

@@ -338,6 +338,7 @@ class WorkerNode:
         api = manager.node()
         try:
             self.node_id, heartbeat_timeout_s = api.register(self._info())
+            transport.master_heartbeat(self.address, heartbeat_timeout_s, api)
         except ClusterShutdownError:
             return ENDED_SHUTDOWN
         except (EOFError, OSError):

@@ -91,24 +91,50 @@ def _with_socket(conn: connection.Connection, apply) -> None:
         sock.detach()
 
 
-def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
-    # SO_RCVTIMEO makes a blocking read give up; Connection's plain reads then
-    # raise an OSError.  Zero restores "wait forever" for the serving phase.
+def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    # SO_RCVTIMEO / SO_SNDTIMEO make a blocking read / write give up;
+    # Connection's plain reads and writes then raise an OSError.  Zero is
+    # "wait forever".
     if sys.platform == "win32":  # a DWORD of milliseconds there, a timeval elsewhere
         value = struct.pack("L", int(seconds * 1000))
     else:
         whole = int(seconds)
         value = struct.pack("ll", whole, int((seconds - whole) * 1e6))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, option, value)
 
 
-def tune(conn: connection.Connection, receive_timeout_s: float = 0.0) -> None:
-    """Set TCP_NODELAY and a receive timeout (0 = none) on a connection's socket."""
+def _set_receive_timeout(sock: socket.socket, seconds: float) -> None:
+    _set_timeout(sock, socket.SO_RCVTIMEO, seconds)
+
+
+def _set_keepalive(sock: socket.socket, idle_s: float) -> None:
+    """TCP keepalive probes after ``idle_s`` of silence, where the platform has them."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", max(1.0, idle_s / 4)),
+                        ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), max(1, int(value)))
+
+
+def tune(conn: connection.Connection, receive_timeout_s: float = 0.0,
+         link_timeout_s: float | None = None) -> None:
+    """Set TCP_NODELAY and a receive timeout (0 = none) on a connection's socket.
+
+    ``link_timeout_s``: an established link to the master.  A read or a write
+    that waits longer fails (every call is answered within a heartbeat
+    period, so silence that long is a link gone silent: a Wi-Fi drop, a
+    laptop's lid, a NAT that forgot it), and TCP keepalive probes the link
+    when it is idle.  The peer then reconnects as after a reset."""
     def apply(sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            _set_receive_timeout(sock, receive_timeout_s)
-        except OSError:  # pragma: no cover - platforms without SO_RCVTIMEO as a timeval
+            if link_timeout_s is None:
+                _set_receive_timeout(sock, receive_timeout_s)
+            else:
+                _set_receive_timeout(sock, link_timeout_s)
+                _set_timeout(sock, socket.SO_SNDTIMEO, link_timeout_s)
+                _set_keepalive(sock, link_timeout_s / 2)
+        except OSError:  # pragma: no cover - platforms without these options
             pass
     try:
         _with_socket(conn, apply)
@@ -166,8 +192,25 @@ def connect(address, authkey: bytes, connect_timeout_s: float = config.CONNECT_T
             "the peer at %s closed the connection during the handshake (%s); "
             "is this a minicw master of a compatible version?"
             % (where, type(exc).__name__), address) from None
-    tune(conn, receive_timeout_s=0.0)
+    tune(conn, link_timeout_s=link_timeout_for(address))
     return conn
+
+
+_master_heartbeats = {}   # (host, port) -> the heartbeat timeout its master announced
+
+
+def master_heartbeat(address, heartbeat_timeout_s: float, api=None) -> None:
+    """A master's heartbeat timeout, learnt at hello or register: the links to it
+    (``api``'s current one, and those made later) wait at least two of them
+    (a node's poll waits a fraction of one)."""
+    _master_heartbeats[tuple(address)] = float(heartbeat_timeout_s)
+    connection_now = getattr(getattr(api, "_tls", None), "connection", None)
+    if connection_now is not None:
+        tune(connection_now, link_timeout_s=link_timeout_for(address))
+
+
+def link_timeout_for(address) -> float:
+    return max(config.link_timeout_s(), 2 * _master_heartbeats.get(tuple(address), 0.0))
 
 
 def _manager_client(address, family=None, authkey=None):

@@ -5,6 +5,7 @@ under a zero umask.
 import os
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -304,3 +305,107 @@ def test_processes_a_job_started_end_with_its_process_and_its_node(tmp_path):
     finally:
         node.stop()
         master.stop()
+
+
+class Relay:
+    """A loopback TCP relay to the master whose links can go silent for good
+    without closing anything: what a Wi-Fi drop, a laptop's lid or a NAT that
+    forgot a link look like to both ends (no FIN, no RST).  Links made after
+    ``silence_existing()`` work: the network is back, the old links are dead."""
+
+    def __init__(self, target_port: int):
+        import socket
+        import threading
+        self.target_port = target_port
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        self.links = []          # [silenced flag, inside socket, outside socket]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def silence_existing(self) -> int:
+        for link in self.links:
+            link[0] = True
+        return len(self.links)
+
+    def _accept(self):
+        import socket
+        import threading
+        while not self.closed.is_set():
+            try:
+                inside, _ = self.listener.accept()
+            except OSError:
+                continue
+            outside = socket.create_connection(("127.0.0.1", self.target_port))
+            link = [False, inside, outside]
+            self.links.append(link)
+            for sock in (inside, outside):
+                sock.settimeout(0.1)
+            for source, target in ((inside, outside), (outside, inside)):
+                thread = threading.Thread(target=self._pump, args=(link, source, target),
+                                          daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, link, source, target):
+        import socket
+        while not self.closed.is_set():
+            if link[0]:
+                time.sleep(0.05)      # read nothing, send nothing, close nothing
+                continue
+            try:
+                data = source.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        for _, inside, outside in self.links:
+            inside.close()
+            outside.close()
+        for thread in self.threads:
+            thread.join(5)
+
+
+def test_links_that_go_silent_are_noticed_and_rejoined(monkeypatch):
+    monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "4")
+    monkeypatch.setenv("MINICW_RECONNECT_TIMEOUT_S", "40")
+    master, port = helpers.start_master(extra_args=["--heartbeat-timeout", "2"])
+    relay = Relay(port)
+    node = helpers.Proc([sys.executable, "-m", "minicw.worker", "127.0.0.1", str(relay.port),
+                         "-", "-n", "1"],
+                        env=helpers.env_with_key(MINICW_LINK_TIMEOUT_S="4"))
+    try:
+        node.wait_for(r"joined 127\.0\.0\.1:%d" % relay.port)
+        with ClusterExecutor("127.0.0.1", relay.port, helpers.KEY) as executor:
+            assert executor.submit(small, 0).result(timeout=30) == 0
+            futures = [executor.submit(hold, 0.3) for _ in range(10)]
+            silenced = relay.silence_existing()
+            started = time.monotonic()
+            # The master drops both after its 2 s heartbeat timeout; they notice
+            # within their 4 s link timeout and come back on new links.
+            assert [future.result(timeout=60) for future in futures] == [0.3] * 10
+            assert time.monotonic() - started < 30
+            assert len(relay.links) > silenced
+            deadline = time.monotonic() + 30
+            while len(executor.list_workers()) != 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            [record] = executor.list_workers()
+            assert record.pid == node.pid and record.seen_s_ago < 5
+    finally:
+        node.stop()
+        master.stop()
+        relay.close()

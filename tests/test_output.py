@@ -128,8 +128,10 @@ def test_no_output_comes_back_with_results_when_turned_off():
                          ("{}", {"MINICW_FORWARD_OUTPUT": "0"})]:
         out, err = run_case("print(list(executor.map(chatty, range(2))))", options, env)
         assert not [line for line in out + err if re.match(PREFIX, line)], out + err
-        assert "[0, 1]" in out
-        assert [line for line in out if re.match(r"^\[worker \d+\] line one of 0$", line)]
+        # (the node's lines are passed on by a thread of ours, so one may land
+        # between the two writes of the script's own print: look at the text)
+        assert "[0, 1]" in "".join(out)
+        assert re.search(r"\[worker \d+\] line one of 0\n", "\n".join(out) + "\n")
 
 
 def test_what_a_job_writes_to_fd_1_on_a_local_cluster_is_not_lost():
