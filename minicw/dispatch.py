@@ -621,6 +621,7 @@ class MapStream:
         self._error = None                   # the session broke
         self._eager = False                  # shutdown: submit everything now
         self.checkpointed = None             # a checkpoint.CheckpointedMap journaling results
+        self._timed_out = False              # its timeout ran out (close cancels in the background)
         self.progress = progress             # progress.Progress: counts segments as taken
 
     # --- feeding (consumer's thread) ---------------------------------------------------------
@@ -655,8 +656,33 @@ class MapStream:
                 self._submit(specs)
 
     def _submit(self, specs: list) -> None:
-        self.dispatcher.session.submit(specs)
+        if self.deadline is None:
+            self.dispatcher.session.submit(specs)
+        else:
+            self._submit_by_deadline(specs)
         self._submitted = True
+
+    def _submit_by_deadline(self, specs: list) -> None:
+        """Submit from a thread of its own, waiting for it no longer than the map's
+        ``timeout`` allows: a link gone silent holds a call up to the link
+        timeout and then the reconnection, but not the caller past its deadline
+        (the submit goes on, and lands once the link is back)."""
+        outcome = []
+        sent = threading.Event()
+
+        def send():
+            try:
+                self.dispatcher.session.submit(specs)
+            except BaseException as exc:
+                outcome.append(exc)
+            finally:
+                sent.set()
+        threading.Thread(target=send, name="minicw-map-submit", daemon=True).start()
+        if not sent.wait(max(0.0, self.deadline - time.monotonic())):
+            self._timed_out = True
+            raise FuturesTimeoutError()
+        if outcome:
+            raise outcome[0]
 
     def _half_empty(self) -> bool:
         with self._cond:
@@ -825,6 +851,7 @@ class MapStream:
                 if self.deadline is not None:
                     remaining = self.deadline - time.monotonic()
                     if remaining <= 0:
+                        self._timed_out = True
                         raise FuturesTimeoutError()
                 wait_s = self.progress.wait_s(remaining)
                 if not self._cond.wait(wait_s) and wait_s != remaining:
@@ -863,5 +890,10 @@ class MapStream:
         if chunk_ids:
             self.dispatcher.unregister_stream(chunk_ids)
             if not self.dispatcher.closed and self.dispatcher.broken is None:
-                client.cancel_quietly(self.dispatcher.session,
-                                      [(chunk_id, None) for chunk_id in chunk_ids])
+                requests = [(chunk_id, None) for chunk_id in chunk_ids]
+                if self._timed_out:   # the link may be what timed out: do not wait on it
+                    threading.Thread(target=client.cancel_quietly, name="minicw-map-cancel",
+                                     args=(self.dispatcher.session, requests),
+                                     daemon=True).start()
+                else:
+                    client.cancel_quietly(self.dispatcher.session, requests)

@@ -239,6 +239,7 @@ class ClusterExecutor(Executor):
                                              key, resume, rerun_failed)
                 items = resumed.missing_items()
                 length = None if length is None else resumed.missing_count(length)
+            stream = None
             try:
                 stream = dispatch.MapStream(
                     self._dispatcher, fn, items, kind, chunksize if chunksize > 1 else None,
@@ -247,6 +248,8 @@ class ClusterExecutor(Executor):
                 stream.checkpointed = resumed
                 stream.top_up()
             except BaseException:
+                if stream is not None:
+                    stream.close()   # what it submitted is cancelled (a timeout: in the background)
                 run_progress.finish()
                 if resumed is not None:
                     resumed.journal.close()

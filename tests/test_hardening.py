@@ -409,3 +409,24 @@ def test_links_that_go_silent_are_noticed_and_rejoined(monkeypatch):
         node.stop()
         master.stop()
         relay.close()
+
+
+def test_a_maps_timeout_holds_whatever_the_link_does(monkeypatch):
+    from concurrent.futures import TimeoutError as FuturesTimeoutError
+    monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")    # longer than the map's timeout
+    master, port = helpers.start_master()
+    relay = Relay(port)
+    node = helpers.start_worker(port, nprocs=1)
+    try:
+        with ClusterExecutor("127.0.0.1", relay.port, helpers.KEY) as executor:
+            assert list(executor.map(small, range(5), timeout=10)) == list(range(5))
+            relay.silence_existing()
+            started = time.monotonic()
+            with pytest.raises(FuturesTimeoutError):
+                list(executor.map(small, range(5), timeout=2))   # its submit gets no answer
+            assert time.monotonic() - started < 4
+            executor.shutdown(wait=False, cancel_futures=True)
+    finally:
+        node.stop()
+        master.stop()
+        relay.close()
