@@ -165,6 +165,10 @@ def _trickle(port, stop):
         sock.close()
 
 
+def _threads_and_fds(pid: int) -> tuple:
+    return len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid))
+
+
 def test_slow_and_exhausting_peers_before_authentication(tmp_path):
     import resource
     import sys
@@ -182,6 +186,7 @@ def test_slow_and_exhausting_peers_before_authentication(tmp_path):
     try:
         with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
             assert executor.submit(small, 1).result(timeout=30) == 1
+            baseline = _threads_and_fds(master.pid)
             # 120 peers that trickle bytes: more than the master has descriptors for,
             # and more than it handshakes at once.
             with ThreadPoolExecutor(120) as peers:
@@ -193,6 +198,13 @@ def test_slow_and_exhausting_peers_before_authentication(tmp_path):
                 outcomes = [future.result(timeout=30) for future in trickling]
                 elapsed = time.monotonic() - started
             assert outcomes.count("closed") == 120 and elapsed < 15, (outcomes, elapsed)
+            # ... and the master's threads and descriptors are back where they were
+            deadline = time.monotonic() + 10
+            while (_threads_and_fds(master.pid)[0] > baseline[0] + 2
+                   and time.monotonic() < deadline):
+                time.sleep(0.1)
+            threads, fds = _threads_and_fds(master.pid)
+            assert threads <= baseline[0] + 2 and fds <= baseline[1] + 4, (baseline, threads, fds)
             # ... and once they are gone, new clients connect again.
             with ClusterExecutor("127.0.0.1", port, helpers.KEY) as again:
                 assert again.submit(small, 2).result(timeout=30) == 2
