@@ -75,7 +75,8 @@ class Job:
         self.chunk_id = None          # set when packed into a chunk
         self.index = None
         self.settled = False
-        self.label = label            # its name in forwarded output, e.g. "job 17"
+        self.label = label            # its name in forwarded output: a str ("job mine"),
+                                      # or the submit's number, named only if it prints
 
 
 class Dispatcher:
@@ -186,7 +187,7 @@ class Dispatcher:
         job = Job(self.function_key(fn), fn, args, kwargs,
                   self.job_timeout if job_timeout is None else job_timeout,
                   self.max_retries if max_retries is None else max_retries, on_done,
-                  label or "job %d" % next(self._job_numbers))
+                  label or next(self._job_numbers))
         with self._lock:
             self.check_open()
             self._outstanding += 1
@@ -511,7 +512,7 @@ class JobsRoute:
         dispatcher = self.dispatcher
         jobs = self.jobs
         segments, seconds = client.decode(delivery, dispatcher.session,
-                                          lambda index: jobs[index].label)
+                                          lambda index: _job_label(jobs[index].label))
         if seconds is not None:
             dispatcher.record_time(self.func_keys, seconds,
                                    sum(len(segment.values) for segment in segments))
@@ -555,6 +556,12 @@ def _short_repr(args, limit: int = 60) -> str:
     if text.endswith(",)"):
         text = text[:-2] + ")"
     return text if len(text) <= limit else text[:limit - 4] + "...)"
+
+
+def _job_label(label) -> str:
+    """A job's name in forwarded output: its given name, or "job N" for its number
+    (formatted here, when it printed, not for every submit)."""
+    return label if isinstance(label, str) else "job %d" % label
 
 
 def _rename_job(error, label: str) -> None:
