@@ -9,7 +9,7 @@ from minicw.errors import (  # noqa: F401
     HandshakeTimeoutError, IncompatiblePythonError, InvalidCallError, JobError, JobTimeoutError,
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
     MasterNotListeningError, MinicwError, NoMatchingPythonError, ProtocolVersionError,
-    RemoteError,
+    RemoteError, ResultTooLargeError,
     SerializationError, SessionExpiredError, WorkerCrashedError,
 )
 

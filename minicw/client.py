@@ -30,6 +30,7 @@ import functools
 import itertools
 import logging
 import os
+import queue
 import socket
 import sys
 import threading
@@ -48,6 +49,8 @@ from minicw.errors import (
 log = logging.getLogger(__name__)
 
 FETCH_WAIT_S = 1.0   # a fetch returns at least this often, to notice interrupts
+CALLER_IDLE_S = 10.0  # a DeadlineCaller's thread ends after this long without a call
+GOODBYE_WAIT_S = 3.0  # a session's last call waits this long for its answer at most
 
 
 def client_info() -> dict:
@@ -340,6 +343,11 @@ class Session:
         if self._closed.is_set():
             return
         self._closed.set()
+        # The goodbye is a courtesy (the master forgets a silent session after
+        # its heartbeat timeout): a dead link must not hold the caller for long.
+        connection = getattr(self._api._tls, "connection", None)
+        if connection is not None:
+            transport.tune(connection, link_timeout_s=GOODBYE_WAIT_S)
         try:
             self._api.goodbye(self.client_id)
         except Exception as exc:
@@ -496,17 +504,87 @@ def delivered_jobs(indices) -> int:
     return len(indices) - indices.count(None)
 
 
-def stream_results(session: Session, chunks, window: int, on_idle=None):
+class DeadlinePassed(Exception):
+    """A run's ``timeout`` ran out (its caller says how far it got)."""
+
+
+class DeadlineCaller:
+    """Calls the master from a thread of its own, each waited for no longer
+    than a deadline: a link gone silent holds a call up to the link timeout
+    and then the reconnection, but not the caller past its deadline
+    (DeadlinePassed; the call goes on, and lands once the link is back).
+    One thread for a whole run, so its proxy connection serves call after
+    call; it ends after ``close()``, or CALLER_IDLE_S without a call."""
+
+    def __init__(self):
+        self._requests = queue.SimpleQueue()   # (call, args, outcome, done), or None: end
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def call(self, deadline: float, call, *args):
+        outcome = []
+        done = threading.Event()
+        self._put((call, args, outcome, done))
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            raise DeadlinePassed()
+        returned, value = outcome[0]
+        if returned:
+            return value
+        raise value
+
+    def call_later(self, call, *args) -> None:
+        """``call(*args)`` after the calls before it, without waiting for it."""
+        self._put((call, args, [], threading.Event()))
+
+    def close(self) -> None:
+        """End the thread once the calls before this are made."""
+        self._requests.put(None)
+
+    def _put(self, request) -> None:
+        self._requests.put(request)
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, daemon=True,
+                                                name="minicw-deadline-caller")
+                self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                request = self._requests.get(timeout=CALLER_IDLE_S)
+            except queue.Empty:
+                request = None
+            if request is None:   # closed, or idle
+                with self._lock:   # _put starts a new thread for what comes after this
+                    if self._requests.empty():
+                        self._thread = None
+                        return
+                continue
+            call, args, outcome, done = request
+            try:
+                outcome.append((True, call(*args)))
+            except BaseException as exc:
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+
+def stream_results(session: Session, chunks, window: int, on_idle=None,
+                   deadline: float | None = None):
     """Run chunks with at most ``window`` in flight; yield each Delivery (``decode``
     reads it; it may hold part of a chunk).  ``on_idle()`` runs after a fetch
     that brought nothing (at least every FETCH_WAIT_S: a progress line ticks).
 
-    ``chunks`` yields ChunkSpecs (their ids from ``session.new_chunk_id``).  Closing the generator early (or an exception in the consumer)
-    cancels every chunk still queued.
+    ``chunks`` yields ChunkSpecs (their ids from ``session.new_chunk_id``).
+    Closing the generator early (or an exception in the consumer) cancels
+    every chunk still queued.  Past ``deadline`` (time.monotonic()), whatever
+    the link does, it raises DeadlinePassed and cancels them in the background.
     """
     remaining_by_chunk = {}   # chunk_id -> jobs not yet delivered
     chunk_iter = iter(chunks)
     exhausted = False
+    caller = None if deadline is None else DeadlineCaller()
+    timed_out = False
     try:
         while True:
             batch = []
@@ -518,10 +596,19 @@ def stream_results(session: Session, chunks, window: int, on_idle=None):
                 batch.append(spec)
                 remaining_by_chunk[spec.chunk_id] = spec.n_jobs
             if batch:
-                session.submit(batch)
+                if caller is None:
+                    session.submit(batch)
+                else:
+                    caller.call(deadline, session.submit, batch)
             if not remaining_by_chunk:
                 return
-            deliveries = session.fetch(FETCH_WAIT_S)
+            if deadline is None:
+                deliveries = session.fetch(FETCH_WAIT_S)
+            else:
+                wait_s = min(FETCH_WAIT_S, max(0.0, deadline - time.monotonic()))
+                deliveries = caller.call(deadline, session.fetch, wait_s)
+                if not deliveries and time.monotonic() >= deadline:
+                    raise DeadlinePassed()
             if not deliveries and on_idle is not None:
                 on_idle()
             for delivery in deliveries:
@@ -532,9 +619,18 @@ def stream_results(session: Session, chunks, window: int, on_idle=None):
                 if remaining_by_chunk[chunk_id] <= 0:
                     del remaining_by_chunk[chunk_id]
                 yield delivery
+    except DeadlinePassed:
+        timed_out = True
+        raise
     finally:
         if remaining_by_chunk:
-            cancel_quietly(session, [(chunk_id, None) for chunk_id in remaining_by_chunk])
+            requests = [(chunk_id, None) for chunk_id in remaining_by_chunk]
+            if timed_out:   # the link may be what made it late: do not wait on it again
+                caller.call_later(cancel_quietly, session, requests)
+            else:
+                cancel_quietly(session, requests)
+        if caller is not None:
+            caller.close()
 
 
 def cancel_quietly(session: Session, requests) -> None:

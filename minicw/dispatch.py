@@ -629,6 +629,7 @@ class MapStream:
         self._eager = False                  # shutdown: submit everything now
         self.checkpointed = None             # a checkpoint.CheckpointedMap journaling results
         self._timed_out = False              # its timeout ran out (close cancels in the background)
+        self._caller = None                  # client.DeadlineCaller: submits with a timeout
         self.progress = progress             # progress.Progress: counts segments as taken
 
     # --- feeding (consumer's thread) ---------------------------------------------------------
@@ -670,26 +671,15 @@ class MapStream:
         self._submitted = True
 
     def _submit_by_deadline(self, specs: list) -> None:
-        """Submit from a thread of its own, waiting for it no longer than the map's
-        ``timeout`` allows: a link gone silent holds a call up to the link
-        timeout and then the reconnection, but not the caller past its deadline
-        (the submit goes on, and lands once the link is back)."""
-        outcome = []
-        sent = threading.Event()
-
-        def send():
-            try:
-                self.dispatcher.session.submit(specs)
-            except BaseException as exc:
-                outcome.append(exc)
-            finally:
-                sent.set()
-        threading.Thread(target=send, name="minicw-map-submit", daemon=True).start()
-        if not sent.wait(max(0.0, self.deadline - time.monotonic())):
+        """Submit, waiting no longer than the map's ``timeout`` allows, whatever
+        the link does (client.DeadlineCaller)."""
+        if self._caller is None:
+            self._caller = client.DeadlineCaller()
+        try:
+            self._caller.call(self.deadline, self.dispatcher.session.submit, specs)
+        except client.DeadlinePassed:
             self._timed_out = True
-            raise FuturesTimeoutError()
-        if outcome:
-            raise outcome[0]
+            raise FuturesTimeoutError() from None
 
     def _half_empty(self) -> bool:
         with self._cond:
@@ -899,8 +889,11 @@ class MapStream:
             if not self.dispatcher.closed and self.dispatcher.broken is None:
                 requests = [(chunk_id, None) for chunk_id in chunk_ids]
                 if self._timed_out:   # the link may be what timed out: do not wait on it
-                    threading.Thread(target=client.cancel_quietly, name="minicw-map-cancel",
-                                     args=(self.dispatcher.session, requests),
-                                     daemon=True).start()
+                    if self._caller is None:
+                        self._caller = client.DeadlineCaller()
+                    self._caller.call_later(client.cancel_quietly, self.dispatcher.session,
+                                            requests)
                 else:
                     client.cancel_quietly(self.dispatcher.session, requests)
+        if self._caller is not None:
+            self._caller.close()

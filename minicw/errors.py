@@ -19,6 +19,7 @@ it by type.  The hierarchy::
      |    +-- WorkerCrashedError          the job took its process down, retries used up
      |    +-- JobTimeoutError (also TimeoutError)   over its per-job time limit
      |    +-- NoMatchingPythonError       no worker node runs the Python its bytecode needs
+ |    +-- ResultTooLargeError         its pickled result is over the message size limit
      +-- SerializationError               a payload could not be written or read
      |    +-- IncompatiblePythonError     payload written by another Python version
      +-- EnvirError                       the environment source failed or lacks a name
@@ -184,6 +185,22 @@ class NoMatchingPythonError(JobError):
                 "that Python, or make the function importable on the workers (a module on "
                 "their path, or load_envir), which any Python runs"
                 % (self.job, self.python, self.python, nodes))
+
+
+class ResultTooLargeError(JobError):
+    """A job's pickled result is larger than one message may be
+    (``MINICW_MAX_MESSAGE_BYTES``); the worker did not send it."""
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(size, limit)
+        self.size = size
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return ("the job's result is %d bytes pickled, over the limit of %d bytes for one "
+                "message (MINICW_MAX_MESSAGE_BYTES, read by the master and the worker nodes); "
+                "return less, or write the result to a shared file and return its path"
+                % (self.size, self.limit))
 
 
 # --- data -------------------------------------------------------------------

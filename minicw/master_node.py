@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import time
 
 from minicw import (broadcast, chunking, client, config, envir, launch, protocol, serialize,
                     transport)
@@ -212,7 +213,8 @@ class MasterNode:
         self._args = check_args(args)
 
     def execute(self, job_timeout: float | None = None, checkpoint=None, key=None,
-                resume=True, rerun_failed: bool = True, progress: bool | None = None) -> dict:
+                resume=True, rerun_failed: bool = True, progress: bool | None = None,
+                timeout: float | None = None) -> dict:
         """Run the target function on every arg across the cluster; returns {arg: result}.
 
         ``checkpoint`` (a file path) journals every result and final failure
@@ -234,6 +236,10 @@ class MasterNode:
         or on Ctrl-C, the jobs still queued are cancelled and the cluster
         stays usable.
 
+        ``timeout`` (seconds) bounds the whole run, whatever the network does:
+        past it, TimeoutError says how many jobs were done, and the rest are
+        cancelled (with a checkpoint, the results that came are kept).
+
         A run that takes more than 2 s shows its progress on stderr (a line
         rewritten in place on a terminal); ``progress=False`` hides it,
         ``progress=True`` shows it also when stderr is not a terminal;
@@ -251,11 +257,12 @@ class MasterNode:
         processes = sum(node.nprocs for node in session.list_nodes())
         window = chunking.window_chunks(processes)
         run_progress = start_progress(len(args), progress, "execute")
+        deadline = None if timeout is None else time.monotonic() + timeout
 
         def run(args, on_segment=None) -> dict:
             return run_keyed(session, func_key, args, self.chunksize, window,
                              self.max_retries, job_timeout, self._job_times, processes,
-                             on_segment, run_progress)
+                             on_segment, run_progress, deadline)
         try:
             if checkpoint is None:
                 return run(args)
@@ -265,6 +272,10 @@ class MasterNode:
                 store.KIND_EXECUTE, self._target_name, func_key, self._envir[0],
                 journal.key_rule(key), len(args)), resume, rerun_failed)
             return checkpoints.resumed_execute(opened, args, key, run, _with_arg, run_progress)
+        except client.DeadlinePassed as passed:
+            raise TimeoutError("execute() did not finish within its timeout of %gs: %d of the "
+                               "%d jobs it ran were done; the rest were cancelled"
+                               % (timeout, passed.done, passed.total)) from None
         finally:
             run_progress.finish()
 
@@ -322,12 +333,14 @@ def check_args(args):
 def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int | None,
               window: int, max_retries: int, job_timeout: float | None = None,
               job_times: chunking.JobTimes | None = None, processes: int = 0,
-              on_segment=None, progress=NO_PROGRESS) -> dict:
+              on_segment=None, progress=NO_PROGRESS, deadline: float | None = None) -> dict:
     """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error.
 
     ``on_segment(args, values, errors)`` (a checkpoint's journal) sees every
     run of consecutive outcomes as it arrives, failures included; ``progress``
-    (progress.Progress) counts them.
+    (progress.Progress) counts them.  Past ``deadline`` (time.monotonic()) it
+    raises client.DeadlinePassed (``done`` and ``total`` set), and the jobs not
+    done are cancelled.
 
     Chunks hold ``chunksize`` args, or when it is None as many as
     ``job_times`` and ``processes`` call for (chunking.jobs_per_chunk),
@@ -357,7 +370,8 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                                      max_retries, context_key, serialize.bytecode_python(payload))
 
     results = {}
-    stream = client.stream_results(session, chunks(), window, on_idle=progress.tick)
+    stream = client.stream_results(session, chunks(), window, on_idle=progress.tick,
+                                   deadline=deadline)
     try:
         for delivery in stream:
             items = args_by_chunk[delivery.chunk_id]
@@ -375,6 +389,9 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                     raise _with_arg(errors[offset], items[first + offset])
                 progress.add(len(values))
                 results.update(zip(items[first:first + len(values)], values))
+    except client.DeadlinePassed as passed:
+        passed.done, passed.total = len(results), len(args)
+        raise
     finally:
         stream.close()
     return results

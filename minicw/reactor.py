@@ -34,6 +34,12 @@ waits in ``backlog``).  Answers the loop settles while it handles a request
 go out after that request's own reply, so a client's submit is answered
 before the leases it handed out.
 
+A large message is the exception to "only the loop reads": a frame of
+LARGE_FRAME bytes or more is read by a thread of its own (_FrameReader),
+straight into the objects it carries, and posted back as a request; the
+loop meanwhile serves everyone else.  Replies go out as the pickler's parts,
+so a large result is sent as the object the Scheduler holds, never copied.
+
 One selector serves every connection: DefaultSelector is epoll or kqueue on
 Linux and macOS; on Windows it is select(), which CPython limits to 512
 sockets, so a Windows master serves about 250 worker processes.
@@ -52,6 +58,8 @@ import time
 from collections import deque
 import pickle
 
+from minicw import config
+from minicw.errors import InvalidCallError
 from minicw.protocol import PICKLE_PROTOCOL
 from minicw.waiting import Failure, Waiter
 
@@ -62,42 +70,41 @@ MAX_SELECT_S = 60.0          # the loop looks at its deadlines at least this oft
 STALE_DEADLINES = 1024       # answered calls' deadlines kept before the heap is pruned
 WINDOWS_MAX_CHANNELS = 500   # select() on Windows takes at most 512 sockets
 SMALL_FRAME = 1 << 16        # header and body of a frame this small go in one send()
+LARGE_FRAME = 1 << 22        # a frame this big is read by a thread of its own (_FrameReader)
+MESSAGE_ENVELOPE_BYTES = 1 << 20   # a frame may hold config.max_message_bytes() plus this
+READER_POLL_S = 0.5          # a frame's reader looks this often whether its channel was dropped
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
-_LONG_HEADER_LE = struct.Struct("<Q")   # pickle's BINBYTES8 length
+
+
+class _Parts:
+    """A file for the pickler: what it writes is kept in a list, not joined.
+    The C pickler hands a bytes object of 64 KB or more to ``write`` itself
+    instead of copying it into its buffer, so a large result or blob goes
+    out of the master as the very object the scheduler holds."""
+
+    __slots__ = ("write",)
 
 
 def frame(obj) -> list:
-    """``obj`` pickled and framed as ``Connection.send`` would: [header, body...].
+    """``obj`` pickled and framed as ``Connection.send`` would: [header, body parts...].
     (Plain pickle: a reply holds no object that needs multiprocessing's reducers.)"""
-    if type(obj) is tuple and len(obj) == 2 and type(obj[1]) is bytes \
-            and len(obj[1]) > SMALL_FRAME and obj[0] == "#RETURN":
-        return _bytes_reply_frame(obj[1])
-    body = pickle.dumps(obj, PICKLE_PROTOCOL)
-    header = _header(len(body))
-    if len(body) <= SMALL_FRAME:
-        return [header + body]
-    return [header, body]
+    parts = []
+    sink = _Parts()
+    sink.write = parts.append
+    pickle.Pickler(sink, PICKLE_PROTOCOL).dump(obj)
+    if len(parts) == 1:
+        body = parts[0]
+        if len(body) <= SMALL_FRAME:
+            return [_header(len(body)) + body]
+        return [_header(len(body)), body]
+    return [_header(sum(len(part) for part in parts))] + parts
 
 
 def _header(size: int) -> bytes:
     if size > 0x7FFFFFFF:
         return _HEADER.pack(-1) + _LONG_HEADER.pack(size)
     return _HEADER.pack(size)
-
-
-# ('#RETURN', <bytes>) spelled in pickle opcodes: PROTO 5, SHORT_BINUNICODE
-# '#RETURN', BINBYTES8 <length> ... then TUPLE2 and STOP after the bytes.
-_BYTES_REPLY_HEAD = b"\x80\x05\x8c\x07#RETURN\x8e"
-_BYTES_REPLY_TAIL = b"\x86."
-
-
-def _bytes_reply_frame(data: bytes) -> list:
-    """The frame of ``('#RETURN', data)`` around ``data`` itself, not a copy: a
-    large blob (broadcast data, an environment) costs the loop no pickling."""
-    head = _BYTES_REPLY_HEAD + _LONG_HEADER_LE.pack(len(data))
-    size = len(head) + len(data) + len(_BYTES_REPLY_TAIL)
-    return [_header(size) + head, memoryview(data), _BYTES_REPLY_TAIL]
 
 
 def take_frames(buffer: bytearray) -> list:
@@ -125,6 +132,19 @@ def take_frames(buffer: bytearray) -> list:
     return frames
 
 
+def _announced(inbox: bytearray):
+    """``(body size, header size)`` of the frame starting ``inbox``, or None
+    while its header is incomplete."""
+    if len(inbox) < 4:
+        return None
+    size = _HEADER.unpack_from(inbox)[0]
+    if size != -1:
+        return size, 4
+    if len(inbox) < 12:
+        return None
+    return _LONG_HEADER.unpack_from(inbox, 4)[0], 12
+
+
 def _message(reply) -> tuple:
     if isinstance(reply, Failure):
         return ("#ERROR", reply.error)
@@ -142,8 +162,8 @@ def _frames(inbox: bytearray, data: memoryview) -> list:
 class _Channel:
     """One peer's connection, as the loop sees it."""
 
-    __slots__ = ("sock", "peer", "api", "inbox", "outbox", "writing", "waiter", "on_reply",
-                 "backlog", "closed")
+    __slots__ = ("sock", "peer", "api", "inbox", "outbox", "events", "reading_elsewhere",
+                 "waiter", "on_reply", "backlog", "closed")
 
     def __init__(self, sock: socket.socket, peer: str, api):
         self.sock = sock
@@ -151,11 +171,111 @@ class _Channel:
         self.api = api                # the role API object its proxy was made for
         self.inbox = bytearray()      # bytes received, not yet a whole frame
         self.outbox = deque()         # bytes (or memoryviews) still to send
-        self.writing = False          # registered for EVENT_WRITE (outbox not empty)
+        self.events = 0               # what the selector watches for (Reactor._watch)
+        self.reading_elsewhere = False  # a _FrameReader thread owns its reading side
         self.waiter = None            # the Scheduler Waiter of its call that waits
         self.on_reply = None          # what settles that call
         self.backlog = deque()        # requests that came while a call waited, in order
         self.closed = False
+
+
+class _Received:
+    """What a _FrameReader thread posts to the loop: the request it read, or
+    why the connection must be dropped."""
+
+    __slots__ = ("request", "error")
+
+    def __init__(self, request, error: BaseException | None = None):
+        self.request = request
+        self.error = error
+
+
+class _Refused:
+    """A request read and thrown away (it was over the size limit): its reply is ``error``."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _FrameReader:
+    """The body of one large frame, read from its peer's socket by a thread of
+    its own while the loop serves everybody else.
+
+    The unpickler reads each large bytes object with ``readinto`` straight
+    into the object it builds: a 600 MB result costs the master its 600 MB
+    once, and the loop none of the copying.  The socket stays non-blocking
+    (the loop may be writing a reply on it); this thread waits on a selector
+    of its own, and gives up after ``stall_s`` without a byte, or when the
+    loop has dropped the channel.
+    """
+
+    def __init__(self, channel: "_Channel", size: int, prefix: bytes, stall_s: float):
+        self._channel = channel
+        self._left = size                    # bytes of the frame not handed out yet
+        self._prefix = memoryview(prefix)    # what the loop had read of it already
+        self._stall_s = stall_s
+        self._selector = None
+
+    def readinto(self, buffer) -> int:
+        with memoryview(buffer) as view, view.cast("B") as out:
+            wanted = min(len(out), self._left)
+            got = min(wanted, len(self._prefix))
+            if got:
+                out[:got] = self._prefix[:got]
+                self._prefix = self._prefix[got:]
+            sock = self._channel.sock
+            while got < wanted:
+                try:
+                    count = sock.recv_into(out[got:wanted])
+                except (BlockingIOError, InterruptedError):
+                    self._wait()
+                    continue
+                if not count:
+                    raise EOFError("the connection closed in the middle of a message")
+                got += count
+        self._left -= got
+        return got
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            size = self._left
+        buffer = bytearray(size)
+        self.readinto(buffer)
+        return bytes(buffer)
+
+    def readline(self) -> bytes:   # only text-mode pickle opcodes read lines
+        line = bytearray()
+        while self._left and not line.endswith(b"\n"):
+            line += self.read(1)
+        return bytes(line)
+
+    def finish(self) -> None:
+        if self._left:
+            raise ValueError("%d bytes of a message were left after its pickle" % self._left)
+
+    def discard(self) -> None:
+        """Read the rest of the frame and keep none of it."""
+        scratch = memoryview(bytearray(min(self._left, READ_SIZE) or 1))
+        while self._left:
+            self.readinto(scratch[:min(len(scratch), self._left)])
+
+    def close(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+
+    def _wait(self) -> None:
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            self._selector.register(self._channel.sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + self._stall_s
+        while not self._selector.select(READER_POLL_S):
+            if self._channel.closed:
+                raise ConnectionError("the connection was dropped")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the peer sent nothing for %gs in the middle of a message"
+                                   % self._stall_s)
 
 
 class Reactor:
@@ -182,6 +302,10 @@ class Reactor:
         self._closing = False
         self._ended = False                    # the loop has returned: nothing is posted
         self._thread = threading.Thread(target=self._run, name="minicw-reactor", daemon=True)
+        self._max_frame = config.max_message_bytes() + MESSAGE_ENVELOPE_BYTES
+        # A peer that stops sending in the middle of a large message is given
+        # as long as a silent link (config.link_timeout_s), from the master's side.
+        self._stall_s = max(config.MIN_LINK_TIMEOUT_S, 2 * scheduler.heartbeat_timeout_s)
         self._loop_ident = None
         # One buffer for every read, not a new bytes object per recv(): a
         # READ_SIZE allocation is an mmap, a shrink and an munmap each time.
@@ -273,6 +397,10 @@ class Reactor:
             for channel, item in posted:
                 if channel is None and isinstance(item, tuple):
                     item[0].close()   # adopted too late
+                elif isinstance(item, _Received):
+                    channel.reading_elsewhere = False
+                    if channel.closed:
+                        channel.sock.close()
             for channel in list(self._channels):
                 self._drop(channel)
             self._selector.close()
@@ -295,7 +423,10 @@ class Reactor:
             self._wake_sent = False
         for channel, item in posted:
             if channel is not None:
-                self._answer(channel, item)
+                if type(item) is _Received:
+                    self._received(channel, item)
+                else:
+                    self._answer(channel, item)
             elif isinstance(item, threading.Event):
                 item.set()   # flush(): everything posted before it is handled
             else:
@@ -315,7 +446,7 @@ class Reactor:
         channel = _Channel(sock, peer, api)
         channel.on_reply = self._replier(channel)
         self._channels.add(channel)
-        self._selector.register(sock, selectors.EVENT_READ, channel)
+        self._watch(channel)
         self._handle(channel, request)
 
     def _receive(self, channel: _Channel) -> None:
@@ -347,6 +478,62 @@ class Reactor:
                 self._drop(channel)
                 return
             self._handle(channel, request)
+        if channel.inbox and not channel.closed:
+            self._large_frame(channel)
+
+    def _large_frame(self, channel: _Channel) -> None:
+        """A frame still arriving: a large one goes to a thread of its own, which
+        reads it straight into the objects it holds; one over the size limit is
+        read and thrown away, and its call refused."""
+        announced = _announced(channel.inbox)
+        if announced is None or announced[0] < LARGE_FRAME:
+            return
+        size, header_size = announced
+        reader = _FrameReader(channel, size, bytes(channel.inbox[header_size:]), self._stall_s)
+        channel.inbox = bytearray()
+        channel.reading_elsewhere = True
+        self._watch(channel)
+        try:
+            threading.Thread(target=self._read_frame, args=(channel, reader, size),
+                             name="minicw-large-message", daemon=True).start()
+        except RuntimeError as exc:   # no thread to be had: the peer will call again
+            log.error("dropped the connection from %s: no thread to read its message of %d "
+                      "bytes (%s)", channel.peer, size, exc)
+            channel.reading_elsewhere = False
+            self._drop(channel)
+
+    def _read_frame(self, channel: _Channel, reader: _FrameReader, size: int) -> None:
+        """A _FrameReader's thread: read one frame, then hand it to the loop."""
+        try:
+            if size <= self._max_frame:
+                received = _Received(pickle.Unpickler(reader).load())
+                reader.finish()
+            else:
+                reader.discard()
+                received = _Received(_Refused(InvalidCallError(
+                    "a message of %d bytes is over the master's limit of %d bytes for one "
+                    "payload, result or blob (%s), plus %d for the call itself"
+                    % (size, self._max_frame - MESSAGE_ENVELOPE_BYTES,
+                       config.ENV_MAX_MESSAGE_BYTES, MESSAGE_ENVELOPE_BYTES))))
+        except Exception as exc:
+            received = _Received(None, exc)
+        finally:
+            reader.close()
+        if not self._post(channel, received):
+            channel.sock.close()   # the loop has ended and left this socket to its reader
+
+    def _received(self, channel: _Channel, received: _Received) -> None:
+        """A _FrameReader's frame, back in the loop."""
+        channel.reading_elsewhere = False
+        if channel.closed:
+            channel.sock.close()   # _drop left the close to the reader
+            return
+        if received.error is not None:
+            log.warning("dropped the connection from %s: %s", channel.peer, received.error)
+            self._drop(channel)
+            return
+        self._watch(channel)
+        self._handle(channel, received.request)
 
     def _handle(self, channel: _Channel, request) -> None:
         if channel.waiter is not None:
@@ -354,6 +541,9 @@ class Reactor:
             # own server does: a request that comes while a call waits (its
             # caller gave up on that one) waits its turn.
             channel.backlog.append(request)
+            return
+        if type(request) is _Refused:
+            self._send(channel, ("#ERROR", request.error))
             return
         try:
             _, method, args, kwds = request
@@ -447,11 +637,23 @@ class Reactor:
         except OSError:
             self._drop(channel)
             return
-        writing = bool(outbox)
-        if writing != channel.writing:
-            channel.writing = writing
-            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        if bool(outbox) != bool(channel.events & selectors.EVENT_WRITE):
+            self._watch(channel)
+
+    def _watch(self, channel: _Channel) -> None:
+        """Have the selector watch ``channel`` for reading (unless a _FrameReader
+        thread reads it) and for writing (while its outbox holds bytes)."""
+        events = (0 if channel.reading_elsewhere else selectors.EVENT_READ) \
+            | (selectors.EVENT_WRITE if channel.outbox else 0)
+        if events == channel.events:
+            return
+        if not channel.events:
+            self._selector.register(channel.sock, events, channel)
+        elif not events:
+            self._selector.unregister(channel.sock)
+        else:
             self._selector.modify(channel.sock, events, channel)
+        channel.events = events
 
     def _drop(self, channel: _Channel) -> None:
         if channel.closed:
@@ -465,8 +667,16 @@ class Reactor:
         channel.inbox = bytearray()
         channel.outbox.clear()
         channel.backlog.clear()
-        try:
+        if channel.events:
             self._selector.unregister(channel.sock)
-        except (KeyError, ValueError):
-            pass
-        channel.sock.close()
+            channel.events = 0
+        if channel.reading_elsewhere:
+            # Its reader thread is inside recv(): wake it, and leave the close
+            # to _received, so that no other socket can take this descriptor
+            # while that thread still reads it.
+            try:
+                channel.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        else:
+            channel.sock.close()

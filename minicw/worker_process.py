@@ -43,7 +43,7 @@ from collections import OrderedDict, deque
 from multiprocessing import connection, parent_process
 
 from minicw import broadcast, config, context, envir, output, protocol, serialize, transport
-from minicw.errors import EnvirError
+from minicw.errors import EnvirError, ResultTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ STATE_DRAIN = 4        # set by the node: finish the leases held, take no more, 
 STATE_FIELDS = 5
 
 IDLE_WAIT_S = 1.0      # a process waiting for work re-checks its node this often
+REPORT_ROOM_BYTES = 1 << 16  # a report's own fields besides its results, at most
 FUNCTIONS_PER_PROCESS = 256  # loaded functions and contexts a process keeps
 CLOCK_CHECKS_PER_FLUSH = 8   # a running chunk reads the clock this often per RESULT_FLUSH_S ...
 MAX_CLOCK_STRIDE = 16        # ... and at least every this many jobs (a fast start must
@@ -132,6 +133,8 @@ class Runner:
         self.notes = []                 # for the client, sent with the next report
         self.leases = deque()
         self.reports = []
+        self.reports_bytes = 0       # results bytes in self.reports
+        self.max_message_bytes = config.max_message_bytes()
         self.revoked = set()
         self.chunk_seconds = 0.0     # moving average of the time one chunk takes
         self.draining = False
@@ -192,6 +195,7 @@ class Runner:
     def exchange_args(self, want: int, wait_s: float) -> tuple:
         """The arguments of the next exchange call, taking the reports held."""
         reports, self.reports = self.reports, []
+        self.reports_bytes = 0
         return self.node_id, self.slot, reports, want, wait_s
 
     def take_reply(self, reply) -> bool:
@@ -313,8 +317,61 @@ class Runner:
         except Exception:
             values, errors = _picklable_results(values, errors)
             results = protocol.pack_results(values, errors, seconds, notes, printed)
-        self.reports.append(protocol.on_wire(protocol.Report(
-            token, start, len(values), results, protocol.report_failures(errors))))
+        if len(results) > self.max_message_bytes:
+            self._report_in_parts(token, start, values, errors, seconds, notes, printed)
+            return
+        self._hold(protocol.Report(token, start, len(values), results,
+                                   protocol.report_failures(errors)))
+
+    def _hold(self, report: protocol.Report) -> None:
+        """Keep ``report`` for the next exchange; one exchange carries at most
+        one message's worth of results (the master refuses larger messages)."""
+        size = len(report.results)
+        if self.reports and self.reports_bytes + size > self.max_message_bytes:
+            self._exchange(want=0, wait_s=0)
+        self.reports.append(protocol.on_wire(report))
+        self.reports_bytes += size
+
+    def _report_in_parts(self, token, start, values, errors, seconds, notes, printed) -> None:
+        """Results over one message's size limit: a result too large alone
+        fails its job with ResultTooLargeError; the others go in consecutive
+        reports, each under the limit."""
+        limit = self.max_message_bytes - REPORT_ROOM_BYTES
+        errors = dict(errors or {})
+        jobs_printed = printed[1] if printed is not None else {}
+        sizes = []
+        for position, value in enumerate(values):
+            size = len(serialize.dumps(value, protocol.PICKLE_PROTOCOL))
+            if size > limit:
+                errors[position] = protocol.describe_exception(
+                    ResultTooLargeError(size, self.max_message_bytes))
+                values[position] = None
+                size = 0
+            if position in errors:
+                size += len(pickle.dumps(errors[position], protocol.PICKLE_PROTOCOL))
+            size += sum(len(text) for _, text in jobs_printed.get(position, ()))
+            sizes.append(size)
+        first = held = 0
+        for position, size in enumerate(sizes):
+            if position > first and held + size > limit:
+                self._report_part(token, start, values, errors, jobs_printed, first, position,
+                                  seconds, notes)
+                first, held, seconds, notes = position, 0, 0.0, None
+            held += size
+        self._report_part(token, start, values, errors, jobs_printed, first, len(values),
+                          seconds, notes)
+
+    def _report_part(self, token, start, values, errors, jobs_printed, first, end, seconds,
+                     notes) -> None:
+        """The report of jobs ``first``..``end`` of a report made in parts."""
+        part_errors = {position - first: described for position, described in errors.items()
+                       if first <= position < end} or None
+        part_printed = {position - first: entries for position, entries in jobs_printed.items()
+                        if first <= position < end}
+        results = protocol.pack_results(values[first:end], part_errors, seconds, notes,
+                                        (self.origin, part_printed) if part_printed else None)
+        self._hold(protocol.Report(token, start + first, end - first, results,
+                                   protocol.report_failures(part_errors)))
 
     # --- functions -------------------------------------------------------------------
 

@@ -442,3 +442,159 @@ def test_a_maps_timeout_holds_whatever_the_link_does(monkeypatch):
         node.stop()
         master.stop()
         relay.close()
+
+
+BIG_CLIENT = r"""
+import sys
+from minicw import ClusterExecutor
+
+def big(n):
+    return b"r" * n
+
+with ClusterExecutor("127.0.0.1", int(sys.argv[1]), sys.argv[2]) as executor:
+    result = executor.submit(big, int(sys.argv[3])).result(timeout=120)
+    assert result == b"r" * int(sys.argv[3])
+    print("got", len(result), flush=True)
+"""
+
+
+def _peak_rss_mb(pid: int) -> float:
+    with open("/proc/%d/status" % pid) as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM for pid %d" % pid)
+
+
+def test_a_600_mb_result_neither_stalls_the_master_nor_is_copied_there(tmp_path):
+    import threading
+    size = 600_000_000
+    master, port = helpers.start_master(extra_args=["--heartbeat-timeout", "3"])
+    nodes = [helpers.start_worker(port, nprocs=1) for _ in range(2)]
+    script = tmp_path / "big_client.py"
+    script.write_text(BIG_CLIENT)
+    try:
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            assert executor.submit(small, -1).result(timeout=30) == -1
+            baseline_mb = _peak_rss_mb(master.pid)
+            threads_fds = _threads_and_fds(master.pid)
+            big = helpers.Proc([sys.executable, str(script), str(port), helpers.KEY, str(size)],
+                               cwd=ROOT)
+            # An innocent client goes on with small jobs while 600 MB cross the master.
+            done = []
+            while big.popen.poll() is None:
+                done.append(executor.submit(small, len(done)).result(timeout=30))
+            assert big.wait(60) == 0, big.err[-10:]
+            assert big.out == ["got %d" % size]
+            assert done == list(range(len(done))) and len(done) > 20
+        # The master held the result once (it peaked at 1.8 GB, three copies, before),
+        # and its loop never stalled long enough for a 3 s heartbeat to miss:
+        # no node and no client was declared dead.
+        grown_mb = _peak_rss_mb(master.pid) - baseline_mb
+        assert size / 1e6 * 0.9 < grown_mb < size / 1e6 * 1.25, grown_mb
+        assert all(node.popen.poll() is None for node in nodes)
+        logged = "\n".join(master.err)
+        assert "missed its heartbeats" not in logged and "expired" not in logged, logged
+        deadline = time.monotonic() + 10
+        while _threads_and_fds(master.pid)[0] > threads_fds[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        threads, fds = _threads_and_fds(master.pid)
+        assert threads <= threads_fds[0] and fds <= threads_fds[1] + 2, (threads_fds, threads, fds)
+    finally:
+        for node in nodes:
+            node.stop()
+        master.stop()
+
+
+def five_mb(x):
+    return bytes([x]) * 5_000_000
+
+
+def thirty_mb_at_one(x):
+    return b"t" * 30_000_000 if x == 1 else x
+
+
+def test_over_large_results_and_messages_fail_alone_with_a_clear_error(monkeypatch):
+    from minicw import InvalidCallError, ResultTooLargeError, client, transport
+    monkeypatch.setenv("MINICW_MAX_MESSAGE_BYTES", "20000000")   # for the master and the node
+    master, port = helpers.start_master(env=helpers.env_with_key(
+        MINICW_MAX_MESSAGE_BYTES="20000000"))
+    node = helpers.Proc([sys.executable, "-m", "minicw.worker", "127.0.0.1", str(port), "-",
+                         "-n", "1"], env=helpers.env_with_key(MINICW_MAX_MESSAGE_BYTES="20000000"))
+    try:
+        node.wait_for(r"joined 127\.0\.0\.1:%d" % port)
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            # Ten 5 MB results in one chunk are 50 MB: they come in reports under the limit.
+            assert list(executor.map(five_mb, range(10), chunksize=10)) == \
+                [bytes([x]) * 5_000_000 for x in range(10)]
+            # A 30 MB result fails its own job; the job before it in its chunk arrives.
+            results = executor.map(thirty_mb_at_one, range(4), chunksize=4, timeout=30)
+            assert next(results) == 0
+            with pytest.raises(ResultTooLargeError, match=re.escape(
+                    "the job's result is 30000009 bytes pickled, over the limit of 20000000 "
+                    "bytes for one message (MINICW_MAX_MESSAGE_BYTES, read by the master and "
+                    "the worker nodes); return less, or write the result to a shared file")):
+                next(results)
+            assert executor.submit(small, 3).result(timeout=30) == 3
+        # A message over the limit is read and thrown away, and its call refused;
+        # the connection goes on.
+        api = transport.connect_master(("127.0.0.1", port), helpers.KEY).client()
+        client_id, _ = api.hello(client.client_info())
+        before_mb = _peak_rss_mb(master.pid)
+        with pytest.raises(InvalidCallError, match=re.escape(
+                "a message of 40000") + r"\d+ bytes is over the master's limit of 20000000 "
+                "bytes for one payload, result or blob \\(MINICW_MAX_MESSAGE_BYTES\\)"):
+            api.put_blobs(client_id, [("huge", b"h" * 40_000_000)])
+        assert _peak_rss_mb(master.pid) - before_mb < 10
+        assert api.list_nodes()[0].pid == node.pid
+        api.goodbye(client_id)
+    finally:
+        node.stop()
+        master.stop()
+
+
+ENVIR_SLEEPS = """
+import time
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+"""
+
+
+def test_executes_timeout_holds_whatever_the_link_does(monkeypatch):
+    import threading
+    from minicw import MasterNode
+    monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")    # longer than the run's timeout
+    master, port = helpers.start_master()
+    relay = Relay(port)
+    node = helpers.start_worker(port, nprocs=2)
+    try:
+        cluster = MasterNode(HOST="127.0.0.1", PORT=relay.port, AUTHKEY=helpers.KEY).connect()
+        cluster.load_envir(ENVIR_SLEEPS, from_file=False)
+        cluster.register_target_function("nap")
+        cluster.load_args([0.01, 0.02, 0.03, 0.04, 5.0])
+        # On a healthy link: the run stops at its timeout, says how far it got,
+        # and its last job is cancelled.
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=re.escape(
+                "execute() did not finish within its timeout of 2s: 4 of the 5 jobs it ran "
+                "were done; the rest were cancelled")):
+            cluster.execute(timeout=2, progress=False)
+        assert time.monotonic() - started < 4
+        cluster.load_args([0.1, 0.2])
+        assert cluster.execute(timeout=30, progress=False) == {0.1: 0.1, 0.2: 0.2}
+        # On a link that goes silent during the run: the same, on time.
+        cluster.load_args([0.5 + i / 1000 for i in range(10)])
+        silencer = threading.Timer(1.0, relay.silence_existing)
+        silencer.start()
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"within its timeout of 3s: \d of the 10 jobs"):
+            cluster.execute(timeout=3, progress=False)
+        assert time.monotonic() - started < 5
+        silencer.join()
+        cluster.shutdown()
+    finally:
+        node.stop()
+        master.stop()
+        relay.close()

@@ -50,15 +50,50 @@ def test_frames_round_trip_the_connection_wire_format():
         reactor.take_frames(bytearray(b"\xff\xff\xff\xfe"))
 
 
-def test_a_large_bytes_reply_is_framed_around_the_bytes_themselves():
-    # A blob goes out without being pickled or copied by the loop; the peer's
+def test_large_bytes_in_a_reply_go_out_as_the_objects_themselves():
+    # A blob or a result goes out without being copied by the loop; the peer's
     # ordinary Connection.recv() reads the same reply as from pickle.dumps.
     data = bytes(range(256)) * 4096
-    parts = reactor.frame(("#RETURN", data))
-    assert parts[1].obj is data
-    buffer = bytearray(b"".join(bytes(part) for part in parts))
-    [body] = reactor.take_frames(buffer)
-    assert pickle.loads(body) == ("#RETURN", data)
+    for reply in ("#RETURN", data), ("#RETURN", (7, [(1, 2, data, None)])):
+        parts = reactor.frame(reply)
+        assert any(part is data for part in parts)
+        buffer = bytearray(b"".join(bytes(part) for part in parts))
+        [body] = reactor.take_frames(buffer)
+        assert pickle.loads(body) == reply
+
+
+def _large_frame_start(size, sent):
+    """The header of a ``size``-byte frame and its first ``sent`` bytes: a pickle
+    of one large bytes object (PROTO 5, BINBYTES8 <length>, the bytes ... STOP)."""
+    start = b"\x80\x05\x8e" + (size - 12).to_bytes(8, "little")
+    return reactor._header(size) + start + b"\0" * (sent - len(start))
+
+
+def _readers():
+    return [thread for thread in threading.enumerate() if thread.name == "minicw-large-message"]
+
+
+@pytest.mark.parametrize("then, logged", [
+    ("stall", "the peer sent nothing for 1s in the middle of a message"),
+    ("close", "the connection closed in the middle of a message"),
+])
+def test_a_large_message_is_read_aside_and_a_broken_one_dropped(master, caplog, then, logged):
+    master._reactor._stall_s = 1.0    # the link timeout, shortened for the test
+    conn = _served(connect(master.address, KEY).client(), "list_nodes")
+    conn._send(_large_frame_start(50 << 20, 1 << 20))   # 1 MB of a 50 MB message
+    _until(lambda: len(_readers()) == 1)
+    others = connect(master.address, KEY).client()
+    assert others.list_nodes() == []     # the loop serves everybody meanwhile
+    if then == "close":
+        conn.close()
+    else:
+        assert conn.poll(10)             # dropped after 1 s without a byte
+        with pytest.raises(EOFError):
+            conn.recv()
+    _until(lambda: not _readers())
+    _until(lambda: any(logged in record.getMessage() for record in caplog.records))
+    assert others.list_nodes() == []
+    assert len(master._reactor._channels) == 1   # only the other client's connection
 
 
 @pytest.mark.parametrize("garbage, logged", [
