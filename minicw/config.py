@@ -9,6 +9,7 @@ timeouts.
 from __future__ import annotations
 
 import os
+import re
 
 # --- where the master is --------------------------------------------------------
 DEFAULT_HOST = "127.0.0.1"
@@ -119,6 +120,19 @@ def output_limit(forward_output=None) -> int:
         raise ValueError("forward_output must be True, False or a positive limit, not %r"
                          % (forward_output,))
     return int(forward_output)
+
+
+# --- worker process recycling (WorkerNode max_jobs_per_process, max_memory_per_process) ---
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text``: a number, optionally followed by K, M, G or T (powers of 1024)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if match is None:
+        raise ValueError("%r is not a size: give bytes, or a number with K, M, G or T "
+                         "(as in 2G or 500M)" % (text,))
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
 # --- what the master accepts (validate.py) ----------------------------------------

@@ -206,13 +206,17 @@ class WorkerNode:
     or SIGTERM/Ctrl-C in the command-line worker.  Ctrl-C at an interactive
     prompt takes the node out of the cluster at once (its jobs go to other
     nodes) and raises KeyboardInterrupt.  ``nprocs`` defaults to the
-    CPU count and is capped at it.
+    CPU count and is capped at it.  ``max_jobs_per_process`` and
+    ``max_memory_per_process`` (bytes, or a size such as "2G") replace a
+    worker process after the chunk in which it reached either.
     """
 
     def __init__(self, IP: str, PORT: int, AUTHKEY, nprocs: int | None = None,
                  start_method: str | None = None,
                  reconnect: bool = True, oversubscribe: bool = False,
-                 connect_timeout_s: float | None = 0.0, allow_oversubscribe: bool = False):
+                 connect_timeout_s: float | None = 0.0, allow_oversubscribe: bool = False,
+                 max_jobs_per_process: int | None = None,
+                 max_memory_per_process: int | str | None = None):
         self.address = (IP, int(PORT))
         self.connect_timeout_s = connect_timeout_s  # how long join_cluster waits for a
                                                     # master not started yet (None: ever)
@@ -221,6 +225,10 @@ class WorkerNode:
         self.nprocs = cap_nprocs(nprocs, oversubscribe or allow_oversubscribe)
         self.context = get_context(config.start_method(start_method))
         self.reconnect = reconnect
+        # Recycling: a process that has run this many jobs, or grown to this
+        # much memory, is replaced after the chunk it is running (a leaking job
+        # then holds its memory for a while, not for the node's lifetime).
+        self.recycle = _recycle_limits(max_jobs_per_process, max_memory_per_process)
         self.node_id = None
         self.master_shut_down = False
         self._slots = {}
@@ -543,6 +551,13 @@ class WorkerNode:
         left_on_its_own = slot.state[worker_process.STATE_EXIT]
         if left_on_its_own == worker_process.EXIT_STOPPED and process.exitcode == 0 and draining:
             return
+        if left_on_its_own == process.exitcode == worker_process.EXIT_RECYCLED:
+            # It reported everything and held nothing: no job to charge.
+            log.info("worker process %d (pid %s) was replaced after reaching its limit (%s)",
+                     slot.index, process.pid, _describe_recycle(self.recycle))
+            if not draining:
+                self._start_process(slot.index)
+            return
         if left_on_its_own in (worker_process.EXIT_NODE_UNKNOWN, worker_process.EXIT_MASTER_LOST):
             # The process found the master gone or this registration forgotten;
             # ask the master which, rather than respawning into the same wall.
@@ -585,7 +600,7 @@ class WorkerNode:
         state[worker_process.STATE_POSITION] = -1
         spec = {"node_id": self.node_id, "slot": index, "control": process_end,
                 "slot_state": state, "address": self.address, "authkey": self.authkey,
-                "output_file": self._output_file(index)}
+                "output_file": self._output_file(index), "recycle": self.recycle}
         process = self.context.Process(target=worker_process.run_process, args=(spec,),
                                        name="minicw-worker-%d" % index, daemon=True)
         with _main_hidden():
@@ -643,3 +658,22 @@ def describe_exit(exitcode) -> str:
         return "exit code 0x%08X (%s)" % (exitcode, NTSTATUS_NAMES[exitcode])
     return "exit code %d" % exitcode
 
+
+
+def _recycle_limits(max_jobs, max_memory) -> tuple:
+    """``(jobs, bytes)`` after which a worker process is replaced (0: no limit)."""
+    if max_jobs is not None and (type(max_jobs) is not int or max_jobs < 1):
+        raise ValueError("max_jobs_per_process must be a positive whole number, not %r"
+                         % (max_jobs,))
+    if isinstance(max_memory, str):
+        max_memory = config.parse_size(max_memory)
+    if max_memory is not None and (type(max_memory) is not int or max_memory < 1):
+        raise ValueError("max_memory_per_process must be a positive number of bytes (or a "
+                         "size such as 2G), not %r" % (max_memory,))
+    return max_jobs or 0, max_memory or 0
+
+
+def _describe_recycle(limits: tuple) -> str:
+    jobs, memory = limits
+    parts = (["%d jobs" % jobs] if jobs else []) + (["%d MB" % (memory >> 20)] if memory else [])
+    return " or ".join(parts)

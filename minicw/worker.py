@@ -46,11 +46,24 @@ def worker_parser() -> argparse.ArgumentParser:
                         % (config.ENV_START_METHOD, config.DEFAULT_START_METHOD))
     parser.add_argument("--no-reconnect", action="store_true",
                         help="exit when the master is lost instead of waiting for it")
+    parser.add_argument("--max-jobs-per-process", type=int, default=None, metavar="N",
+                        help="replace a worker process once it has run N jobs (after the "
+                        "chunk in which it reached N)")
+    parser.add_argument("--max-memory-per-process", type=_size, default=None,
+                        metavar="SIZE", help="replace a worker process whose memory (RSS) "
+                        "reached SIZE after a chunk, as in 2G or 500M")
     parser.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
                         help="give up when no master listens at HOST:PORT within this long "
                         "(default: wait for it; a wrong key or host fails at once)")
     launch.add_child_options(parser)
     return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return config.parse_size(text)
+    except ValueError as exc:   # argparse would show only the function's name
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _worker_master(args) -> tuple:
@@ -79,7 +92,9 @@ def worker_main(argv=None) -> int:
         node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
                           reconnect=not args.no_reconnect,
                           oversubscribe=args.oversubscribe,
-                          connect_timeout_s=args.connect_timeout)
+                          connect_timeout_s=args.connect_timeout,
+                          max_jobs_per_process=args.max_jobs_per_process,
+                          max_memory_per_process=args.max_memory_per_process)
     except ValueError as exc:
         return launch.command_error("minicw-worker", exc)
     threading.Thread(target=_announce_joined, args=(node, args.ready_file),

@@ -72,6 +72,7 @@ MSG_DRAIN = "drain"    # node -> process (MSG_DRAIN,): finish what is held, then
 EXIT_STOPPED = 0       # drained or told to stop
 EXIT_NODE_UNKNOWN = 3  # the master no longer knows this node, or is closing
 EXIT_MASTER_LOST = 4   # the connection to the master broke
+EXIT_RECYCLED = 5      # reached its node's max jobs or memory per process: replace it
 
 
 def run_process(spec: dict) -> None:
@@ -138,6 +139,9 @@ class Runner:
         self.revoked = set()
         self.chunk_seconds = 0.0     # moving average of the time one chunk takes
         self.draining = False
+        self.exit_when_drained = EXIT_STOPPED
+        self.max_jobs, self.max_rss = spec.get("recycle") or (0, 0)
+        self.jobs_run = 0
         # What jobs print, for clients that want it back (output.py); the node
         # reads the slot's file when this process dies under a job.
         self.capture = output.Capture(self.state, STATE_POSITION, spec.get("output_file"))
@@ -164,7 +168,7 @@ class Runner:
             if not self.leases:
                 if self.draining:
                     self._exchange(want=0, wait_s=0)
-                    return EXIT_STOPPED
+                    return self.exit_when_drained
                 if not self._exchange(want=self.want(), wait_s=IDLE_WAIT_S):
                     return EXIT_NODE_UNKNOWN
                 continue
@@ -184,10 +188,25 @@ class Runner:
         elapsed = time.perf_counter() - started
         self.chunk_seconds = elapsed if not self.chunk_seconds else (
             0.7 * self.chunk_seconds + 0.3 * elapsed)
+        if self.max_jobs or self.max_rss:
+            self._check_recycle(len(lease.selection))
+
+    def _check_recycle(self, jobs: int) -> None:
+        """Past the node's max jobs or memory per process: finish the leases
+        held, take no more, and leave to be replaced."""
+        self.jobs_run += jobs
+        if self.draining:
+            return
+        if (self.max_jobs and self.jobs_run >= self.max_jobs) or (
+                self.max_rss and rss_bytes() >= self.max_rss):
+            self.draining = True
+            if self.exit_when_drained == EXIT_STOPPED and not self.state[STATE_DRAIN]:
+                self.exit_when_drained = EXIT_RECYCLED
 
     def want(self) -> int:
-        """How many chunks to ask for: about PREFETCH_WORK_S of work."""
-        if not self.chunk_seconds:
+        """How many chunks to ask for: about PREFETCH_WORK_S of work (one at a time
+        under a job limit, so that the process stops close to it)."""
+        if not self.chunk_seconds or self.max_jobs:
             return 1
         return max(1, min(config.MAX_CHUNKS_PER_CALL,
                           int(config.PREFETCH_WORK_S / self.chunk_seconds)))
@@ -449,6 +468,41 @@ class Runner:
             if kind == MSG_ERROR:
                 raise RuntimeError(fields[1])
             return fields[1]
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (its peak, where the platform tells only that)."""
+    try:
+        with open("/proc/self/statm", "rb") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if sys.platform == "win32":
+        return _windows_rss_bytes()
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, else KB
+
+
+def _windows_rss_bytes() -> int:
+    import ctypes
+    from ctypes import wintypes
+
+    class Counters(ctypes.Structure):   # PROCESS_MEMORY_COUNTERS
+        _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+            (name, ctypes.c_size_t) for name in (
+                "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage",
+                "PagefileUsage", "PeakPagefileUsage")]
+    kernel32 = ctypes.WinDLL("kernel32")
+    kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+    query = kernel32.K32GetProcessMemoryInfo
+    query.argtypes = [wintypes.HANDLE, ctypes.POINTER(Counters), wintypes.DWORD]
+    counters = Counters()
+    counters.cb = ctypes.sizeof(counters)
+    if not query(kernel32.GetCurrentProcess(), ctypes.byref(counters), counters.cb):
+        return 0
+    return counters.WorkingSetSize
 
 
 def _clock_stride(seconds: float, jobs: int) -> int:

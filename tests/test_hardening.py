@@ -598,3 +598,48 @@ def test_executes_timeout_holds_whatever_the_link_does(monkeypatch):
         node.stop()
         master.stop()
         relay.close()
+
+
+def pid_of(x):
+    return os.getpid()
+
+
+_LEAKED = []
+
+
+def leaks_50_mb(x):
+    _LEAKED.append(b"l" * 50_000_000)   # a job that keeps what it allocated
+    return os.getpid()
+
+
+@pytest.mark.parametrize("limit, job, expected_runs", [
+    (["--max-jobs-per-process", "5"], pid_of, [5, 5, 5, 5]),
+    (["--max-memory-per-process", "120M"], leaks_50_mb, [2, 2, 2, 2]),
+])
+def test_worker_processes_are_replaced_after_their_jobs_or_memory_limit(limit, job,
+                                                                         expected_runs):
+    from collections import Counter
+    master, port = helpers.start_master()
+    node = helpers.start_worker(port, nprocs=1, extra_args=limit)
+    try:
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            pids = list(executor.map(job, range(sum(expected_runs)), timeout=60))
+        runs = Counter(pids)
+        assert [runs[pid] for pid in sorted(set(pids), key=pids.index)] == expected_runs
+        assert node.pid not in runs
+        node.wait_for(r"worker process 0 \(pid %d\) was replaced after reaching its limit"
+                      % pids[0], stream="err")
+        assert not any("ended:" in line for line in node.err), node.err   # no crash charged
+    finally:
+        node.stop()
+        master.stop()
+
+
+def test_a_bad_recycling_limit_is_refused_by_name():
+    for args, message in ((["--max-memory-per-process", "lots"], "'lots' is not a size"),
+                          (["--max-jobs-per-process", "0"], "max_jobs_per_process must be a "
+                                                            "positive whole number, not 0")):
+        worker = helpers.Proc([sys.executable, "-m", "minicw.worker", "127.0.0.1", "1", "-"]
+                              + args, env=helpers.env_with_key())
+        assert worker.wait(30) == 2   # a usage error, as argparse gives
+        assert any(message in line for line in worker.err), worker.err
