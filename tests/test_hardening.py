@@ -2,6 +2,7 @@
 worker node, malformed calls through the manager, a session's blobs, files
 under a zero umask.
 """
+import gc
 import os
 import re
 import signal
@@ -14,6 +15,22 @@ from minicw import ClusterExecutor, WorkerCrashedError
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _threads_and_fds(pid: int) -> tuple:
+    return len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid))
+
+
+def _assert_back_near(pid: int, baseline: tuple, threads_slack: int = 1, fds_slack: int = 2):
+    """The master's threads and descriptors come back near ``baseline`` (they may
+    take a moment: a connection's thread ends after its peer has gone)."""
+    deadline = time.monotonic() + 10
+    while True:
+        threads, fds = _threads_and_fds(pid)
+        if threads <= baseline[0] + threads_slack and fds <= baseline[1] + fds_slack:
+            return
+        assert time.monotonic() < deadline, (baseline, (threads, fds))
+        time.sleep(0.1)
 
 
 def kills_its_node(x):
@@ -33,6 +50,8 @@ def test_a_job_that_kills_its_node_fails_after_max_retries_plus_one_nodes():
              for _ in range(3)]
     try:
         with ClusterExecutor("127.0.0.1", port, helpers.KEY, max_retries=1) as executor:
+            assert executor.submit(small, 0).result(timeout=30) == 0
+            baseline = _threads_and_fds(master.pid)
             deadly = executor.submit(kills_its_node, 1)
             innocent = [executor.submit(small, i) for i in range(100)]
             with pytest.raises(WorkerCrashedError) as failed:
@@ -44,6 +63,7 @@ def test_a_job_that_kills_its_node_fails_after_max_retries_plus_one_nodes():
             assert "missed its heartbeats for 2s" in str(failed.value)
             assert [future.result(timeout=60) for future in innocent] == list(range(100))
         assert sum(node.popen.poll() is None for node in nodes) == 1   # max_retries + 1 died
+        _assert_back_near(master.pid, baseline)   # the dead nodes' links are let go
     finally:
         for node in nodes:
             node.stop()
@@ -55,6 +75,9 @@ def test_malformed_calls_get_an_error_naming_the_field_and_harm_nobody_else():
     master, port = helpers.start_master()
     node = helpers.start_worker(port, nprocs=2)
     try:
+        with ClusterExecutor("127.0.0.1", port, helpers.KEY) as executor:
+            assert list(executor.map(small, range(5))) == list(range(5))
+        baseline = _threads_and_fds(master.pid)   # the node holds its blob link now
         api = transport.connect_master(("127.0.0.1", port), helpers.KEY).client()
         client_id, _ = api.hello(client.client_info())
         api.put_blobs(client_id, [("fn", protocol.pack_blob(protocol.BLOB_CALLABLE, b"x")[1])])
@@ -94,6 +117,9 @@ def test_malformed_calls_get_an_error_naming_the_field_and_harm_nobody_else():
             status = executor.status()
         assert [n.nprocs for n in status["nodes"]] == [2]
         assert status["queued_chunks"] == 0
+        del api, nodes           # their connections close
+        gc.collect()
+        _assert_back_near(master.pid, baseline)
     finally:
         node.stop()
         master.stop()
@@ -163,10 +189,6 @@ def _trickle(port, stop):
         return "open"
     finally:
         sock.close()
-
-
-def _threads_and_fds(pid: int) -> tuple:
-    return len(os.listdir("/proc/%d/task" % pid)), len(os.listdir("/proc/%d/fd" % pid))
 
 
 def test_slow_and_exhausting_peers_before_authentication(tmp_path):
