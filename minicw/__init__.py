@@ -10,7 +10,7 @@ from minicw.errors import (  # noqa: F401
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
     MasterNotListeningError, MinicwError, NoMatchingPythonError, ProtocolVersionError,
     RemoteError, ResultTooLargeError,
-    SerializationError, SessionExpiredError, WorkerCrashedError,
+    SerializationError, SessionExpiredError, TlsError, TlsSetupError, WorkerCrashedError,
 )
 
 __version__ = "0.1.0"

@@ -5,6 +5,8 @@
     python -m minicw status [HOST:PORT]        what the cluster is doing (status.py):
                         [--json] [--watch S]   nodes, clients, throughput, recent failures
     python -m minicw store PATH                what a checkpoint file holds (store.py)
+    python -m minicw tls-selfsigned DIR        a self-signed certificate and key for the
+                        [--host NAME]          master's TLS, and its fingerprint (tls.py)
 
 ``master`` and ``worker`` hand the rest of the command line to their modules;
 ``python -m minicw.master`` and ``python -m minicw.worker`` keep working.
@@ -56,6 +58,19 @@ def parser() -> argparse.ArgumentParser:
     store.add_argument("--failures", type=int, default=5, metavar="N",
                        help="show the first N failures (default 5)")
     launch.add_log_options(store)
+
+    selfsigned = sub.add_parser(
+        "tls-selfsigned", help="make a self-signed TLS certificate and key for a master",
+        description="Write DIR/cert.pem and DIR/key.pem (mode 600) with the openssl command, "
+        "for `python -m minicw master --tls-cert DIR/cert.pem --tls-key DIR/key.pem`, and "
+        "print the certificate's fingerprint, which peers pin with --tls-fingerprint.")
+    selfsigned.add_argument("directory", metavar="DIR", help="where to write the two files")
+    selfsigned.add_argument("--host", default=None, metavar="NAME",
+                            help="the master's host name in the certificate (default: "
+                            "this machine's)")
+    selfsigned.add_argument("--days", type=int, default=3650,
+                            help="how long it is valid (default %(default)s)")
+    launch.add_log_options(selfsigned)
     return commands
 
 
@@ -90,7 +105,27 @@ def show_store(options) -> int:
     return 0
 
 
-COMMANDS = {"status": show_status, "store": show_store}
+def make_selfsigned(options) -> int:
+    import os
+    import socket
+    from minicw import tls
+    for name in ("cert.pem", "key.pem"):
+        if os.path.exists(os.path.join(options.directory, name)):
+            raise tls.TlsSetupError("%s already holds %s: remove it first, or choose another "
+                                    "directory" % (options.directory, name))
+    host = options.host or socket.gethostname()
+    cert, key, fingerprint = tls.make_selfsigned(options.directory, host, options.days)
+    print("certificate: %s\nprivate key: %s (mode 600: keep it on the master's machine)\n"
+          "SHA-256 fingerprint: %s\n\n"
+          "python -m minicw master --tls-cert %s --tls-key %s\n"
+          "python -m minicw worker HOST PORT - --tls-fingerprint %s\n"
+          "MINICW_TLS_FINGERPRINT=%s python your_client.py"
+          % (cert, key, tls.shown_fingerprint(fingerprint), cert, key, fingerprint,
+             fingerprint))
+    return 0
+
+
+COMMANDS = {"status": show_status, "store": show_store, "tls-selfsigned": make_selfsigned}
 
 
 def main(argv=None) -> int:

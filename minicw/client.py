@@ -504,33 +504,36 @@ def delivered_jobs(indices) -> int:
     return len(indices) - indices.count(None)
 
 
-class DeadlinePassed(Exception):
-    """A run's ``timeout`` ran out (its caller says how far it got)."""
-
-
 class DeadlineCaller:
     """Calls the master from a thread of its own, each waited for no longer
     than a deadline: a link gone silent holds a call up to the link timeout
     and then the reconnection, but not the caller past its deadline
-    (DeadlinePassed; the call goes on, and lands once the link is back).
-    One thread for a whole run, so its proxy connection serves call after
-    call; it ends after ``close()``, or CALLER_IDLE_S without a call."""
+    (``timeout_error()`` is raised; the call goes on, and lands once the link
+    is back).  One thread for a whole run, so its proxy connection serves call
+    after call; it ends after ``close()``, or CALLER_IDLE_S without a call."""
 
-    def __init__(self):
+    def __init__(self, timeout_error):
+        self._timeout_error = timeout_error   # () -> the exception a late call raises
         self._requests = queue.SimpleQueue()   # (call, args, outcome, done), or None: end
         self._lock = threading.Lock()
         self._thread = None
+        self.timed_out = False
 
     def call(self, deadline: float, call, *args):
         outcome = []
         done = threading.Event()
         self._put((call, args, outcome, done))
         if not done.wait(max(0.0, deadline - time.monotonic())):
-            raise DeadlinePassed()
+            raise self.passed()
         returned, value = outcome[0]
         if returned:
             return value
         raise value
+
+    def passed(self) -> BaseException:
+        """The deadline has passed: the exception to raise."""
+        self.timed_out = True
+        return self._timeout_error()
 
     def call_later(self, call, *args) -> None:
         """``call(*args)`` after the calls before it, without waiting for it."""
@@ -570,7 +573,7 @@ class DeadlineCaller:
 
 
 def stream_results(session: Session, chunks, window: int, on_idle=None,
-                   deadline: float | None = None):
+                   deadline: float | None = None, timeout_error=TimeoutError):
     """Run chunks with at most ``window`` in flight; yield each Delivery (``decode``
     reads it; it may hold part of a chunk).  ``on_idle()`` runs after a fetch
     that brought nothing (at least every FETCH_WAIT_S: a progress line ticks).
@@ -578,13 +581,12 @@ def stream_results(session: Session, chunks, window: int, on_idle=None,
     ``chunks`` yields ChunkSpecs (their ids from ``session.new_chunk_id``).
     Closing the generator early (or an exception in the consumer) cancels
     every chunk still queued.  Past ``deadline`` (time.monotonic()), whatever
-    the link does, it raises DeadlinePassed and cancels them in the background.
+    the link does, it raises ``timeout_error()`` and cancels them in the background.
     """
     remaining_by_chunk = {}   # chunk_id -> jobs not yet delivered
     chunk_iter = iter(chunks)
     exhausted = False
-    caller = None if deadline is None else DeadlineCaller()
-    timed_out = False
+    caller = None if deadline is None else DeadlineCaller(timeout_error)
     try:
         while True:
             batch = []
@@ -608,7 +610,7 @@ def stream_results(session: Session, chunks, window: int, on_idle=None,
                 wait_s = min(FETCH_WAIT_S, max(0.0, deadline - time.monotonic()))
                 deliveries = caller.call(deadline, session.fetch, wait_s)
                 if not deliveries and time.monotonic() >= deadline:
-                    raise DeadlinePassed()
+                    raise caller.passed()
             if not deliveries and on_idle is not None:
                 on_idle()
             for delivery in deliveries:
@@ -619,13 +621,11 @@ def stream_results(session: Session, chunks, window: int, on_idle=None,
                 if remaining_by_chunk[chunk_id] <= 0:
                     del remaining_by_chunk[chunk_id]
                 yield delivery
-    except DeadlinePassed:
-        timed_out = True
-        raise
     finally:
         if remaining_by_chunk:
             requests = [(chunk_id, None) for chunk_id in remaining_by_chunk]
-            if timed_out:   # the link may be what made it late: do not wait on it again
+            if caller is not None and caller.timed_out:
+                # the link may be what made it late: do not wait on it again
                 caller.call_later(cancel_quietly, session, requests)
             else:
                 cancel_quietly(session, requests)

@@ -31,7 +31,7 @@ import threading
 import time
 from concurrent.futures import CancelledError
 
-from minicw import config, discover, dispatch
+from minicw import config, discover, dispatch, transport
 from minicw.errors import MinicwError
 from minicw.progress import start_progress
 
@@ -46,11 +46,13 @@ class ClientThread(threading.Thread):
     def __init__(self, callback, host: str | None = None, port: int | None = None,
                  authkey=None, errback=None, job_timeout: float | None = None,
                  max_retries: int = config.DEFAULT_MAX_RETRIES, checkpoint=None,
-                 resume=True, rerun_failed: bool = True, forward_output=None):
+                 resume=True, rerun_failed: bool = True, forward_output=None,
+                 tls_ca: str | None = None, tls_fingerprint: str | None = None):
         super().__init__(name="minicw-client", daemon=True)
         self.callback = callback
         self.errback = errback
         self.address = discover.master_address(host, port)
+        transport.choose_tls(self.address, tls_ca, tls_fingerprint)
         self._authkey = discover.authkey(authkey)
         self._job_timeout = job_timeout
         self._max_retries = max_retries

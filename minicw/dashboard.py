@@ -35,13 +35,14 @@ import logging
 import math
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, quote
 
-from minicw import activity, config, launch, transport
+from minicw import activity, config, launch, tls, transport
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def token(authkey: str | bytes) -> str:
     return digest[:config.DASHBOARD_TOKEN_CHARS]
 
 
-def page_url(host: str, port: int, authkey: str | bytes, here: bool = False) -> str:
+def page_url(host: str, port: int, authkey: str | bytes, here: bool = False,
+             https: bool = False) -> str:
     """The page's full URL, token included, for a dashboard listening on (host, port).
 
     One listening on every interface is reached at 127.0.0.1 from its own
@@ -69,7 +71,8 @@ def page_url(host: str, port: int, authkey: str | bytes, here: bool = False) -> 
     host = reachable_host(host, here)
     if ":" in host:
         host = "[%s]" % host
-    return "http://%s:%d%s?token=%s" % (host, port, PAGE_PATH, token(authkey))
+    return "%s://%s:%d%s?token=%s" % ("https" if https else "http", host, port, PAGE_PATH,
+                                      token(authkey))
 
 
 def reachable_host(host: str, here: bool = False) -> str:
@@ -86,8 +89,10 @@ class Dashboard:
     (anything with its ``status()`` and ``throughput_series()``); ``start()``
     serves it."""
 
-    def __init__(self, scheduler, authkey: str | bytes, master_address: tuple):
+    def __init__(self, scheduler, authkey: str | bytes, master_address: tuple,
+                 tls_settings=None):
         self.scheduler = scheduler
+        self._tls = tls_settings      # a tls.Settings with a certificate: served over HTTPS
         self.title = "minicw master on %s:%d" % (reachable_host(master_address[0]),
                                                  master_address[1])
         self._authkey = authkey
@@ -105,6 +110,11 @@ class Dashboard:
             raise OSError(exc.errno, "cannot serve the dashboard on %s:%d: %s"
                           % (host, port, exc.strerror)) from None
         self._server.dashboard = self
+        if self._tls is not None:
+            # The handshake happens on a request's own thread (its first read),
+            # so a slow browser does not hold the accepting thread.
+            self._server.socket = tls.server_context(self._tls).wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False)
         self._thread = threading.Thread(
             target=self._server.serve_forever, args=(config.DASHBOARD_STOP_POLL_S,),
             name="minicw-dashboard", daemon=True)
@@ -119,7 +129,8 @@ class Dashboard:
     @property
     def url(self) -> str:
         """The page's full URL with its token (the machine's name if on every interface)."""
-        return page_url(self.address[0], self.address[1], self._authkey)
+        return page_url(self.address[0], self.address[1], self._authkey,
+                        https=self._tls is not None)
 
     def admits(self, given: str) -> bool:
         return hmac.compare_digest(given.encode("utf-8", "replace"), self._token)
@@ -159,8 +170,12 @@ class _Server(socketserver.ThreadingMixIn, HTTPServer):
 
     def handle_error(self, request, client_address):
         # A browser that left mid-answer is not worth a traceback on stderr.
-        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
             log.debug("dashboard request from %s: connection lost", client_address[0])
+        elif isinstance(error, ssl.SSLError):   # plain HTTP, or a certificate refused
+            log.info("dashboard request from %s refused by TLS: %s", client_address[0],
+                     error.reason or error)
         else:
             log.exception("dashboard request from %s failed", client_address[0])
 

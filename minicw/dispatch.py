@@ -674,12 +674,12 @@ class MapStream:
         """Submit, waiting no longer than the map's ``timeout`` allows, whatever
         the link does (client.DeadlineCaller)."""
         if self._caller is None:
-            self._caller = client.DeadlineCaller()
+            self._caller = client.DeadlineCaller(FuturesTimeoutError)
         try:
             self._caller.call(self.deadline, self.dispatcher.session.submit, specs)
-        except client.DeadlinePassed:
-            self._timed_out = True
-            raise FuturesTimeoutError() from None
+        except FuturesTimeoutError:
+            self._timed_out = self._caller.timed_out
+            raise
 
     def _half_empty(self) -> bool:
         with self._cond:
@@ -890,7 +890,7 @@ class MapStream:
                 requests = [(chunk_id, None) for chunk_id in chunk_ids]
                 if self._timed_out:   # the link may be what timed out: do not wait on it
                     if self._caller is None:
-                        self._caller = client.DeadlineCaller()
+                        self._caller = client.DeadlineCaller(FuturesTimeoutError)
                     self._caller.call_later(client.cancel_quietly, self.dispatcher.session,
                                             requests)
                 else:

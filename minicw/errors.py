@@ -9,8 +9,10 @@ it by type.  The hierarchy::
      |    +-- MasterNotListeningError     nothing listens at host:port
      |    +-- AuthkeyMismatchError        the peer rejected our key, or we its
      |    +-- HandshakeTimeoutError       the peer accepted but never answered
+ |    +-- TlsError                    TLS expected and not spoken, or a certificate refused
      |    +-- MasterLostError             an established connection went away
-     +-- ClusterShutdownError             the master was shut down on purpose
+     +-- TlsSetupError (also ValueError)   TLS settings that cannot be used (a file, a fingerprint)
+ +-- ClusterShutdownError             the master was shut down on purpose
      +-- SessionExpiredError              the master forgot this client (silent too long)
      +-- ProtocolVersionError             peers speak different minicw protocols
      +-- InvalidCallError (also ValueError)  a call the master refuses (names the field)
@@ -72,6 +74,16 @@ class AuthkeyMismatchError(MasterConnectionError, multiprocessing.Authentication
 
 class HandshakeTimeoutError(MasterConnectionError):
     """The peer accepted the TCP connection but did not complete the handshake."""
+
+
+class TlsError(MasterConnectionError):
+    """The TLS layer refused the link: one side speaks TLS and the other does not,
+    the master's certificate is not the pinned one, or it does not verify."""
+
+
+class TlsSetupError(MinicwError, ValueError):
+    """TLS settings that cannot be used: a certificate or key file missing or
+    unreadable, a malformed fingerprint, a setting that needs another."""
 
 
 class MasterLostError(MasterConnectionError):

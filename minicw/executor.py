@@ -26,7 +26,7 @@ import weakref
 from collections import deque
 from concurrent.futures import CancelledError, Executor, Future, InvalidStateError
 
-from minicw import config, discover, dispatch, protocol
+from minicw import config, discover, dispatch, protocol, transport
 # journal registers its exit handler (commit what arrived) at import: imported
 # here first, it runs after _shutdown_at_exit, which lets live maps finish.
 from minicw import journal
@@ -164,12 +164,17 @@ class ClusterExecutor(Executor):
     What jobs print comes back to this process's stdout and stderr, each line
     prefixed with its worker and job, unless ``forward_output=False`` (or
     $MINICW_FORWARD_OUTPUT=0); a number sets the characters kept per job.
+    ``tls_ca`` (a CA file) or ``tls_fingerprint`` (the master's certificate
+    SHA-256): talk to a master that serves TLS ($MINICW_TLS_CA,
+    $MINICW_TLS_FINGERPRINT by default).
     """
 
     def __init__(self, host: str | None = None, port: int | None = None, authkey=None,
                  job_timeout: float | None = None,
-                 max_retries: int = config.DEFAULT_MAX_RETRIES, forward_output=None):
+                 max_retries: int = config.DEFAULT_MAX_RETRIES, forward_output=None,
+                 tls_ca: str | None = None, tls_fingerprint: str | None = None):
         address = discover.master_address(host, port)
+        transport.choose_tls(address, tls_ca, tls_fingerprint)
         self._dispatcher = dispatch.Dispatcher(address, discover.authkey(authkey),
                                                job_timeout, max_retries, forward_output)
         self._shutdown_lock = threading.Lock()

@@ -94,11 +94,15 @@ def own_session() -> dict:
 
 # --- the ready file: the child's side ------------------------------------------------------
 
-def master_ready_record(host: str, port: int, dashboard: tuple | None = None) -> dict:
+def master_ready_record(host: str, port: int, dashboard: tuple | None = None,
+                        tls_fingerprint: str | None = None) -> dict:
     """What a master writes once it listens on (host, port), its dashboard on
-    ``dashboard`` (host, port) if it serves one."""
+    ``dashboard`` (host, port) if it serves one, and the SHA-256 fingerprint of
+    its TLS certificate if it serves TLS (peers that find it here pin it)."""
     record = {"pid": os.getpid(), "host": host, "port": int(port),
               "hostname": socket.gethostname()}
+    if tls_fingerprint is not None:
+        record["tls_fingerprint"] = tls_fingerprint
     if dashboard is not None:
         # Where only: the parent has the key, and computes the page's token.
         record["dashboard_host"], record["dashboard_port"] = dashboard[0], int(dashboard[1])
@@ -295,13 +299,18 @@ class ChildProcess:
 
 def start_master(host: str, port: int, authkey: str | bytes,
                  heartbeat_timeout_s: float | None = None,
-                 dashboard_port: int | None = None) -> tuple[ChildProcess, tuple]:
+                 dashboard_port: int | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None
+                 ) -> tuple[ChildProcess, tuple]:
     """Start ``python -m minicw.master``; returns the child and the (host, port) to reach it.
 
     ``dashboard_port`` (0: a free one): it serves its dashboard on 127.0.0.1;
-    the child's ``ready_record`` says where.
+    the child's ``ready_record`` says where.  ``tls_cert`` and ``tls_key``
+    (paths): it serves TLS, and its ``ready_record`` holds the fingerprint.
     """
     argv = ["minicw.master", "--host", host, "--port", str(port)]
+    if tls_cert is not None:
+        argv += ["--tls-cert", tls_cert, "--tls-key", tls_key]
     if heartbeat_timeout_s is not None:
         argv += ["--heartbeat-timeout", str(heartbeat_timeout_s)]
     if dashboard_port is not None:
@@ -312,7 +321,8 @@ def start_master(host: str, port: int, authkey: str | bytes,
 
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
-                 start_method: str | None = None, oversubscribe: bool = False) -> ChildProcess:
+                 start_method: str | None = None, oversubscribe: bool = False,
+                 tls_fingerprint: str | None = None) -> ChildProcess:
     """Start ``python -m minicw.worker`` and wait until it has registered.
 
     ``start_method`` None: $MINICW_START_METHOD, else spawn (config.start_method;
@@ -326,6 +336,8 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
         argv += ["-n", str(nprocs)]
     if oversubscribe:
         argv.append("--oversubscribe")
+    if tls_fingerprint is not None:   # not a secret: it names the master's certificate
+        argv += ["--tls-fingerprint", tls_fingerprint]
     child = ChildProcess("worker", argv, authkey)
     child.wait_ready()
     return child

@@ -24,16 +24,18 @@ class LocalCluster(MasterNode):
     defaults to the CPU count and is capped at it unless ``oversubscribe``.  Offers the MasterNode calls (``load_envir``,
     ``register_target_function``, ``load_args``, ``execute``, ``list_workers``).
     ``dashboard=True`` (or a port): the master serves its status page at
-    ``cluster.dashboard_url``.
+    ``cluster.dashboard_url``.  ``tls_cert`` and ``tls_key`` (PEM files): every
+    connection of the cluster runs over TLS, pinned to that certificate.
     """
 
     def __init__(self, n_workers: int | None = None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
                  heartbeat_timeout_s: float | None = None, oversubscribe: bool = False,
-                 forward_output=None, dashboard: int | bool | None = None):
+                 forward_output=None, dashboard: int | bool | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None):
         super().__init__(HOST="127.0.0.1", PORT=0,
                          AUTHKEY=secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES),
                          chunksize=chunksize, forward_output=forward_output,
-                         dashboard=dashboard)
+                         dashboard=dashboard, tls_cert=tls_cert, tls_key=tls_key)
         self.n_workers = n_workers
         self.oversubscribe = oversubscribe    # n_workers may exceed the CPU count
         self.heartbeat_timeout_s = heartbeat_timeout_s

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 
-from minicw import config, launch, rundir
+from minicw import config, launch, rundir, tls
 from minicw.errors import MinicwError
 from minicw.server import Master
 
@@ -47,6 +47,15 @@ def master_parser() -> argparse.ArgumentParser:
                         "its URL, with the token derived from the key, is printed once")
     parser.add_argument("--dashboard-host", default=config.DASHBOARD_HOST, metavar="HOST",
                         help="interface the status page listens on (default: %(default)s)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this certificate "
+                        "(PEM; default: $%s); `python -m minicw tls-selfsigned DIR` makes one"
+                        % tls.ENV_CERT)
+    parser.add_argument("--tls-key", metavar="FILE",
+                        help="the certificate's private key (PEM; default: $%s)" % tls.ENV_KEY)
+    parser.add_argument("--tls-ca", metavar="FILE", help="verify client certificates against "
+                        "this CA (default: $%s)" % tls.ENV_CA)
+    parser.add_argument("--tls-require-client-cert", action="store_true", default=None,
+                        help="refuse peers without a certificate signed by --tls-ca")
     launch.add_child_options(parser)
     return parser
 
@@ -72,13 +81,24 @@ def master_main(argv=None) -> int:
         return launch.command_error("minicw-master", exc)
     dashboard_address = (None if args.dashboard is None
                          else (args.dashboard_host, args.dashboard))
+    try:
+        tls_settings = tls.settings(cert=args.tls_cert, key=args.tls_key, ca=args.tls_ca,
+                                    require_client_cert=args.tls_require_client_cert)
+        if tls_settings.serves:
+            tls.server_context(tls_settings)   # a bad certificate or key: said now, not per peer
+    except MinicwError as exc:
+        return launch.command_error("minicw-master", exc)
     master = Master(args.host, args.port, key, heartbeat_timeout_s=args.heartbeat_timeout,
-                    dashboard_address=dashboard_address)
+                    dashboard_address=dashboard_address, tls_settings=tls_settings)
     try:
         host, port = master.start()
     except OSError as exc:
         return launch.command_error("minicw-master", exc.strerror)
     _print_master_started(host, port, key if generated else None, key_source)
+    if master.tls is not None:
+        print("TLS: certificate %s, SHA-256 fingerprint %s (peers without a CA pin it: "
+              "--tls-fingerprint or $%s)" % (master.tls.cert, tls.shown_fingerprint(
+                  tls.file_fingerprint(master.tls.cert)), tls.ENV_FINGERPRINT), flush=True)
     if master.dashboard is not None:
         print("dashboard (read-only; the URL holds its token): %s" % master.dashboard.url,
               flush=True)
@@ -87,7 +107,8 @@ def master_main(argv=None) -> int:
     launch.on_signals(lambda signum, frame: threading.Thread(target=master.shutdown).start())
     if args.ready_file:  # last: whoever reads it may signal us at once
         launch.write_ready_file(args.ready_file, launch.master_ready_record(
-            host, port, master.dashboard.address if master.dashboard else None))
+            host, port, master.dashboard.address if master.dashboard else None,
+            tls.file_fingerprint(master.tls.cert) if master.tls is not None else None))
     while not master.wait(1.0):  # wake now and then so signals are handled promptly
         pass
     if args.ready_file:

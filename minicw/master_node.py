@@ -23,7 +23,7 @@ import secrets
 import time
 
 from minicw import (broadcast, chunking, client, config, envir, launch, protocol, serialize,
-                    transport)
+                    tls, transport)
 from minicw.errors import ArgsError, EnvirError, MinicwError, RemoteError
 from minicw.progress import OFF as NO_PROGRESS, start_progress
 
@@ -42,12 +42,17 @@ class MasterNode:
     (``forward_output=False`` keeps it on the workers).
     ``dashboard``: a port (True: a free one) where the master serves its
     read-only status page on 127.0.0.1; its URL, token included, is
-    ``self.dashboard_url`` once started.
+    ``self.dashboard_url`` once started.  ``tls_cert`` and ``tls_key`` (PEM
+    files): the master it starts serves TLS, and this object and its local
+    node pin that certificate; ``tls_ca`` or ``tls_fingerprint``: how
+    ``connect()`` verifies a master that serves TLS (else $MINICW_TLS_*).
     """
 
     def __init__(self, HOST: str = "127.0.0.1", PORT: int = config.DEFAULT_PORT,
                  AUTHKEY=None, chunksize: int | None = config.DEFAULT_CHUNKSIZE,
-                 forward_output=None, dashboard: int | bool | None = None):
+                 forward_output=None, dashboard: int | bool | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_ca: str | None = None, tls_fingerprint: str | None = None):
         if AUTHKEY is None:
             AUTHKEY = secrets.token_urlsafe(config.GENERATED_AUTHKEY_BYTES)
         if chunksize is not None and int(chunksize) < 1:
@@ -63,6 +68,9 @@ class MasterNode:
         self.server_status = "Not started"
         self.dashboard = dashboard
         self.dashboard_url = None     # the master's dashboard page, once started with one
+        self.tls_cert, self.tls_key = tls_cert, tls_key   # for the master it starts
+        self._tls_ca, self._tls_fingerprint = tls_ca, tls_fingerprint   # for connect()
+        self._master_fingerprint = None   # the started master's certificate, pinned
         self._master_process = None
         self._worker_process = None
         self._session = None
@@ -101,10 +109,14 @@ class MasterNode:
                         self._master_process.popen.poll(), self.PORT)
             self.shutdown()
         bind_host = self.HOST if self.HOST else "0.0.0.0"
+        if self.tls_cert is not None:
+            tls.settings(cert=self.tls_cert, key=self.tls_key)   # the files: checked here
         self._master_process, (host, port) = launch.start_master(
             bind_host, self.PORT, self.AUTHKEY, self.heartbeat_timeout_s,
-            _dashboard_port(self.dashboard))
+            _dashboard_port(self.dashboard), self.tls_cert, self.tls_key)
         self._address = (host, port)
+        self._master_fingerprint = self._master_process.ready_record.get("tls_fingerprint")
+        transport.choose_tls(self._address, fingerprint=self._master_fingerprint)
         self.PORT = port
         self.dashboard_url = _dashboard_url(self._master_process.ready_record, self.AUTHKEY)
         try:
@@ -126,6 +138,7 @@ class MasterNode:
         if self._session is not None:
             raise MinicwError("already connected to %s" % transport.format_address(self._address))
         self._address = (self.HOST or config.DEFAULT_HOST, self.PORT)
+        transport.choose_tls(self._address, self._tls_ca, self._tls_fingerprint)
         self._session = client.Session(self._address, self.AUTHKEY,
                                            forward_output=self.forward_output)
         self.server_status = "Connected"
@@ -137,7 +150,8 @@ class MasterNode:
         if self._worker_process is not None and self._worker_process.alive():
             return
         self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs,
-                                                   oversubscribe=oversubscribe)
+                                                   oversubscribe=oversubscribe,
+                                                   tls_fingerprint=self._master_fingerprint)
 
     def stop_as_worker(self) -> None:
         """Stop the local worker node started by join_as_worker()."""
@@ -257,7 +271,7 @@ class MasterNode:
         processes = sum(node.nprocs for node in session.list_nodes())
         window = chunking.window_chunks(processes)
         run_progress = start_progress(len(args), progress, "execute")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if timeout is None else (time.monotonic() + timeout, timeout)
 
         def run(args, on_segment=None) -> dict:
             return run_keyed(session, func_key, args, self.chunksize, window,
@@ -272,10 +286,6 @@ class MasterNode:
                 store.KIND_EXECUTE, self._target_name, func_key, self._envir[0],
                 journal.key_rule(key), len(args)), resume, rerun_failed)
             return checkpoints.resumed_execute(opened, args, key, run, _with_arg, run_progress)
-        except client.DeadlinePassed as passed:
-            raise TimeoutError("execute() did not finish within its timeout of %gs: %d of the "
-                               "%d jobs it ran were done; the rest were cancelled"
-                               % (timeout, passed.done, passed.total)) from None
         finally:
             run_progress.finish()
 
@@ -301,7 +311,7 @@ def _dashboard_url(ready_record: dict, authkey: bytes) -> str | None:
         return None
     from minicw import dashboard  # the page's server, only for a master that serves one
     return dashboard.page_url(ready_record["dashboard_host"], ready_record["dashboard_port"],
-                              authkey, here=True)
+                              authkey, here=True, https="tls_fingerprint" in ready_record)
 
 
 def check_args(args):
@@ -333,14 +343,14 @@ def check_args(args):
 def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int | None,
               window: int, max_retries: int, job_timeout: float | None = None,
               job_times: chunking.JobTimes | None = None, processes: int = 0,
-              on_segment=None, progress=NO_PROGRESS, deadline: float | None = None) -> dict:
+              on_segment=None, progress=NO_PROGRESS, deadline: tuple | None = None) -> dict:
     """Run ``func(arg)`` for every arg in chunks; {arg: result} or the first error.
 
     ``on_segment(args, values, errors)`` (a checkpoint's journal) sees every
     run of consecutive outcomes as it arrives, failures included; ``progress``
-    (progress.Progress) counts them.  Past ``deadline`` (time.monotonic()) it
-    raises client.DeadlinePassed (``done`` and ``total`` set), and the jobs not
-    done are cancelled.
+    (progress.Progress) counts them.  ``deadline``: (time.monotonic() limit, the
+    timeout it came from); past it, TimeoutError says how far the run got, and
+    the jobs not done are cancelled.
 
     Chunks hold ``chunksize`` args, or when it is None as many as
     ``job_times`` and ``processes`` call for (chunking.jobs_per_chunk),
@@ -370,8 +380,13 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                                      max_retries, context_key, serialize.bytecode_python(payload))
 
     results = {}
+
+    def timed_out() -> TimeoutError:
+        return TimeoutError("execute() did not finish within its timeout of %gs: %d of the %d "
+                            "jobs it ran were done; the rest were cancelled"
+                            % (deadline[1], len(results), len(args)))
     stream = client.stream_results(session, chunks(), window, on_idle=progress.tick,
-                                   deadline=deadline)
+                                   deadline=deadline and deadline[0], timeout_error=timed_out)
     try:
         for delivery in stream:
             items = args_by_chunk[delivery.chunk_id]
@@ -389,9 +404,6 @@ def run_keyed(session: client.Session, func_key: str, args: list, chunksize: int
                     raise _with_arg(errors[offset], items[first + offset])
                 progress.add(len(values))
                 results.update(zip(items[first:first + len(values)], values))
-    except client.DeadlinePassed as passed:
-        passed.done, passed.total = len(results), len(args)
-        raise
     finally:
         stream.close()
     return results

@@ -48,6 +48,7 @@ from multiprocessing import connection, get_context
 from minicw import config, output, protocol, serialize, transport, worker_process
 from minicw.errors import (
     AuthkeyMismatchError, ClusterShutdownError, MasterConnectionError, MasterHostUnknownError,
+    TlsError,
 )
 
 log = logging.getLogger(__name__)
@@ -216,11 +217,14 @@ class WorkerNode:
                  reconnect: bool = True, oversubscribe: bool = False,
                  connect_timeout_s: float | None = 0.0, allow_oversubscribe: bool = False,
                  max_jobs_per_process: int | None = None,
-                 max_memory_per_process: int | str | None = None):
+                 max_memory_per_process: int | str | None = None, tls=None):
         self.address = (IP, int(PORT))
         self.connect_timeout_s = connect_timeout_s  # how long join_cluster waits for a
                                                     # master not started yet (None: ever)
         self.authkey = transport.as_authkey(AUTHKEY)
+        if tls is not None:   # a tls.Settings; else the environment's ($MINICW_TLS_*)
+            transport.use_tls(self.address, tls)
+        self.tls = transport.tls_for(self.address)   # what its worker processes use too
         # allow_oversubscribe: the name of minicw 0.1
         self.nprocs = cap_nprocs(nprocs, oversubscribe or allow_oversubscribe)
         self.context = get_context(config.start_method(start_method))
@@ -309,8 +313,8 @@ class WorkerNode:
         """A connection, tried again with backoff while the master is not there (not
         started yet, or restarting); None if stop() is called meanwhile.
 
-        Raises MasterHostUnknownError and AuthkeyMismatchError at once (waiting
-        cures neither), and the last MasterConnectionError once the
+        Raises MasterHostUnknownError, AuthkeyMismatchError and TlsError at once
+        (waiting cures none), and the last MasterConnectionError once the
         time.monotonic() ``deadline`` (None: never) would pass.  ``waiting_note``
         is logged once, at the first failed try.
         """
@@ -318,7 +322,7 @@ class WorkerNode:
         while not self._stop_requested.is_set():
             try:
                 return self._connect()
-            except (MasterHostUnknownError, AuthkeyMismatchError):
+            except (MasterHostUnknownError, AuthkeyMismatchError, TlsError):
                 raise
             except MasterConnectionError:
                 if deadline is not None and time.monotonic() + pause_s > deadline:
@@ -600,7 +604,8 @@ class WorkerNode:
         state[worker_process.STATE_POSITION] = -1
         spec = {"node_id": self.node_id, "slot": index, "control": process_end,
                 "slot_state": state, "address": self.address, "authkey": self.authkey,
-                "output_file": self._output_file(index), "recycle": self.recycle}
+                "output_file": self._output_file(index), "recycle": self.recycle,
+                "tls": self.tls}
         process = self.context.Process(target=worker_process.run_process, args=(spec,),
                                        name="minicw-worker-%d" % index, daemon=True)
         with _main_hidden():

@@ -51,6 +51,7 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -73,6 +74,9 @@ SMALL_FRAME = 1 << 16        # header and body of a frame this small go in one s
 LARGE_FRAME = 1 << 22        # a frame this big is read by a thread of its own (_FrameReader)
 MESSAGE_ENVELOPE_BYTES = 1 << 20   # a frame may hold config.max_message_bytes() plus this
 READER_POLL_S = 0.5          # a frame's reader looks this often whether its channel was dropped
+# A non-blocking socket that cannot go on now; over TLS, also a record not complete
+# yet (want read) or a send that must be retried with the same bytes (want write).
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _HEADER = struct.Struct("!i")
 _LONG_HEADER = struct.Struct("!Q")
 
@@ -229,7 +233,7 @@ class _FrameReader:
             while got < wanted:
                 try:
                     count = sock.recv_into(out[got:wanted])
-                except (BlockingIOError, InterruptedError):
+                except _WOULD_BLOCK:
                     self._wait()
                     continue
                 if not count:
@@ -318,8 +322,12 @@ class Reactor:
         """Take over ``conn`` (a served manager connection for ``api``) whose
         first request, already received, is ``request``.  Called from the
         connection's thread."""
-        sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
-        conn.close()
+        take_socket = getattr(conn, "take_socket", None)
+        if take_socket is not None:   # over TLS: the SSLSocket itself (tls.TlsConnection)
+            sock = take_socket()
+        else:
+            sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+            conn.close()
         sock.setblocking(False)
         if not self._post(None, (sock, request, api)):
             sock.close()  # the loop has ended (the master shut down): the peer sees EOF
@@ -450,9 +458,17 @@ class Reactor:
         self._handle(channel, request)
 
     def _receive(self, channel: _Channel) -> None:
+        self._receive_once(channel)
+        pending = getattr(channel.sock, "pending", None)
+        # Over TLS, bytes already decrypted raise no event: take them now.
+        while pending is not None and not channel.closed and not channel.reading_elsewhere \
+                and pending():
+            self._receive_once(channel)
+
+    def _receive_once(self, channel: _Channel) -> None:
         try:
             size = channel.sock.recv_into(self._read_view)
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             return
         except OSError:
             size = 0
@@ -533,6 +549,8 @@ class Reactor:
             self._drop(channel)
             return
         self._watch(channel)
+        if channel.outbox:
+            self._flush(channel)
         self._handle(channel, received.request)
 
     def _handle(self, channel: _Channel, request) -> None:
@@ -619,7 +637,7 @@ class Reactor:
                                                % exc)))
         was_empty = not channel.outbox
         channel.outbox.extend(parts)
-        if was_empty:
+        if was_empty and not channel.reading_elsewhere:
             self._flush(channel)
 
     def _flush(self, channel: _Channel) -> None:
@@ -632,7 +650,7 @@ class Reactor:
                     outbox[0] = memoryview(data)[sent:]
                     break
                 outbox.popleft()
-        except (BlockingIOError, InterruptedError):
+        except _WOULD_BLOCK:
             pass
         except OSError:
             self._drop(channel)
@@ -641,10 +659,13 @@ class Reactor:
             self._watch(channel)
 
     def _watch(self, channel: _Channel) -> None:
-        """Have the selector watch ``channel`` for reading (unless a _FrameReader
-        thread reads it) and for writing (while its outbox holds bytes)."""
-        events = (0 if channel.reading_elsewhere else selectors.EVENT_READ) \
-            | (selectors.EVENT_WRITE if channel.outbox else 0)
+        """Have the selector watch ``channel`` for reading and for writing (while
+        its outbox holds bytes), unless a _FrameReader thread reads it: then for
+        neither, since a TLS connection must not be read and written at once."""
+        if channel.reading_elsewhere:
+            events = 0
+        else:
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.outbox else 0)
         if events == channel.events:
             return
         if not channel.events:

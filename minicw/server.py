@@ -184,13 +184,16 @@ def call_table(apis: dict) -> dict:
 
 class Master:
     """A minicw master serving on ``(host, port)`` (port 0: any free port), and
-    its dashboard on ``dashboard_address`` (host, port) if given."""
+    its dashboard on ``dashboard_address`` (host, port) if given; over TLS
+    (and the dashboard over HTTPS) when ``tls_settings`` (tls.Settings) has a
+    certificate."""
 
     def __init__(self, host: str = config.DEFAULT_HOST, port: int = config.DEFAULT_PORT,
                  authkey=None, heartbeat_timeout_s: float | None = None,
-                 dashboard_address: tuple | None = None):
+                 dashboard_address: tuple | None = None, tls_settings=None):
         if authkey is None:
             raise ValueError("the master needs an authkey")
+        self.tls = tls_settings if tls_settings is not None and tls_settings.serves else None
         self.scheduler = Scheduler(config.heartbeat_timeout_s(heartbeat_timeout_s))
         self._authkey = transport.as_authkey(authkey)
         self._requested_address = (host, port)
@@ -220,7 +223,8 @@ class Master:
             ServingManager.register(role, callable=lambda api=api: api,
                                     exposed=protocol.call_names(role))
         try:
-            self._server = ServingManager(self._requested_address, self._authkey).make_server()
+            self._server = ServingManager(self._requested_address,
+                                          self._authkey).make_server(self.tls)
         except OSError as exc:
             raise OSError(exc.errno, "cannot listen on %s: %s" % (
                 transport.format_address(self._requested_address), exc.strerror)) from None
@@ -237,7 +241,7 @@ class Master:
 
     def _start_dashboard(self) -> None:
         """Serve the dashboard; OSError (the master shut down) if it cannot listen."""
-        dashboard = Dashboard(self.scheduler, self._authkey, self.address)
+        dashboard = Dashboard(self.scheduler, self._authkey, self.address, self.tls)
         try:
             dashboard.start(*self._dashboard_address)
         except OSError:

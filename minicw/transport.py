@@ -37,6 +37,9 @@ only place that knows:
 * Calls on minicw's private proxies are pickled with plain pickle, without
   a Pickler object per message (none of them carries a multiprocessing
   object).
+* TLS (tls.py), when the master has a certificate and its peers a CA or a
+  fingerprint: the handshake comes first, in the connection's own thread
+  under the same deadline, and the authkey challenge then runs inside it.
 
 The transport registers itself in ``multiprocessing.managers.listener_client``
 under the serializer name ``"minicw"``; managers created with that name use
@@ -47,6 +50,7 @@ from __future__ import annotations
 import logging
 import pickle
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -54,7 +58,7 @@ import time
 from multiprocessing import connection, managers
 from multiprocessing import AuthenticationError
 
-from minicw import config, protocol
+from minicw import config, protocol, tls
 from minicw.protocol import PICKLE_PROTOCOL
 from minicw.errors import (
     AuthkeyMismatchError, HandshakeTimeoutError, MasterConnectionError,
@@ -125,14 +129,20 @@ def tune(conn: connection.Connection, receive_timeout_s: float = 0.0,
     period, so silence that long is a link gone silent: a Wi-Fi drop, a
     laptop's lid, a NAT that forgot it), and TCP keepalive probes the link
     when it is idle.  The peer then reconnects as after a reset."""
+    secured = isinstance(conn, tls.TlsConnection)
+    if secured:   # TLS reads through Python's own timeout, not the socket's options
+        conn.set_timeout(receive_timeout_s if link_timeout_s is None else link_timeout_s)
+
     def apply(sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if link_timeout_s is None:
-                _set_receive_timeout(sock, receive_timeout_s)
+                if not secured:
+                    _set_receive_timeout(sock, receive_timeout_s)
             else:
-                _set_receive_timeout(sock, link_timeout_s)
-                _set_timeout(sock, socket.SO_SNDTIMEO, link_timeout_s)
+                if not secured:
+                    _set_receive_timeout(sock, link_timeout_s)
+                    _set_timeout(sock, socket.SO_SNDTIMEO, link_timeout_s)
                 _set_keepalive(sock, link_timeout_s / 2)
         except OSError:  # pragma: no cover - platforms without these options
             pass
@@ -170,28 +180,45 @@ def connect(address, authkey: bytes, connect_timeout_s: float = config.CONNECT_T
     except OSError as exc:
         raise MasterNotListeningError(
             "cannot connect to %s: %s" % (where, exc.strerror or exc), address) from None
-    sock.settimeout(None)
-    conn = connection.Connection(sock.detach())
+    chosen = tls_for(address)
+    if chosen.dials:
+        conn = tls.TlsConnection(tls.wrap_client(sock, tuple(address), chosen,
+                                                 handshake_timeout_s))
+    else:
+        sock.settimeout(None)
+        conn = connection.Connection(sock.detach())
     tune(conn, receive_timeout_s=handshake_timeout_s)
+    plain_hint = "" if chosen.dials else (
+        " (a master that runs with TLS waits for a TLS handshake: %s)" % tls.PEER_HINT)
     try:
         connection.answer_challenge(conn, authkey)
         connection.deliver_challenge(conn, authkey)
-    except AuthenticationError:
+    except (AuthenticationError, AssertionError) as exc:
         conn.close()
+        if tls.told_tls_required(exc):
+            raise tls.TlsError("the master at %s serves TLS, and this peer has no TLS "
+                               "settings: %s" % (where, tls.PEER_HINT), address) from None
+        if isinstance(exc, AssertionError):   # Python < 3.12's challenge check
+            raise MasterConnectionError(
+                "the peer at %s answered the minicw handshake with something else; is it "
+                "a minicw master?" % where, address) from None
         raise AuthkeyMismatchError(
             "the master at %s rejected our authkey; use the key the master "
             "printed or was started with" % where, address) from None
-    except (EOFError, OSError, ValueError, AssertionError) as exc:
+    except ssl.SSLError as exc:   # TLS 1.3: a refused client certificate comes only now
+        conn.close()
+        raise tls.TlsError(tls.client_handshake_failure(where, exc), address) from None
+    except (EOFError, OSError, ValueError) as exc:
         conn.close()
         if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, EOFError)):
             raise HandshakeTimeoutError(
                 "the peer at %s accepted the connection but did not complete "
-                "the minicw handshake within %.3gs; is this a minicw master?"
-                % (where, handshake_timeout_s), address) from None
+                "the minicw handshake within %.3gs; is this a minicw master?%s"
+                % (where, handshake_timeout_s, plain_hint), address) from None
         raise MasterConnectionError(
             "the peer at %s closed the connection during the handshake (%s); "
-            "is this a minicw master of a compatible version?"
-            % (where, type(exc).__name__), address) from None
+            "is this a minicw master of a compatible version?%s"
+            % (where, type(exc).__name__, plain_hint), address) from None
     tune(conn, link_timeout_s=link_timeout_for(address))
     return conn
 
@@ -207,6 +234,27 @@ def master_heartbeat(address, heartbeat_timeout_s: float, api=None) -> None:
     connection_now = getattr(getattr(api, "_tls", None), "connection", None)
     if connection_now is not None:
         tune(connection_now, link_timeout_s=link_timeout_for(address))
+
+
+_tls_by_address = {}   # (host, port) -> tls.Settings a client API was given for that master
+
+
+def use_tls(address, chosen: tls.Settings) -> None:
+    """Connections to the master at ``address`` use ``chosen`` (from keyword
+    arguments) instead of the environment's TLS settings."""
+    _tls_by_address[tuple(address)] = chosen
+
+
+def choose_tls(address, ca=None, fingerprint=None) -> None:
+    """A client API's ``tls_ca=`` / ``tls_fingerprint=`` for the master at ``address``
+    (the rest of its settings from the environment); nothing when both are None."""
+    if ca is not None or fingerprint is not None:
+        use_tls(address, tls.settings(ca=ca, fingerprint=fingerprint))
+
+
+def tls_for(address) -> tls.Settings:
+    chosen = _tls_by_address.get(tuple(address))
+    return chosen if chosen is not None else tls.settings()
 
 
 def link_timeout_for(address) -> float:
@@ -238,8 +286,9 @@ class _Server(managers.Server):
     with the peer's address and the connection closed.
     """
 
-    def __init__(self, registry, address, authkey, serializer):
+    def __init__(self, registry, address, authkey, serializer, tls_settings=None):
         super().__init__(registry, address, authkey, serializer)
+        self.tls = tls_settings if tls_settings is not None and tls_settings.serves else None
         self.closing = threading.Event()
         self.adopter = None   # (objects, adopt(conn, first_request, object)): see
                               # accept_connection
@@ -342,12 +391,45 @@ class _Server(managers.Server):
 
     def handle_request(self, conn):
         try:
-            if self._authenticate(conn):
+            if self.tls is not None:
+                conn = self._secure(conn)   # the same peer over TLS, or None
+            if conn is not None and self._authenticate(conn):
                 self._dispatch_first_request(conn)
         except SystemExit:  # serve_client() ends a served connection this way
             pass
         finally:
+            if conn is not None:
+                conn.close()
+
+    def _secure(self, conn):
+        """The TLS handshake with an accepted peer, under its handshake deadline:
+        a TlsConnection to it, or None (logged) when the handshake failed."""
+        sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+        if tls.plain_peer(sock):
+            sock.close()
+            self.handshakes.done(conn)
             conn.close()
+            log.info("dropped a connection that spoke no TLS (told it: this master serves "
+                     "TLS)")
+            return None
+        secured = tls.server_context(self.tls).wrap_socket(
+            sock, server_side=True, do_handshake_on_connect=False)
+        tls_conn = tls.TlsConnection(secured)
+        admitted = self.handshakes.swap(conn, tls_conn)
+        conn.close()
+        if not admitted:           # its deadline passed already
+            tls_conn.close()
+            return None
+        try:
+            secured.settimeout(config.handshake_timeout_s())
+            secured.do_handshake()
+        except (OSError, ValueError) as exc:
+            self.handshakes.done(tls_conn)
+            tls_conn.close()
+            log.info("dropped a connection during the TLS handshake: %s",
+                     tls.describe_server_failure(exc))
+            return None
+        return tls_conn
 
     def _dispatch_first_request(self, conn) -> None:
         try:
@@ -404,6 +486,16 @@ class _Handshakes:
         with self._lock:
             self._deadlines.pop(conn, None)
 
+    def swap(self, old, new) -> bool:
+        """``new`` (the same peer over TLS) keeps ``old``'s deadline; False when
+        the deadline has passed already."""
+        with self._lock:
+            deadline = self._deadlines.pop(old, None)
+            if deadline is None:
+                return False
+            self._deadlines[new] = deadline
+            return True
+
     def _watch(self, closing: threading.Event) -> None:
         period = min(1.0, config.handshake_timeout_s() / 4)
         while not closing.wait(period):
@@ -449,9 +541,11 @@ class Manager(managers.BaseManager):
         super().__init__(address=tuple(address), authkey=as_authkey(authkey),
                          serializer=SERIALIZER)
 
-    def make_server(self) -> _Server:
-        """The server for this manager's registry, bound to its address, not yet serving."""
-        return _Server(self._registry, self._address, self._authkey, self._serializer)
+    def make_server(self, tls_settings=None) -> _Server:
+        """The server for this manager's registry, bound to its address, not yet
+        serving; over TLS when ``tls_settings`` has a certificate."""
+        return _Server(self._registry, self._address, self._authkey, self._serializer,
+                       tls_settings)
 
 
 def private_proxy_type(name: str, exposed) -> type:

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 
-from minicw import config, discover, launch, transport
+from minicw import config, discover, launch, tls, transport
 from minicw.errors import MasterConnectionError, MinicwError
 from minicw.node import WorkerNode
 
@@ -52,6 +52,14 @@ def worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-memory-per-process", type=_size, default=None,
                         metavar="SIZE", help="replace a worker process whose memory (RSS) "
                         "reached SIZE after a chunk, as in 2G or 500M")
+    parser.add_argument("--tls-ca", metavar="FILE", help="speak TLS; verify the master's "
+                        "certificate against this CA (default: $%s)" % tls.ENV_CA)
+    parser.add_argument("--tls-fingerprint", metavar="SHA256", help="speak TLS; accept only "
+                        "the master certificate of this SHA-256 fingerprint, as the master "
+                        "prints it (default: $%s)" % tls.ENV_FINGERPRINT)
+    parser.add_argument("--tls-no-check-hostname", dest="tls_check_hostname",
+                        action="store_false", default=None,
+                        help="with --tls-ca: do not check the master's host name")
     parser.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
                         help="give up when no master listens at HOST:PORT within this long "
                         "(default: wait for it; a wrong key or host fails at once)")
@@ -89,7 +97,13 @@ def worker_main(argv=None) -> int:
     if not key:
         return launch.command_error("minicw-worker", "KEY is '-' but $%s is not set" % config.ENV_AUTHKEY)
     try:
+        tls_settings = tls.settings(ca=args.tls_ca, fingerprint=args.tls_fingerprint,
+                                    check_hostname=args.tls_check_hostname)
+    except MinicwError as exc:
+        return launch.command_error("minicw-worker", exc)
+    try:
         node = WorkerNode(host, port, key, nprocs=args.nprocs, start_method=args.start_method,
+                          tls=tls_settings,
                           reconnect=not args.no_reconnect,
                           oversubscribe=args.oversubscribe,
                           connect_timeout_s=args.connect_timeout,

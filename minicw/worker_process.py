@@ -127,6 +127,7 @@ class Runner:
         self.control = spec["control"]
         self.state = memoryview(spec["slot_state"]).cast("B").cast("q")
         self.address = spec["address"]
+        self.tls = spec.get("tls")
         self.authkey = spec["authkey"]
         self.functions = OrderedDict()  # blob key -> callable (or the EnvirError it raises)
         self.contexts = OrderedDict()   # blob key -> context.JobContext
@@ -148,6 +149,8 @@ class Runner:
         self.origin = "%s:%d" % (socket.gethostname(), os.getpid())
 
     def run(self) -> int:
+        if self.tls is not None:
+            transport.use_tls(self.address, self.tls)
         broadcast.set_fetcher(self._fetch_blob)
         context.install_chdir_tracker()
         try:
