@@ -77,8 +77,17 @@ def master_address(host: str | None = None, port: int | None = None) -> tuple:
 
 
 def launched_master() -> tuple | None:
-    """(host, port) of a master the launchers started: local first, then SLURM; else None."""
-    return launcher.recorded_master() or _slurm_master()
+    """(host, port) of a master the launchers started: local first, then SLURM; else
+    None.  When the launcher recorded the fingerprint of the master's TLS
+    certificate, connections to it pin that."""
+    found = launcher.recorded_master()
+    fingerprint = launcher.recorded_fingerprint() if found else None
+    if found is None:
+        found = _slurm_master()
+        fingerprint = slurm.recorded_fingerprint() if found else None
+    if found is not None and fingerprint:
+        transport.choose_tls(found, fingerprint=fingerprint)
+    return found
 
 
 def _slurm_master() -> tuple | None:

@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from minicw import config, launch, processes, rundir, slurm
+from minicw import config, launch, processes, rundir, slurm, tls
 from minicw.errors import MinicwError
 
 log = logging.getLogger(__name__)
@@ -212,10 +212,13 @@ def _write_pid_file(run_dir: str, name: str, entry: dict) -> None:
         handle.write("%d\n" % entry["pid"])
 
 
-def _start_local_master(run_dir: str, port: int, key: str, timeout_s: float) -> tuple:
+def _start_local_master(run_dir: str, port: int, key: str, timeout_s: float,
+                        tls_settings: tls.Settings) -> tuple:
     """Start the master; (its entry, the ready record)."""
     key_file = rundir.write_authkey(run_dir, key)
     argv = [sys.executable, "-m", "minicw.master", "--host", "127.0.0.1", "--port", str(port)]
+    if tls_settings.serves:   # paths only: the key stays in its file
+        argv += ["--tls-cert", tls_settings.cert, "--tls-key", tls_settings.key]
     try:
         return _spawn_ready(run_dir, "master", argv, key, "master", timeout_s)
     except MinicwError:
@@ -229,6 +232,8 @@ def _start_local_workers(run_dir: str, record: dict, n: int, key: str, start_met
     record["next_worker"] = index + 1
     argv = [sys.executable, "-m", "minicw.worker", record["host"], str(record["port"]), "-",
             "-n", str(n), "--start-method", start_method]
+    if record.get("tls_fingerprint"):
+        argv += ["--tls-fingerprint", record["tls_fingerprint"]]
     if n > (os.cpu_count() or 1):
         argv.append("--oversubscribe")  # the caller asked for this many on purpose
     entry, ready = _spawn_ready(run_dir, "worker-%d" % index, argv, key, "worker node",
@@ -239,11 +244,15 @@ def _start_local_workers(run_dir: str, record: dict, n: int, key: str, start_met
 
 def local_start(n: int | None = None, *, run_dir: str | None = None, port: int = 0,
                 master: bool = True, workers: bool = True,
-                timeout_s: float = config.READY_TIMEOUT_S) -> tuple:
+                timeout_s: float = config.READY_TIMEOUT_S,
+                tls_cert: str | None = None, tls_key: str | None = None) -> tuple:
     """Start a master and a worker node of ``n`` processes on this machine, in the background.
 
     ``master=False`` adds workers to the recorded master; ``workers=False``
-    starts only the master.  ``port`` 0 picks a free port.  Returns the
+    starts only the master.  ``port`` 0 picks a free port.  ``tls_cert`` and
+    ``tls_key`` (else $MINICW_TLS_CERT, $MINICW_TLS_KEY): the master serves
+    TLS; its fingerprint is recorded, and the workers and clients that find
+    the master here pin it.  Returns the
     master's (host, port); everything is recorded in the run directory.
     Raises MinicwError when the run directory already holds a running master,
     when there is no master to join, or when a process fails to come up (its
@@ -253,10 +262,11 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
     if n < 1:
         raise MinicwError("the number of worker processes must be at least 1, not %d" % n)
     start_method = config.start_method()  # a bad one is refused before anything starts
+    tls_settings = tls.settings(cert=tls_cert, key=tls_key)   # so are bad TLS files
     run_dir = rundir.ensure(run_dir)
     record = _live_local_record(run_dir)
     if master:
-        record = _new_local_master(run_dir, record, port, timeout_s)
+        record = _new_local_master(run_dir, record, port, timeout_s, tls_settings)
     elif record is None or not record.get("master") or not process_alive(record["master"]):
         raise MinicwError("no running local master is recorded in %s; start one first "
                           "(without -M / master=False)" % run_dir)
@@ -277,7 +287,8 @@ def local_start(n: int | None = None, *, run_dir: str | None = None, port: int =
     return record["host"], record["port"]
 
 
-def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: float) -> dict:
+def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: float,
+                      tls_settings: tls.Settings) -> dict:
     if record is not None and record.get("master") and process_alive(record["master"]):
         raise MinicwError("a local master already runs from %s (pid %d, %s:%d); stop it "
                           "first, or use another run directory"
@@ -285,12 +296,15 @@ def _new_local_master(run_dir: str, record: dict | None, port: int, timeout_s: f
     if rundir.read_record(run_dir, rundir.SLURM_RECORD) is not None:
         raise MinicwError("%s holds the record of a SLURM cluster (slurm.json); stop it "
                           "first, or use another run directory" % run_dir)
-    entry, ready = _start_local_master(run_dir, port, rundir.choose_authkey(), timeout_s)
+    entry, ready = _start_local_master(run_dir, port, rundir.choose_authkey(), timeout_s,
+                                       tls_settings)
     host, port = launch.ready_address(ready, here=True)
     record = {"kind": "local", "hostname": socket.gethostname(), "host": host, "port": port,
               "master": entry, "workers": list((record or {}).get("workers", [])),
               "authkey_file": rundir.authkey_path(run_dir), "run_dir": run_dir,
               "next_worker": (record or {}).get("next_worker", 1)}
+    if ready.get("tls_fingerprint"):
+        record["tls_fingerprint"] = ready["tls_fingerprint"]
     rundir.write_record(run_dir, rundir.LOCAL_RECORD, record)
     return record
 
@@ -338,6 +352,16 @@ def recorded_master(run_dir: str | None = None) -> tuple | None:
     if record.get("hostname") != socket.gethostname() or not process_alive(record["master"]):
         return None
     return record["host"], int(record["port"])
+
+
+def recorded_fingerprint(run_dir: str | None = None) -> str | None:
+    """The TLS certificate fingerprint of the local master recorded in the run
+    directory, when it serves TLS."""
+    try:
+        record = rundir.read_record(rundir.path(run_dir), rundir.LOCAL_RECORD)
+    except MinicwError:
+        return None
+    return (record or {}).get("tls_fingerprint")
 
 
 # --- SLURM or local ------------------------------------------------------------------------

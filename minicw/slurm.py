@@ -43,7 +43,7 @@ import sys
 import time
 from collections import namedtuple
 
-from minicw import config, launch, rundir
+from minicw import config, launch, rundir, tls
 from minicw.errors import (  # noqa: F401  (minicw.slurm.SlurmError... are public)
     MinicwError, SlurmCommandError, SlurmError, SlurmMasterNotFoundError)
 from minicw.launch import package_parent  # the jobs' PYTHONPATH
@@ -146,7 +146,8 @@ def job_names(job_name: str = DEFAULT_JOB_NAME) -> tuple:
 
 
 def worker_command(host: str, port: int, *, python: str | None = None, nprocs: int = 1,
-                   docker_image: str | None = None, docker_args: str = "") -> list:
+                   docker_image: str | None = None, docker_args: str = "",
+                   tls_fingerprint: str | None = None) -> list:
     """The argv one worker task runs: ``python -m minicw.worker HOST PORT - -n N``.
 
     With ``docker_image``: ``docker run -i --rm --net=host -e MINICW_AUTHKEY
@@ -155,6 +156,8 @@ def worker_command(host: str, port: int, *, python: str | None = None, nprocs: i
     job's environment without writing it on the command line).
     """
     worker_args = ["-m", "minicw.worker", str(host), str(int(port)), "-", "-n", str(int(nprocs))]
+    if tls_fingerprint:   # not a secret: it names the master's certificate
+        worker_args += ["--tls-fingerprint", tls_fingerprint]
     if docker_image:
         return (["docker", "run", "-i", "--rm", "--net=host", "-e", config.ENV_AUTHKEY]
                 + shlex.split(docker_args or "") + [docker_image] + worker_args)
@@ -167,19 +170,36 @@ def _script(comment: str, lines: list) -> str:
     return "\n".join(["#!/bin/sh", "# " + comment, pythonpath] + lines) + "\n"
 
 
-def master_command(run_dir: str, port: int, python: str | None = None) -> list:
+def master_command(run_dir: str, port: int, python: str | None = None,
+                   tls_settings: tls.Settings | None = None) -> list:
     """The argv of the master job: ``python -m minicw.master`` (master_main) on
-    0.0.0.0:PORT, the key from the key file, the address file as its ready file."""
-    return [python or sys.executable, "-m", "minicw.master", "--host", "0.0.0.0",
+    0.0.0.0:PORT, the key from the key file, the address file as its ready file;
+    with ``tls_settings`` that serve TLS, their certificate and key files
+    (paths on the shared filesystem)."""
+    argv = [python or sys.executable, "-m", "minicw.master", "--host", "0.0.0.0",
             "--port", str(int(port)), "--authkey-file", rundir.authkey_path(run_dir),
             "--ready-file", os.path.join(run_dir, ADDRESS_FILE)]
+    if tls_settings is not None and tls_settings.serves:
+        argv += ["--tls-cert", tls_settings.cert, "--tls-key", tls_settings.key]
+    return argv
 
 
-def master_script(run_dir: str, port: int, python: str | None = None) -> str:
+def master_script(run_dir: str, port: int, python: str | None = None,
+                  tls_settings: tls.Settings | None = None) -> str:
     """The master job's batch script; the master reads the key from the key file."""
     return _script("minicw master job (minicw.slurm); it reads the key from %s"
                    % rundir.authkey_path(run_dir),
-                   ["exec " + _join(master_command(run_dir, port, python))])
+                   ["exec " + _join(master_command(run_dir, port, python, tls_settings))])
+
+
+def recorded_fingerprint(run_dir: str | None = None) -> str | None:
+    """The TLS certificate fingerprint of the SLURM master recorded in the run
+    directory, when it serves TLS."""
+    try:
+        record = rundir.read_record(rundir.path(run_dir), SLURM_RECORD)
+    except MinicwError:
+        return None
+    return (record or {}).get("tls_fingerprint")
 
 
 def worker_script(run_dir: str, command: list) -> str:
@@ -271,7 +291,8 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
           master_options=(), worker_options=(), isolated: bool = False,
           docker_image: str | None = None, docker_args: str = "",
           job_name: str = DEFAULT_JOB_NAME, timeout_s: float = config.SLURM_MASTER_TIMEOUT_S,
-          python: str | None = None) -> tuple:
+          python: str | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None) -> tuple:
     """Submit a master job and a job of ``nworkers`` worker tasks; the master's (host, port).
 
     Waits until the master job has written its address (``timeout_s``; on
@@ -280,8 +301,12 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
     for the running master; ``workers=False`` only the master.  Raises
     SlurmError (sbatch missing or failing, with its message; a master
     already recorded; the master job failing, with the end of its log).
+    ``tls_cert`` and ``tls_key`` (else $MINICW_TLS_CERT, $MINICW_TLS_KEY;
+    files on the shared filesystem): the master serves TLS; the workers and
+    clients that find it through the run directory pin its fingerprint.
     """
     _require("sbatch")
+    tls_settings = tls.settings(cert=tls_cert, key=tls_key)
     if workers and (nworkers is None or int(nworkers) < 1):
         raise SlurmError("give the number of worker tasks (-n NWORKERS, at least 1), not %r"
                          % (nworkers,))
@@ -290,7 +315,7 @@ def start(nworkers: int | None = None, *, run_dir: str | None = None,
     record = _live_record(run_dir)
     if master:
         record, written = _start_master(run_dir, record, port, job_name, list(master_options),
-                                        timeout_s, python)
+                                        timeout_s, python, tls_settings)
         address = launch.ready_address(written)
     else:
         address = master_address(run_dir)
@@ -321,7 +346,8 @@ def _live_record(run_dir: str) -> dict:
     return record
 
 
-def _start_master(run_dir, record, port, job_name, options, timeout_s, python) -> tuple:
+def _start_master(run_dir, record, port, job_name, options, timeout_s, python,
+                  tls_settings) -> tuple:
     if record.get("master_job"):
         raise SlurmError("the master job %s recorded in %s is still in the queue; stop it "
                          "first (slurm_start.py stop), or use another --run-dir"
@@ -335,14 +361,16 @@ def _start_master(run_dir, record, port, job_name, options, timeout_s, python) -
     name = job_names(job_name)[0]
     log_pattern = os.path.join(run_dir, name + "-%j.log")
     try:
-        job_id = sbatch(master_script(run_dir, port, python),
+        job_id = sbatch(master_script(run_dir, port, python, tls_settings),
                         sbatch_options(name, log_pattern, options))
     except SlurmError:
         if not record.get("workers_job"):  # else a queued worker job still reads it
             rundir.remove_files(rundir.authkey_path(run_dir))
         raise
     record = dict(record, kind="slurm", job_name=job_name, port=int(port), run_dir=run_dir,
-                  master_job=job_id, master_log=log_pattern.replace("%j", job_id))
+                  master_job=job_id, master_log=log_pattern.replace("%j", job_id),
+                  tls_fingerprint=(tls.file_fingerprint(tls_settings.cert)
+                                   if tls_settings.serves else None))
     rundir.write_record(run_dir, SLURM_RECORD, record)
     try:
         written = _wait_for_address(run_dir, job_id, record["master_log"], timeout_s)
@@ -388,7 +416,8 @@ def _start_workers(run_dir, record, address, nworkers, options, isolated, docker
     name = job_names(job_name)[1]
     log_pattern = os.path.join(run_dir, name + "-%j.log")
     command = worker_command(address[0], address[1], python=python,
-                             docker_image=docker_image, docker_args=docker_args)
+                             docker_image=docker_image, docker_args=docker_args,
+                             tls_fingerprint=record.get("tls_fingerprint"))
     job_id = sbatch(worker_script(run_dir, command),
                     sbatch_options(name, log_pattern, options, ntasks=nworkers, isolated=isolated))
     record.update(kind="slurm", job_name=job_name, run_dir=run_dir, workers_job=job_id,

@@ -35,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
                    help="leave the master alone (start: add workers to the recorded master)")
     p.add_argument("-W", dest="workers", action="store_false",
                    help="leave the workers alone (start: only the master)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="the master serves TLS with this certificate (default: $MINICW_TLS_CERT); "
+                        "workers and clients that find it here pin its fingerprint")
+    p.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="the certificate's private key (default: $MINICW_TLS_KEY)")
     p.add_argument("--run-dir", default=None,
                    help="where to record the cluster (default: $%s, else %s)"
                    % (config.ENV_RUN_DIR, config.DEFAULT_RUN_DIR))
@@ -56,6 +61,9 @@ def report_start(run_dir: str) -> None:
         print("workers  %d processes  pid %d  log %s" % (entry["nprocs"], entry["pid"],
                                                         entry["log"]))
     print("key file %s (mode 600)" % rundir.authkey_path(run_dir))
+    if record.get("tls_fingerprint"):
+        print("TLS      certificate fingerprint %s (pinned by the workers and by clients "
+              "that find the master here)" % record["tls_fingerprint"])
     print("record   %s" % os.path.join(run_dir, rundir.LOCAL_RECORD))
     print("clients on this machine find the master and the key by themselves; "
           "stop with: %s stop --run-dir %s" % (sys.argv[0], run_dir))
@@ -69,7 +77,8 @@ def main(argv=None) -> int:
         if args.action == "start":
             launcher.local_start(args.nworkers, run_dir=run_dir, port=args.port,
                                  master=args.master, workers=args.workers,
-                                 timeout_s=args.timeout)
+                                 timeout_s=args.timeout, tls_cert=args.tls_cert,
+                                 tls_key=args.tls_key)
             report_start(run_dir)
         else:
             ended = launcher.local_stop(run_dir=run_dir, master=args.master,

@@ -48,6 +48,11 @@ def parser() -> argparse.ArgumentParser:
                         "minicw installed)")
     p.add_argument("--docker-args", default="", metavar='"..."',
                    help="more arguments for docker run, e.g. '-v /shared:/shared'")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="the master serves TLS with this certificate (default: $MINICW_TLS_CERT); "
+                        "workers and clients that find it here pin its fingerprint")
+    p.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="the certificate's private key (default: $MINICW_TLS_KEY)")
     p.add_argument("--run-dir", default=None,
                    help="where to record the cluster, on the shared file system "
                         "(default: $%s, else %s)" % (config.ENV_RUN_DIR, config.DEFAULT_RUN_DIR))
@@ -70,7 +75,8 @@ def do_start(args, run_dir: str) -> None:
         workers=args.workers, master_options=args.master_options,
         worker_options=args.worker_options, isolated=args.isolated,
         docker_image=args.docker_image, docker_args=args.docker_args,
-        job_name=args.job_name, timeout_s=args.timeout)
+        job_name=args.job_name, timeout_s=args.timeout, tls_cert=args.tls_cert,
+        tls_key=args.tls_key)
     record = rundir.read_record(run_dir, rundir.SLURM_RECORD) or {}
     print("master   %s:%d  job %s  log %s" % (host, port, record.get("master_job"),
                                               record.get("master_log")))
@@ -78,6 +84,9 @@ def do_start(args, run_dir: str) -> None:
         print("workers  %d tasks  job %s  log %s" % (args.nworkers, record.get("workers_job"),
                                                      record.get("workers_log")))
     print("key file %s (mode 600)" % rundir.authkey_path(run_dir))
+    if record.get("tls_fingerprint"):
+        print("TLS      certificate fingerprint %s (pinned by the workers and by clients "
+              "that find the master here)" % record["tls_fingerprint"])
     print("clients: minicw.slurm.master_host() finds the master; a client given no host "
           "or key finds both by itself (with %s=%s if not the default)"
           % (config.ENV_RUN_DIR, run_dir))

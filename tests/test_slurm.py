@@ -568,3 +568,43 @@ def test_a_master_that_never_runs_is_cancelled(tmp_path):
         assert not os.path.exists(os.path.join(run_dir, slurm.SLURM_RECORD))
     finally:
         cancel_everything_of_ours(run_dir)
+
+
+@pytest.mark.slurm
+def test_a_slurm_cluster_over_tls_pins_its_certificate(tmp_path):
+    require_slurm()
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    from minicw import TlsError, tls, transport
+    cert, key, fingerprint = tls.make_selfsigned(str(tmp_path / "tls"), socket.gethostname(),
+                                                 days=2)
+    run_dir = str(tmp_path / "run")
+    try:
+        with minicw.allocate(2, run_dir=run_dir, port=0, job_name=JOB_NAME,
+                             worker_options=["--overcommit"], timeout_s=60,
+                             tls_cert=cert, tls_key=key) as address:
+            record = rundir.read_record(run_dir, slurm.SLURM_RECORD)
+            assert record["tls_fingerprint"] == fingerprint
+            authkey = rundir.read_authkey(run_dir)
+            with pytest.raises(TlsError, match="serves TLS, and this peer has no TLS settings"):
+                minicw.ClusterExecutor(address[0], address[1], authkey)
+            transport.choose_tls(address, fingerprint=fingerprint)
+            wait_for_worker_nodes(address, authkey, 2)   # the workers pinned it too
+            with minicw.ClusterExecutor(address[0], address[1], authkey,
+                                        tls_fingerprint=fingerprint) as executor:
+                assert sum(executor.map(abs, range(-500, 500))) == 250000
+    finally:
+        transport._tls_by_address.clear()
+        cancel_everything_of_ours(run_dir)
+
+
+def test_batch_scripts_name_tls_files_never_their_content(tmp_path):
+    from minicw import tls
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("CERT"), key.write_text("SECRET-KEY-MATERIAL")
+    script = slurm.master_script(str(tmp_path), 8888, tls_settings=tls.Settings(
+        cert=str(cert), key=str(key)))
+    assert "--tls-cert %s --tls-key %s" % (cert, key) in script
+    assert "SECRET-KEY-MATERIAL" not in script
+    assert slurm.worker_command("h", 1, tls_fingerprint="ab" * 32)[-2:] == [
+        "--tls-fingerprint", "ab" * 32]

@@ -321,3 +321,38 @@ def test_the_tls_selfsigned_command(tmp_path):
     assert missing.returncode == 1
     assert "the openssl command is not installed here" in missing.stderr
     assert not (tmp_path / "u" / "key.pem").exists()
+
+
+FOUND_CLIENT = """
+from minicw import ClusterExecutor
+with ClusterExecutor() as executor:   # given nothing: the run directory says where and how
+    print(sum(executor.map(abs, range(-50, 50))))
+"""
+
+
+def test_the_local_launcher_starts_a_tls_cluster_its_clients_find(certs, tmp_path):
+    run_dir = str(tmp_path / "run")
+    env = dict(os.environ, MINICW_RUN_DIR=run_dir, PYTHONPATH=ROOT)
+    env.pop("MINICW_AUTHKEY", None)
+    script = os.path.join(ROOT, "scripts", "local_start.py")
+
+    def launcher(*args):
+        return subprocess.run([sys.executable, script] + list(args), env=env, cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=120)
+    started = launcher("-n", "1", "start", "--tls-cert", certs["self_cert"],
+                       "--tls-key", certs["self_key"])
+    try:
+        assert started.returncode == 0, started.stderr
+        assert "TLS      certificate fingerprint %s" % certs["self_fp"] in started.stdout
+        client = tmp_path / "client.py"
+        client.write_text(FOUND_CLIENT)
+        done = subprocess.run([sys.executable, str(client)], env=env, cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["2500"]
+        with open(os.path.join(run_dir, "master.log")) as log:
+            assert "TLS: certificate %s" % certs["self_cert"] in log.read()
+    finally:
+        assert launcher("stop").returncode == 0
