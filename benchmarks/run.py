@@ -80,6 +80,11 @@ output     jobs that print nothing, with output forwarding on (the default)
            and off (``forward_output=False``), two executors on one cluster:
            the batched map of ``progress`` (>= 0.98x) and the round trip of
            ``roundtrip`` (median <= 1.02x); 5 repeats at least.
+tls        two clusters side by side, one over TLS (a self-signed certificate
+           made by the openssl command, pinned by fingerprint) and one plain:
+           the batched ``executor.map(chunksize=1000)`` of 1,000,000 [200,000]
+           no-op jobs (>= 0.75x: TLS costs at most 25%) and the round trip of
+           ``roundtrip`` (median <= 1.25x); n/a where openssl is missing.
 """
 from __future__ import annotations
 
@@ -122,10 +127,12 @@ WORKLOADS_PY = os.path.join(HERE, "workloads.py")
 SIZES = {
     "full": {"batched": 1_000_000, "submit": 20_000, "roundtrip": 500, "factorize_s": 4.0,
              "queued": 200_000, "stream": 10_000_000, "scale_nodes": 200,
-             "scale_jobs": 100_000, "checkpoint": 100_000, "progress": 1_000_000},
+             "scale_jobs": 100_000, "checkpoint": 100_000, "progress": 1_000_000,
+             "tls": 1_000_000},
     "quick": {"batched": 200_000, "submit": 5_000, "roundtrip": 200, "factorize_s": 1.0,
               "queued": 50_000, "stream": 1_000_000, "scale_nodes": 50,
-              "scale_jobs": 20_000, "checkpoint": 20_000, "progress": 200_000},
+              "scale_jobs": 20_000, "checkpoint": 20_000, "progress": 200_000,
+              "tls": 200_000},
 }
 SIM_PROCESSES = 4            # processes the simulated nodes are spread over (of 2, 3,
                              # 4 and 8 measured side by side, 4 went fastest)
@@ -750,6 +757,64 @@ def bench_checkpoint(run: Run) -> list:
                  rate("map no-op checkpoint"), "tasks/s", "the same map without",
                  rate("map no-op"), note="journaling's own cost: about %.1f us per result"
                  % _per_job_us(rate("map no-op checkpoint"), rate("map no-op"))),
+    ]
+
+
+# --- workload: tls ------------------------------------------------------------------------
+
+def bench_tls(run: Run) -> list:
+    """The batched map and the round trip on a cluster over TLS and on a plain one."""
+    import shutil
+    from minicw import tls
+    n = run.sizes["tls"]
+    count = run.sizes["roundtrip"]
+    if shutil.which("openssl") is None:
+        return [make_row("tls", "map(chunksize=1000) over TLS", None, "tasks/s",
+                         "the same map without", None, Target("ratio", ">=", 0.75),
+                         note="the openssl command is missing: no certificate to test with")]
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="minicw-bench-tls-"))
+        cert, key, _ = tls.make_selfsigned(os.path.join(folder, "tls"), "localhost", days=1)
+        executors = {}
+        for name, options in (("plain", {}), ("tls", {"tls_cert": cert, "tls_key": key})):
+            cluster = stack.enter_context(LocalCluster(n_workers=WORKERS, **options))
+            executors[name] = stack.enter_context(cluster.executor())
+            stack.push(on_error(cluster.shutdown))
+
+        def mapped(executor):
+            def call():
+                return sum(executor.map(inc, range(n), chunksize=1000))
+            return lambda: throughput(n, call, lambda s: expect("sum", s, n * (n + 1) // 2))
+
+        def latencies(executor):
+            def measure():
+                samples = []
+                for i in range(count):
+                    started = time.perf_counter()
+                    result = executor.submit(inc, i).result()
+                    samples.append((time.perf_counter() - started) * 1e6)
+                    if result != i + 1:
+                        raise BenchmarkError("round trip %d: got %r" % (i, result))
+                return {"median_us": statistics.median(samples)}
+            return measure
+
+        contenders = {"map plain": mapped(executors["plain"]),
+                      "map tls": mapped(executors["tls"]),
+                      "roundtrip plain": latencies(executors["plain"]),
+                      "roundtrip tls": latencies(executors["tls"])}
+        with run.guard("tls warm-up"):
+            for executor in executors.values():
+                expect("warm-up", sum(executor.map(inc, range(10_000), chunksize=1000)),
+                       50_005_000)
+        runs = run.interleave("tls", contenders)
+    rate = lambda name: median(runs, name, "tasks_per_s")  # noqa: E731
+    return [
+        make_row("tls", "map(chunksize=1000) over TLS, %d jobs" % n, rate("map tls"),
+                 "tasks/s", "the same map without", rate("map plain"),
+                 Target("ratio", ">=", 0.75)),
+        make_row("tls", "executor.submit().result() over TLS, median",
+                 median(runs, "roundtrip tls", "median_us"), "us", "the same without",
+                 median(runs, "roundtrip plain", "median_us"), Target("ratio", "<=", 1.25)),
     ]
 
 
@@ -1527,6 +1592,7 @@ WORKLOADS = {
     "checkpoint": bench_checkpoint,
     "progress": bench_progress,
     "output": bench_output,
+    "tls": bench_tls,
 }
 
 

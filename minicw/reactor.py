@@ -324,12 +324,13 @@ class Reactor:
         connection's thread."""
         take_socket = getattr(conn, "take_socket", None)
         if take_socket is not None:   # over TLS: the SSLSocket itself (tls.TlsConnection)
-            sock = take_socket()
+            sock, already_read = take_socket()
         else:
             sock = socket.fromfd(conn.fileno(), socket.AF_INET, socket.SOCK_STREAM)
+            already_read = b""
             conn.close()
         sock.setblocking(False)
-        if not self._post(None, (sock, request, api)):
+        if not self._post(None, (sock, request, api, already_read)):
             sock.close()  # the loop has ended (the master shut down): the peer sees EOF
 
     def flush(self, timeout_s: float) -> bool:
@@ -440,7 +441,7 @@ class Reactor:
             else:
                 self._add(*item)
 
-    def _add(self, sock: socket.socket, request, api) -> None:
+    def _add(self, sock: socket.socket, request, api, already_read: bytes) -> None:
         try:
             peer = "%s:%s" % sock.getpeername()[:2]
         except OSError:
@@ -456,6 +457,8 @@ class Reactor:
         self._channels.add(channel)
         self._watch(channel)
         self._handle(channel, request)
+        if already_read:   # what a TLS connection had read past its first request
+            self._receive_bytes(channel, memoryview(already_read))
 
     def _receive(self, channel: _Channel) -> None:
         self._receive_once(channel)
@@ -475,10 +478,13 @@ class Reactor:
         if not size:
             self._drop(channel)
             return
+        self._receive_bytes(channel, self._read_view[:size])
+
+    def _receive_bytes(self, channel: _Channel, data: memoryview) -> None:
         try:
             # The frames may be views of the read buffer: each is unpickled
             # below, before the loop reads again.
-            frames = _frames(channel.inbox, self._read_view[:size])
+            frames = _frames(channel.inbox, data)
         except ValueError as exc:
             log.warning("dropped the connection from %s: %s", channel.peer, exc)
             self._drop(channel)

@@ -340,22 +340,31 @@ class TlsConnection(connection.Connection):
     """``multiprocessing.connection.Connection``'s framing over an SSLSocket.
 
     Connection reads and writes its descriptor with os.read / os.write, which
-    would bypass TLS; this one goes through the SSLSocket.  ``poll`` also
-    counts bytes TLS has decrypted but not handed out yet."""
+    would bypass TLS; this one goes through the SSLSocket.  The socket is
+    blocking, with the socket's own receive and send timeouts (transport.tune
+    sets them, as for a plain connection; a read that times out raises
+    SSLWantReadError, an OSError): one SSL_read per record, where Python's
+    own timeouts would poll and try again.  A message is read a record at a
+    time into a buffer, so a small one costs one SSL_read, not two (its
+    header, then its body).  ``poll`` also counts bytes buffered here or in
+    TLS but not handed out yet."""
 
     def __init__(self, secured: ssl.SSLSocket):
         self._secured = secured
+        self._inbox = bytearray()      # bytes read from TLS, not handed out yet
+        self._scratch = memoryview(bytearray(READ_CHUNK))   # what one read takes
         super().__init__(secured.fileno())
 
-    def set_timeout(self, seconds: float) -> None:
-        """A read or write that waits longer fails (0: wait for ever)."""
-        self._secured.settimeout(seconds or None)
+    def blocking(self) -> None:
+        """After the handshake: block in the kernel (socket options give the timeouts)."""
+        self._secured.settimeout(None)
 
-    def take_socket(self) -> ssl.SSLSocket:
-        """The SSLSocket, now the caller's; this connection is closed without closing it."""
+    def take_socket(self) -> tuple:
+        """(the SSLSocket, bytes already read from it), now the caller's; this
+        connection is closed without closing the socket."""
         secured, self._secured = self._secured, None
         self._handle = None
-        return secured
+        return secured, bytes(self._inbox)
 
     def _close(self, _close=None):
         if self._secured is not None:
@@ -365,20 +374,20 @@ class TlsConnection(connection.Connection):
         self._secured.sendall(buf)
 
     def _recv(self, size, read=None):
-        buf = io.BytesIO()
-        remaining = size
-        while remaining > 0:
-            chunk = self._secured.recv(min(remaining, READ_CHUNK))
-            if not chunk:
-                if remaining == size:
+        inbox = self._inbox
+        while len(inbox) < size:   # a small message usually came whole, in one record
+            count = self._secured.recv_into(self._scratch)
+            if not count:
+                if not inbox:
                     raise EOFError
                 raise OSError("got end of file during message")
-            buf.write(chunk)
-            remaining -= len(chunk)
-        return buf
+            inbox += self._scratch[:count]
+        taken = io.BytesIO(inbox[:size])
+        del inbox[:size]
+        return taken
 
     def _poll(self, timeout):
-        if self._secured.pending():
+        if self._inbox or self._secured.pending():
             return True
         return super()._poll(timeout)
 

@@ -129,20 +129,17 @@ def tune(conn: connection.Connection, receive_timeout_s: float = 0.0,
     period, so silence that long is a link gone silent: a Wi-Fi drop, a
     laptop's lid, a NAT that forgot it), and TCP keepalive probes the link
     when it is idle.  The peer then reconnects as after a reset."""
-    secured = isinstance(conn, tls.TlsConnection)
-    if secured:   # TLS reads through Python's own timeout, not the socket's options
-        conn.set_timeout(receive_timeout_s if link_timeout_s is None else link_timeout_s)
+    if isinstance(conn, tls.TlsConnection):
+        conn.blocking()   # and timed out by the socket's options below, as a plain one
 
     def apply(sock):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             if link_timeout_s is None:
-                if not secured:
-                    _set_receive_timeout(sock, receive_timeout_s)
+                _set_receive_timeout(sock, receive_timeout_s)
             else:
-                if not secured:
-                    _set_receive_timeout(sock, link_timeout_s)
-                    _set_timeout(sock, socket.SO_SNDTIMEO, link_timeout_s)
+                _set_receive_timeout(sock, link_timeout_s)
+                _set_timeout(sock, socket.SO_SNDTIMEO, link_timeout_s)
                 _set_keepalive(sock, link_timeout_s / 2)
         except OSError:  # pragma: no cover - platforms without these options
             pass
