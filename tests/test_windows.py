@@ -196,3 +196,32 @@ def test_checkpoint_lock_and_store_on_windows(windows_python, tmp_path):
     assert "LOCK FILE False" in out
     assert "COUNTS (10, 0, 0, 10) COMPLETE True" in out
     assert "RESULTS [0, 1, 4, 9, 16, 25, 36, 49, 64, 81]" in out
+
+
+@pytest.mark.filterwarnings("ignore:.*sys.path entries are paths of another operating system")
+def test_a_windows_node_joins_a_master_over_tls(windows_python, tmp_path):
+    import shutil
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the test certificate")
+    from minicw import tls, transport
+    wine, python, env = windows_python
+    cert, key, fingerprint = tls.make_selfsigned(str(tmp_path / "tls"), "localhost", days=1)
+    master, port = start_master(extra_args=["--tls-cert", cert, "--tls-key", key])
+    node = Proc([wine, python, "-m", "minicw.worker", "127.0.0.1", str(port), "-", "-n", "1",
+                 "--tls-fingerprint", fingerprint], env=env, stdin=subprocess.PIPE)
+    client = MasterNode(HOST="127.0.0.1", PORT=port, AUTHKEY=KEY,
+                        tls_fingerprint=fingerprint).connect()
+    try:
+        node.wait_for(r"joined 127\.0\.0\.1:%d with 1 processes" % port,
+                      timeout=WINE_START_TIMEOUT_S)
+        client.load_envir("import sys\ndef f(x):\n    return x + 1, sys.platform\n",
+                          from_file=False)
+        client.register_target_function("f")
+        client.load_args(range(10))
+        with pytest.warns(RuntimeWarning, match="path of another operating system"):
+            assert client.execute() == {x: (x + 1, "win32") for x in range(10)}
+    finally:
+        client.shutdown()
+        node.stop()
+        master.stop()
+        transport._tls_by_address.clear()
