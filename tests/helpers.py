@@ -111,3 +111,89 @@ def run_client_script(python, script_path, source, timeout=300):
     return subprocess.run([python, str(script_path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True,
                           env=dict(os.environ, PYTHONPATH=root), timeout=timeout)
+
+
+class Relay:
+    """A loopback TCP relay to the master at ``target_port``.
+
+    Its links can go silent for good without closing anything
+    (``silence_existing()``): what a Wi-Fi drop, a laptop's lid or a NAT that
+    forgot a link look like to both ends (no FIN, no RST); links made after
+    that work (the network is back, the old links are dead).  With
+    ``record=True`` it keeps every byte it forwards, both ways, in
+    ``recorded`` (under ``lock``): what someone watching the network sees.
+    """
+
+    def __init__(self, target_port: int, record: bool = False):
+        import socket
+        self.target_port = target_port
+        self.record = record
+        self.recorded = bytearray()
+        self.lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(0.1)
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        self.links = []          # [silenced flag, inside socket, outside socket]
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def silence_existing(self) -> int:
+        for link in self.links:
+            link[0] = True
+        return len(self.links)
+
+    def _accept(self):
+        import socket
+        while not self.closed.is_set():
+            try:
+                inside, _ = self.listener.accept()
+            except OSError:
+                continue
+            outside = socket.create_connection(("127.0.0.1", self.target_port))
+            link = [False, inside, outside]
+            self.links.append(link)
+            for sock in (inside, outside):
+                sock.settimeout(0.1)
+            for source, target in ((inside, outside), (outside, inside)):
+                thread = threading.Thread(target=self._pump, args=(link, source, target),
+                                          daemon=True)
+                thread.start()
+                self.threads.append(thread)
+
+    def _pump(self, link, source, target):
+        import socket
+        while not self.closed.is_set():
+            if link[0]:
+                time.sleep(0.05)      # read nothing, send nothing, close nothing
+                continue
+            try:
+                data = source.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            if not data:
+                try:
+                    target.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            if self.record:
+                with self.lock:
+                    self.recorded += data
+            try:
+                target.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.closed.set()
+        self.listener.close()
+        for _, inside, outside in self.links:
+            inside.close()
+            outside.close()
+        for thread in self.threads:
+            thread.join(5)

@@ -117,7 +117,7 @@ def test_malformed_calls_get_an_error_naming_the_field_and_harm_nobody_else():
             status = executor.status()
         assert [n.nprocs for n in status["nodes"]] == [2]
         assert status["queued_chunks"] == 0
-        del api, nodes           # their connections close
+        api = nodes = None       # their connections close
         gc.collect()
         _assert_back_near(master.pid, baseline)
     finally:
@@ -341,84 +341,11 @@ def test_processes_a_job_started_end_with_its_process_and_its_node(tmp_path):
         master.stop()
 
 
-class Relay:
-    """A loopback TCP relay to the master whose links can go silent for good
-    without closing anything: what a Wi-Fi drop, a laptop's lid or a NAT that
-    forgot a link look like to both ends (no FIN, no RST).  Links made after
-    ``silence_existing()`` work: the network is back, the old links are dead."""
-
-    def __init__(self, target_port: int):
-        import socket
-        import threading
-        self.target_port = target_port
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(64)
-        self.listener.settimeout(0.1)
-        self.port = self.listener.getsockname()[1]
-        self.closed = threading.Event()
-        self.links = []          # [silenced flag, inside socket, outside socket]
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def silence_existing(self) -> int:
-        for link in self.links:
-            link[0] = True
-        return len(self.links)
-
-    def _accept(self):
-        import socket
-        import threading
-        while not self.closed.is_set():
-            try:
-                inside, _ = self.listener.accept()
-            except OSError:
-                continue
-            outside = socket.create_connection(("127.0.0.1", self.target_port))
-            link = [False, inside, outside]
-            self.links.append(link)
-            for sock in (inside, outside):
-                sock.settimeout(0.1)
-            for source, target in ((inside, outside), (outside, inside)):
-                thread = threading.Thread(target=self._pump, args=(link, source, target),
-                                          daemon=True)
-                thread.start()
-                self.threads.append(thread)
-
-    def _pump(self, link, source, target):
-        import socket
-        while not self.closed.is_set():
-            if link[0]:
-                time.sleep(0.05)      # read nothing, send nothing, close nothing
-                continue
-            try:
-                data = source.recv(65536)
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            if not data:
-                return
-            try:
-                target.sendall(data)
-            except OSError:
-                return
-
-    def close(self):
-        self.closed.set()
-        self.listener.close()
-        for _, inside, outside in self.links:
-            inside.close()
-            outside.close()
-        for thread in self.threads:
-            thread.join(5)
-
-
 def test_links_that_go_silent_are_noticed_and_rejoined(monkeypatch):
     monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "4")
     monkeypatch.setenv("MINICW_RECONNECT_TIMEOUT_S", "40")
     master, port = helpers.start_master(extra_args=["--heartbeat-timeout", "2"])
-    relay = Relay(port)
+    relay = helpers.Relay(port)
     node = helpers.Proc([sys.executable, "-m", "minicw.worker", "127.0.0.1", str(relay.port),
                          "-", "-n", "1"],
                         env=helpers.env_with_key(MINICW_LINK_TIMEOUT_S="4"))
@@ -449,7 +376,7 @@ def test_a_maps_timeout_holds_whatever_the_link_does(monkeypatch):
     from concurrent.futures import TimeoutError as FuturesTimeoutError
     monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")    # longer than the map's timeout
     master, port = helpers.start_master()
-    relay = Relay(port)
+    relay = helpers.Relay(port)
     node = helpers.start_worker(port, nprocs=1)
     try:
         with ClusterExecutor("127.0.0.1", relay.port, helpers.KEY) as executor:
@@ -489,7 +416,6 @@ def _peak_rss_mb(pid: int) -> float:
 
 
 def test_a_600_mb_result_neither_stalls_the_master_nor_is_copied_there(tmp_path):
-    import threading
     size = 600_000_000
     master, port = helpers.start_master(extra_args=["--heartbeat-timeout", "3"])
     nodes = [helpers.start_worker(port, nprocs=1) for _ in range(2)]
@@ -589,7 +515,7 @@ def test_executes_timeout_holds_whatever_the_link_does(monkeypatch):
     from minicw import MasterNode
     monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")    # longer than the run's timeout
     master, port = helpers.start_master()
-    relay = Relay(port)
+    relay = helpers.Relay(port)
     node = helpers.start_worker(port, nprocs=2)
     try:
         cluster = MasterNode(HOST="127.0.0.1", PORT=relay.port, AUTHKEY=helpers.KEY).connect()

@@ -7,12 +7,10 @@ meet each other, the bytes on the wire, the dashboard over HTTPS, and the
 import os
 import re
 import shutil
-import socket
 import ssl
 import stat
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -199,64 +197,6 @@ def test_plain_and_tls_peers_that_meet_fail_fast_and_say_why(certs):
         plain_master.stop()
 
 
-class RecordingRelay:
-    """Forwards 127.0.0.1:port to the master and keeps every byte, both ways."""
-
-    def __init__(self, target_port):
-        self.target_port = target_port
-        self.recorded = bytearray()
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.1)
-        self.port = self.listener.getsockname()[1]
-        self.closed = threading.Event()
-        self.lock = threading.Lock()
-        self.sockets = []
-        self.threads = [threading.Thread(target=self._accept, daemon=True)]
-        self.threads[0].start()
-
-    def _accept(self):
-        while not self.closed.is_set():
-            try:
-                inside, _ = self.listener.accept()
-            except OSError:
-                continue
-            outside = socket.create_connection(("127.0.0.1", self.target_port))
-            self.sockets += [inside, outside]
-            for source, target in ((inside, outside), (outside, inside)):
-                thread = threading.Thread(target=self._pump, args=(source, target), daemon=True)
-                thread.start()
-                self.threads.append(thread)
-
-    def _pump(self, source, target):
-        while True:
-            try:
-                data = source.recv(65536)
-            except OSError:
-                return
-            if not data:
-                try:
-                    target.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
-                return
-            with self.lock:
-                self.recorded += data
-            try:
-                target.sendall(data)
-            except OSError:
-                return
-
-    def close(self):
-        self.closed.set()
-        self.listener.close()
-        for sock in self.sockets:
-            sock.close()
-        for thread in self.threads:
-            thread.join(5)
-
-
 @pytest.mark.parametrize("over_tls", [True, False])
 def test_nothing_of_a_job_crosses_the_wire_in_clear(certs, over_tls):
     marker = "marker-%s" % os.urandom(8).hex()
@@ -267,7 +207,7 @@ def test_nothing_of_a_job_crosses_the_wire_in_clear(certs, over_tls):
     else:   # the control: without TLS the same test finds the marker
         master, port = helpers.start_master()
         node = helpers.start_worker(port, nprocs=1)
-    relay = RecordingRelay(port)
+    relay = helpers.Relay(port, record=True)
     try:
         with ClusterExecutor("127.0.0.1", relay.port, helpers.KEY,
                              tls_fingerprint=certs["self_fp"] if over_tls else None) as executor:
