@@ -46,6 +46,7 @@ sockets, so a Windows master serves about 250 worker processes.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -166,13 +167,23 @@ def _frames(inbox: bytearray, data: memoryview) -> list:
 class _Channel:
     """One peer's connection, as the loop sees it."""
 
-    __slots__ = ("sock", "peer", "api", "inbox", "outbox", "events", "reading_elsewhere",
-                 "waiter", "on_reply", "backlog", "closed")
+    __slots__ = ("sock", "peer", "api", "read_into", "write", "pending", "inbox", "outbox",
+                 "events", "reading_elsewhere", "waiter", "on_reply", "backlog", "closed")
 
     def __init__(self, sock: socket.socket, peer: str, api):
         self.sock = sock
         self.peer = peer
         self.api = api                # the role API object its proxy was made for
+        tls_object = getattr(sock, "_sslobj", None)
+        if tls_object is None:
+            self.read_into, self.write, self.pending = sock.recv_into, sock.send, None
+        else:
+            # Over TLS, the C object's own read and write: SSLSocket's Python
+            # layers around them cost more than the cryptography of a small
+            # message.  Both raise where SSLSocket's do (want-read or -write,
+            # an OSError for a lost link); a peer's close_notify reads 0.
+            self.read_into = functools.partial(tls_object.read, READ_SIZE)
+            self.write, self.pending = tls_object.write, tls_object.pending
         self.inbox = bytearray()      # bytes received, not yet a whole frame
         self.outbox = deque()         # bytes (or memoryviews) still to send
         self.events = 0               # what the selector watches for (Reactor._watch)
@@ -462,7 +473,7 @@ class Reactor:
 
     def _receive(self, channel: _Channel) -> None:
         self._receive_once(channel)
-        pending = getattr(channel.sock, "pending", None)
+        pending = channel.pending
         # Over TLS, bytes already decrypted raise no event: take them now.
         while pending is not None and not channel.closed and not channel.reading_elsewhere \
                 and pending():
@@ -470,7 +481,7 @@ class Reactor:
 
     def _receive_once(self, channel: _Channel) -> None:
         try:
-            size = channel.sock.recv_into(self._read_view)
+            size = channel.read_into(self._read_view)
         except _WOULD_BLOCK:
             return
         except OSError:
@@ -651,7 +662,7 @@ class Reactor:
         try:
             while outbox:
                 data = outbox[0]
-                sent = channel.sock.send(data)
+                sent = channel.write(data)
                 if sent < len(data):
                     outbox[0] = memoryview(data)[sent:]
                     break

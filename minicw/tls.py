@@ -371,12 +371,18 @@ class TlsConnection(connection.Connection):
             self._secured.close()
 
     def _send(self, buf, write=None):
-        self._secured.sendall(buf)
+        # The C object's write and read (SSLSocket's Python layers around them
+        # cost more than the cryptography of a small message): on a blocking
+        # socket it writes all or raises, as SSLSocket.sendall does.
+        self._secured._sslobj.write(buf)
 
     def _recv(self, size, read=None):
         inbox = self._inbox
         while len(inbox) < size:   # a small message usually came whole, in one record
-            count = self._secured.recv_into(self._scratch)
+            try:
+                count = self._secured._sslobj.read(READ_CHUNK, self._scratch)
+            except ssl.SSLEOFError:   # closed without TLS's goodbye: an end of file,
+                count = 0             # as SSLSocket's own reads take it
             if not count:
                 if not inbox:
                     raise EOFError
