@@ -322,12 +322,15 @@ def start_master(host: str, port: int, authkey: str | bytes,
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
                  start_method: str | None = None, oversubscribe: bool = False,
-                 tls_fingerprint: str | None = None) -> ChildProcess:
+                 tls_settings=None) -> ChildProcess:
     """Start ``python -m minicw.worker`` and wait until it has registered.
 
     ``start_method`` None: $MINICW_START_METHOD, else spawn (config.start_method;
     a bad name raises ValueError here, before any process starts).
-    ``oversubscribe``: ``nprocs`` may exceed the CPU count.
+    ``oversubscribe``: ``nprocs`` may exceed the CPU count.  ``tls_settings``
+    (a tls.Settings): how the node reaches its master, on its command line
+    (files by path, a fingerprint), instead of $MINICW_TLS_CA and
+    $MINICW_TLS_FINGERPRINT; None: the environment's.
     """
     host, port = address
     argv = ["minicw.worker", str(host), str(port), "-",
@@ -336,9 +339,16 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
         argv += ["-n", str(nprocs)]
     if oversubscribe:
         argv.append("--oversubscribe")
-    if tls_fingerprint is not None:   # not a secret: it names the master's certificate
-        argv += ["--tls-fingerprint", tls_fingerprint]
-    child = ChildProcess("worker", argv, authkey)
+    extra_env = None
+    if tls_settings is not None:
+        extra_env = {"MINICW_TLS_CA": "", "MINICW_TLS_FINGERPRINT": ""}
+        if tls_settings.ca:
+            argv += ["--tls-ca", tls_settings.ca]
+        if tls_settings.fingerprint:   # not a secret: it names the master's certificate
+            argv += ["--tls-fingerprint", tls_settings.fingerprint]
+        if tls_settings.ca and not tls_settings.check_hostname:
+            argv.append("--tls-no-check-hostname")
+    child = ChildProcess("worker", argv, authkey, extra_env)
     child.wait_ready()
     return child
 

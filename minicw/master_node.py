@@ -116,7 +116,9 @@ class MasterNode:
             _dashboard_port(self.dashboard), self.tls_cert, self.tls_key)
         self._address = (host, port)
         self._master_fingerprint = self._master_process.ready_record.get("tls_fingerprint")
-        transport.choose_tls(self._address, fingerprint=self._master_fingerprint)
+        # This object and its node reach the master it started as that master
+        # serves (pinned, or plain), whatever $MINICW_TLS_* says of other masters.
+        transport.use_tls(self._address, tls.Settings(fingerprint=self._master_fingerprint))
         self.PORT = port
         self.dashboard_url = _dashboard_url(self._master_process.ready_record, self.AUTHKEY)
         try:
@@ -151,7 +153,7 @@ class MasterNode:
             return
         self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs,
                                                    oversubscribe=oversubscribe,
-                                                   tls_fingerprint=self._master_fingerprint)
+                                                   tls_settings=transport.tls_for(self.address))
 
     def stop_as_worker(self) -> None:
         """Stop the local worker node started by join_as_worker()."""

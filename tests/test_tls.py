@@ -296,3 +296,16 @@ def test_the_local_launcher_starts_a_tls_cluster_its_clients_find(certs, tmp_pat
             assert "TLS: certificate %s" % certs["self_cert"] in log.read()
     finally:
         assert launcher("stop").returncode == 0
+
+
+def test_a_local_cluster_reaches_its_own_master_whatever_the_environment_says(
+        certs, monkeypatch):
+    from minicw import LocalCluster
+    # Settings for the lab's cluster, exported in a shell, must not change how a
+    # LocalCluster reaches the master it started, plain or over TLS.
+    monkeypatch.setenv(tls.ENV_CA, certs["other_ca"])
+    monkeypatch.setenv(tls.ENV_FINGERPRINT, "cd" * 32)
+    with LocalCluster(1) as plain:
+        assert plain.executor().submit(square, 4).result(timeout=30) == 16
+    with LocalCluster(1, tls_cert=certs["self_cert"], tls_key=certs["self_key"]) as secured:
+        assert secured.executor().submit(square, 5).result(timeout=30) == 25
