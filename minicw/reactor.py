@@ -117,16 +117,14 @@ def take_frames(buffer: bytearray) -> list:
     frames = []
     offset = 0
     end = len(buffer)
-    while end - offset >= 4:
-        size = _HEADER.unpack_from(buffer, offset)[0]
-        start = offset + 4
-        if size == -1:
-            if end - offset < 12:
-                break
-            size = _LONG_HEADER.unpack_from(buffer, start)[0]
-            start += 8
-        elif size < 0:
+    while True:
+        announced = _announced(buffer, offset)
+        if announced is None:
+            break
+        size, header_size = announced
+        if size < 0:
             raise ValueError("bad frame length %d" % size)
+        start = offset + header_size
         if end - start < size:
             break
         with memoryview(buffer) as view:   # one copy of the body, not two
@@ -137,17 +135,17 @@ def take_frames(buffer: bytearray) -> list:
     return frames
 
 
-def _announced(inbox: bytearray):
-    """``(body size, header size)`` of the frame starting ``inbox``, or None
-    while its header is incomplete."""
-    if len(inbox) < 4:
+def _announced(buffer: bytearray, offset: int = 0):
+    """``(body size, header size)`` of the frame starting at ``offset`` in
+    ``buffer``, or None while its header is incomplete."""
+    if len(buffer) - offset < 4:
         return None
-    size = _HEADER.unpack_from(inbox)[0]
+    size = _HEADER.unpack_from(buffer, offset)[0]
     if size != -1:
         return size, 4
-    if len(inbox) < 12:
+    if len(buffer) - offset < 12:
         return None
-    return _LONG_HEADER.unpack_from(inbox, 4)[0], 12
+    return _LONG_HEADER.unpack_from(buffer, offset + 4)[0], 12
 
 
 def _message(reply) -> tuple:

@@ -3,7 +3,7 @@
     peer (client, node, worker process)                 master
     -----------------------------------                 ------
     transport.connect(): TCP connect                    transport._Server.handle_request
-    wrap_client(sock) ---------- TLS 1.2+ handshake --> wrap_server(sock)  (the connection's
+    wrap_client(sock) ---------- TLS 1.2+ handshake --> _Server._secure(conn)  (the connection's
       verifies the master: against a CA (and its          own thread, under the handshake
       host name), or its pinned SHA-256 fingerprint       deadline; a client certificate
                                                           when it is required)
@@ -308,19 +308,6 @@ def plain_peer(sock: socket.socket) -> bool:
 def told_tls_required(exc: BaseException) -> bool:
     """Whether a failed plain handshake failed on a TLS master's notice."""
     return repr(TLS_REQUIRED)[2:-1] in str(exc) or TLS_REQUIRED.decode() in str(exc)
-
-
-def wrap_server(sock: socket.socket, chosen: Settings) -> ssl.SSLSocket:
-    """The master's side of the handshake on an accepted socket (whose timeout
-    the caller set); ssl.SSLError or OSError when it fails."""
-    secured = server_context(chosen).wrap_socket(sock, server_side=True,
-                                                 do_handshake_on_connect=False)
-    try:
-        secured.do_handshake()
-    except BaseException:
-        secured.close()
-        raise
-    return secured
 
 
 def describe_server_failure(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 worker node, malformed calls through the manager, a session's blobs, files
 under a zero umask.
 """
+import contextlib
 import gc
 import os
 import re
@@ -372,13 +373,26 @@ def test_links_that_go_silent_are_noticed_and_rejoined(monkeypatch):
         relay.close()
 
 
-def test_a_maps_timeout_holds_whatever_the_link_does(monkeypatch):
-    from concurrent.futures import TimeoutError as FuturesTimeoutError
-    monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")    # longer than the map's timeout
+@contextlib.contextmanager
+def _behind_a_relay(monkeypatch, nprocs):
+    """A master with a worker node of ``nprocs`` processes, reached by clients
+    through a loopback relay whose links can go silent; a link timeout (30 s)
+    longer than the run's timeout, so that only the run's deadline can end it."""
+    monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")
     master, port = helpers.start_master()
     relay = helpers.Relay(port)
-    node = helpers.start_worker(port, nprocs=1)
+    node = helpers.start_worker(port, nprocs=nprocs)
     try:
+        yield relay
+    finally:
+        node.stop()
+        master.stop()
+        relay.close()
+
+
+def test_a_maps_timeout_holds_whatever_the_link_does(monkeypatch):
+    from concurrent.futures import TimeoutError as FuturesTimeoutError
+    with _behind_a_relay(monkeypatch, nprocs=1) as relay:
         with ClusterExecutor("127.0.0.1", relay.port, helpers.KEY) as executor:
             assert list(executor.map(small, range(5), timeout=10)) == list(range(5))
             relay.silence_existing()
@@ -387,10 +401,6 @@ def test_a_maps_timeout_holds_whatever_the_link_does(monkeypatch):
                 list(executor.map(small, range(5), timeout=2))   # its submit gets no answer
             assert time.monotonic() - started < 4
             executor.shutdown(wait=False, cancel_futures=True)
-    finally:
-        node.stop()
-        master.stop()
-        relay.close()
 
 
 BIG_CLIENT = r"""
@@ -513,11 +523,7 @@ def nap(seconds):
 def test_executes_timeout_holds_whatever_the_link_does(monkeypatch):
     import threading
     from minicw import MasterNode
-    monkeypatch.setenv("MINICW_LINK_TIMEOUT_S", "30")    # longer than the run's timeout
-    master, port = helpers.start_master()
-    relay = helpers.Relay(port)
-    node = helpers.start_worker(port, nprocs=2)
-    try:
+    with _behind_a_relay(monkeypatch, nprocs=2) as relay:
         cluster = MasterNode(HOST="127.0.0.1", PORT=relay.port, AUTHKEY=helpers.KEY).connect()
         cluster.load_envir(ENVIR_SLEEPS, from_file=False)
         cluster.register_target_function("nap")
@@ -542,10 +548,6 @@ def test_executes_timeout_holds_whatever_the_link_does(monkeypatch):
         assert time.monotonic() - started < 5
         silencer.join()
         cluster.shutdown()
-    finally:
-        node.stop()
-        master.stop()
-        relay.close()
 
 
 def pid_of(x):
