@@ -9,7 +9,7 @@ from minicw.errors import (  # noqa: F401
     HandshakeTimeoutError, IncompatiblePythonError, InvalidCallError, JobError, JobTimeoutError,
     MasterConnectionError, MasterHostUnknownError, MasterLostError,
     MasterNotListeningError, MinicwError, NoMatchingPythonError, ProtocolVersionError,
-    RemoteError, ResultTooLargeError,
+    RemoteError, ResultTooLargeError, UnpicklableResultError,
     SerializationError, SessionExpiredError, TlsError, TlsSetupError, WorkerCrashedError,
 )
 
@@ -22,6 +22,7 @@ _LAZY = {
     "Master": "minicw.server",
     "ClientThread": "minicw.client_thread",
     "ClusterExecutor": "minicw.executor",
+    "Pool": "minicw.pool",
     "start": "minicw.launcher",
     "stop": "minicw.launcher",
     "allocate": "minicw.launcher",

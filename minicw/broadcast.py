@@ -54,18 +54,18 @@ class Handle:
                                                        self.nbytes)
 
 
-def make_blob(obj) -> tuple[str, bytes, Handle]:
+def make_blob(obj, namespace: str | None = None) -> tuple[str, bytes, Handle]:
     """Serialize ``obj`` once: (key, blob bytes, handle)."""
-    data = serialize.dumps(obj, protocol.PICKLE_PROTOCOL)
+    data = serialize.dumps(obj, protocol.PICKLE_PROTOCOL, namespace)
     key, blob = protocol.pack_blob(protocol.BLOB_DATA, data)
     return key, blob, Handle(key, len(data), type(obj).__name__)
 
 
-def store(session, obj) -> Handle:
+def store(session, obj, namespace: str | None = None) -> Handle:
     """Serialize ``obj`` once and store it in the master through a client
     ``session``; the Handle stands for it in job arguments."""
     try:
-        key, blob, handle = make_blob(obj)
+        key, blob, handle = make_blob(obj, namespace)
     except Exception as exc:
         raise SerializationError("cannot broadcast %s: %s" % (type(obj).__name__, exc)) \
             from exc

@@ -67,11 +67,23 @@ def master_address(host: str | None = None, port: int | None = None) -> tuple:
     Raises MinicwError for a malformed $MINICW_MASTER, and SlurmError when
     SLURM shows a master that cannot be used (several, or one still pending).
     """
+    found = found_master(host, port)
+    if found is not None:
+        return found
+    return config.DEFAULT_HOST, int(port) if port is not None else config.DEFAULT_PORT
+
+
+def found_master(host: str | None = None, port: int | None = None) -> tuple | None:
+    """``master_address``, but None when nothing names a master: no host or
+    port given, no $MINICW_MASTER, and no master the launchers started
+    (minicw.Pool then starts a LocalCluster of its own)."""
     if host is None:
         text = os.environ.get(config.ENV_MASTER)
         found = parse_master(text) if text else launched_master()
         if found is not None:
             return found[0], int(port) if port is not None else int(found[1])
+        if port is None:
+            return None
         host = config.DEFAULT_HOST
     return host, int(port) if port is not None else config.DEFAULT_PORT
 

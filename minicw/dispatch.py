@@ -102,6 +102,9 @@ class Dispatcher:
         self._bytecode_keys = set()            # function blobs that carry bytecode
         self._job_times = chunking.JobTimes()  # seconds per job of each function
         self._node_count = (0, 0.0)            # (worker processes, when counted)
+        self.label_output = True               # prefix forwarded lines with the job's name
+        self.namespace = None                  # functions' globals shared across payloads
+                                               # in a worker process (serialize.dumps)
         self.broken = None                     # the error that ended the session
         self.closed = False
         self._sender = self._spawn(self._send_loop, "minicw-sender")
@@ -127,7 +130,7 @@ class Dispatcher:
                 self._last_function = (weakref.ref(fn), key)
                 return key
         try:
-            data = serialize.dumps(fn, protocol.PICKLE_PROTOCOL)
+            data = serialize.dumps(fn, protocol.PICKLE_PROTOCOL, self.namespace)
         except Exception as exc:
             raise SerializationError("cannot send %r to the workers: %s" % (fn, exc)) from exc
         key, blob = protocol.pack_blob(protocol.BLOB_CALLABLE, data)
@@ -149,7 +152,7 @@ class Dispatcher:
     def broadcast(self, obj) -> broadcast.Handle:
         """Store ``obj`` in the master once; jobs given the handle receive the object."""
         self.check_open()
-        return broadcast.store(self.session, obj)
+        return broadcast.store(self.session, obj, self.namespace)
 
     def jobs_per_chunk(self, func_key, run_jobs: int | None = None,
                        jobs_left: int | None = None) -> int:
@@ -281,7 +284,7 @@ class Dispatcher:
                 func_keys.append(job.func_key)
             items.append((func_keys.index(job.func_key), job.args, job.kwargs))
         try:
-            payload = protocol.pack_payload(protocol.CALL_FULL, items)
+            payload = protocol.pack_payload(protocol.CALL_FULL, items, self.namespace)
         except Exception:
             if len(jobs) == 1:
                 failed.append((jobs[0], _argument_error(jobs[0])))
@@ -290,7 +293,8 @@ class Dispatcher:
             good = []
             for job in jobs:
                 try:
-                    protocol.pack_payload(protocol.CALL_FULL, [(0, job.args, job.kwargs)])
+                    protocol.pack_payload(protocol.CALL_FULL, [(0, job.args, job.kwargs)],
+                                          self.namespace)
                     good.append(job)
                 except Exception:
                     failed.append((job, _argument_error(job)))
@@ -391,6 +395,21 @@ class Dispatcher:
                                 self._settle_locked(job)
                                 cancelled.append(job)
         return cancelled
+
+    def kill_all(self) -> None:
+        """End every submitted job now: the queued ones are cancelled, the running
+        ones killed (their processes are replaced); minicw.Pool.terminate()."""
+        self.cancel_all_queued()
+        with self._lock:
+            running = [job for route in self._routes.values() for job in route.jobs
+                       if not job.settled]
+        for job in running:
+            try:
+                self.kill_job(job)
+            except MinicwError:
+                return   # the session is gone: nothing of it runs on
+        for stream in self.active_streams():
+            stream.close()
 
     # --- results ---------------------------------------------------------------------
 
@@ -511,8 +530,10 @@ class JobsRoute:
     def deliver(self, delivery: protocol.Delivery) -> None:
         dispatcher = self.dispatcher
         jobs = self.jobs
-        segments, seconds = client.decode(delivery, dispatcher.session,
-                                          lambda index: _job_label(jobs[index].label))
+        segments, seconds = client.decode(
+            delivery, dispatcher.session,
+            (lambda index: _job_label(jobs[index].label)) if dispatcher.label_output
+            else _unlabelled)
         if seconds is not None:
             dispatcher.record_time(self.func_keys, seconds,
                                    sum(len(segment.values) for segment in segments))
@@ -551,6 +572,11 @@ def name_of(fn) -> str:
     return getattr(fn, "__qualname__", None) or type(fn).__name__
 
 
+def _unlabelled(index) -> None:
+    """No name for a job's forwarded lines: they come as the job wrote them."""
+    return None
+
+
 def _short_repr(args, limit: int = 60) -> str:
     text = repr(tuple(args)) if args is not None else "(...)"
     if text.endswith(",)"):
@@ -571,12 +597,18 @@ def _rename_job(error, label: str) -> None:
 
 
 def _argument_error(job: Job) -> SerializationError:
+    """The error of a job whose arguments cannot be serialized; the serializer's
+    own exception is its ``__cause__`` (minicw.Pool raises that one, as
+    multiprocessing does)."""
+    cause = None
     try:
         serialize.dumps((job.args, job.kwargs), protocol.PICKLE_PROTOCOL)
         detail = "unknown reason"
     except Exception as exc:
-        detail = str(exc)
-    return SerializationError("cannot send the job's arguments to the workers: %s" % detail)
+        detail, cause = str(exc), exc
+    error = SerializationError("cannot send the job's arguments to the workers: %s" % detail)
+    error.__cause__ = cause
+    return error
 
 
 # --- map over iterables, streaming ----------------------------------------------------------
@@ -711,7 +743,7 @@ class MapStream:
             return None
         if self.kind == protocol.CALL_STAR:
             batch = [tuple(item) for item in batch]
-        payload = protocol.pack_payload(self.kind, batch)
+        payload = protocol.pack_payload(self.kind, batch, self.dispatcher.namespace)
         chunk_id = self.dispatcher.session.new_chunk_id()
         with self._cond:
             self._in_flight[chunk_id] = [self._next_position, len(batch)]
@@ -727,8 +759,10 @@ class MapStream:
 
     def deliver(self, delivery: protocol.Delivery) -> None:
         chunk_id = delivery.chunk_id
-        segments, seconds = client.decode(delivery, self.dispatcher.session,
-                                          functools.partial(self._label, chunk_id))
+        segments, seconds = client.decode(
+            delivery, self.dispatcher.session,
+            functools.partial(self._label, chunk_id) if self.dispatcher.label_output
+            else _unlabelled)
         count = sum(len(segment.values) for segment in segments)
         if seconds is not None:
             self.dispatcher.record_time((self.func_key,), seconds, count)
@@ -825,10 +859,29 @@ class MapStream:
             if self.checkpointed is None:   # else its Results, which counts stored ones too
                 progress.finish()
 
-    def _take(self):
+    def next_segment(self, timeout: float | None = None):
+        """The next segment ``(deque of values, errors)`` in the stream's order,
+        or None when all are taken; FuturesTimeoutError when none came within
+        ``timeout`` seconds, after which the stream goes on (``results()``
+        instead ends at its map-wide timeout).  For iterators that raise each
+        failure in its place and go on (minicw.Pool's imap)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.top_up()
+            segment = self._take(deadline)
+            if segment is _IDLE:
+                self.progress.tick()
+            elif segment is not _MORE:
+                if segment is not None:
+                    values, errors = segment
+                    self.progress.add(len(values), len(errors) if errors else 0)
+                return segment
+
+    def _take(self, call_deadline: float | None = None):
         """The next segment ``(deque of values, errors)`` to yield; None when all are
         yielded; _MORE when nothing is in flight and more must be submitted; _IDLE
-        when nothing came within the progress display's wake-up time."""
+        when nothing came within the progress display's wake-up time.  A
+        ``call_deadline`` (time.monotonic()) bounds this call only."""
         with self._cond:
             while True:
                 if self.ordered:
@@ -845,10 +898,11 @@ class MapStream:
                 if not self._in_flight:
                     return None if self._exhausted else _MORE
                 remaining = None
-                if self.deadline is not None:
-                    remaining = self.deadline - time.monotonic()
+                deadline = self.deadline if call_deadline is None else call_deadline
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
                     if remaining <= 0:
-                        self._timed_out = True
+                        self._timed_out = call_deadline is None
                         raise FuturesTimeoutError()
                 wait_s = self.progress.wait_s(remaining)
                 if not self._cond.wait(wait_s) and wait_s != remaining:

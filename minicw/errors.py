@@ -215,6 +215,27 @@ class ResultTooLargeError(JobError):
                 % (self.size, self.limit))
 
 
+class UnpicklableResultError(JobError, TypeError):
+    """A job's result could not be serialized on the worker, so it was not sent.
+
+    ``reason`` is the serializer's error, ``value_repr`` the start of the
+    result's ``repr()`` (what ``multiprocessing.pool.MaybeEncodingError``
+    carries; ``minicw.Pool`` raises that instead).  A TypeError, as before.
+    """
+
+    REPR_CHARS = 2000   # of the result's repr kept
+
+    def __init__(self, type_name: str, reason: str, value_repr: str):
+        super().__init__(type_name, reason, value_repr)
+        self.type_name = type_name
+        self.reason = reason
+        self.value_repr = value_repr
+
+    def __str__(self) -> str:
+        return "the job's result of type %s cannot be pickled: %s" % (self.type_name,
+                                                                      self.reason)
+
+
 # --- data -------------------------------------------------------------------
 
 class SerializationError(MinicwError):

@@ -562,6 +562,17 @@ class WorkerNode:
             if not draining:
                 self._start_process(slot.index)
             return
+        if left_on_its_own == process.exitcode == worker_process.EXIT_RETIRED:
+            # A job asked for a fresh process after it (a Pool's maxtasksperchild).
+            # It reported what it ran; what it still held goes back uncharged
+            # (no token: no job was running when it left).
+            log.debug("worker process %d (pid %s) was replaced at its job's request",
+                      slot.index, process.pid)
+            api.process_ended(self.node_id, slot.index, 0, -1, protocol.END_DIED,
+                              "replaced at its job's request", None)
+            if not draining:
+                self._start_process(slot.index)
+            return
         if left_on_its_own in (worker_process.EXIT_NODE_UNKNOWN, worker_process.EXIT_MASTER_LOST):
             # The process found the master gone or this registration forgotten;
             # ask the master which, rather than respawning into the same wall.

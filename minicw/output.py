@@ -188,13 +188,15 @@ _write_lock = threading.Lock()   # lines of one job stay together
 
 def forward(origin: str, output: dict, label_of) -> None:
     """Write each job's output to this process's stdout or stderr, every line
-    prefixed ``[origin label]``; ``label_of(offset)`` names the job."""
+    prefixed ``[origin label]``; ``label_of(offset)`` names the job (None: no prefix)."""
     for offset in sorted(output):
         write_job(origin, label_of(offset), output[offset])
 
 
-def write_job(origin: str, label: str, entries: list) -> None:
-    prefix = "[%s %s] " % (origin, label)
+def write_job(origin: str, label: str | None, entries: list) -> None:
+    """A job's lines, each prefixed ``[origin label]`` (label None: as the job
+    wrote them, as multiprocessing's children do; minicw.Pool)."""
+    prefix = "" if label is None else "[%s %s] " % (origin, label)
     with _write_lock, progress.room_for_output():
         for stream, text in _lines(entries):
             target = sys.stderr if stream == STDERR else sys.stdout

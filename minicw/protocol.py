@@ -264,14 +264,15 @@ def pack_blob(*fields) -> tuple[str, bytes]:
     return content_key(data), data
 
 
-def pack_payload(kind: int, items: list) -> bytes:
-    """Job arguments; through minicw.serialize, so lambdas and __main__ objects travel too."""
+def pack_payload(kind: int, items: list, namespace: str | None = None) -> bytes:
+    """Job arguments; through minicw.serialize, so lambdas and __main__ objects travel
+    too (``namespace``: see serialize.dumps)."""
     if type(items) is range:
         # A slice of a range of args (execute, map over a range): plain ints,
         # the same bytes at half the cost, paid once per chunk.
         return pickle.dumps((kind, items), PICKLE_PROTOCOL)
     from minicw import serialize
-    return serialize.dumps((kind, items), PICKLE_PROTOCOL)
+    return serialize.dumps((kind, items), PICKLE_PROTOCOL, namespace)
 
 
 def pack_results(values: list, errors: dict | None, seconds: float = 0.0,

@@ -280,7 +280,15 @@ def _set_function_state(func: types.FunctionType, state: tuple) -> None:
      annotations, attributes, doc, qualname, module, extras) = state
     # _submodules were imported while this state was unpickled; nothing more
     # to do with them.
-    func.__globals__.update(referenced_globals)
+    namespace = func.__globals__
+    if id(namespace) in _shared_namespace_ids:
+        # A namespace shared across payloads keeps what it has: a global the
+        # worker set (a pool's initializer) is not overwritten by the value
+        # the client had when it sent a later function.
+        for name, value in referenced_globals.items():
+            namespace.setdefault(name, value)
+    else:
+        namespace.update(referenced_globals)
     if cell_values:
         for cell, value in zip(func.__closure__, cell_values):
             if value is not _EmptyCell:
@@ -297,6 +305,44 @@ def _set_function_state(func: types.FunctionType, state: tuple) -> None:
     if extras:
         for attribute, value in extras.items():
             setattr(func, attribute, value)
+
+
+# Shared namespaces (dumps(namespace=token)): on the receiver, the functions of
+# one module sent under one token get one globals dict, whatever payload
+# brought them, as they share their module in the sender.  minicw.Pool sends
+# under its own id, so that what its initializer sets in the worker is seen by
+# its tasks.  The last NAMESPACES_KEPT are kept.
+NAMESPACES_KEPT = 32
+_shared_namespaces: collections.OrderedDict = collections.OrderedDict()  # (token, name) -> dict
+_shared_namespace_ids: set = set()
+
+
+class _SharedNamespace:
+    """Stands for a function's globals in a payload sent under a namespace token."""
+
+    __slots__ = ("token", "name", "package")
+
+    def __init__(self, token: str, name: str, package):
+        self.token = token
+        self.name = name
+        self.package = package
+
+    def __reduce__(self):
+        return _shared_namespace, (self.token, self.name, self.package)
+
+
+def _shared_namespace(token: str, name: str, package) -> dict:
+    key = (token, name)
+    namespace = _shared_namespaces.get(key)
+    if namespace is not None:
+        _shared_namespaces.move_to_end(key)
+        return namespace
+    namespace = _shared_namespaces[key] = {"__name__": name, "__package__": package}
+    _shared_namespace_ids.add(id(namespace))
+    while len(_shared_namespaces) > NAMESPACES_KEPT:
+        _, dropped = _shared_namespaces.popitem(last=False)
+        _shared_namespace_ids.discard(id(dropped))
+    return namespace
 
 
 # Dynamic classes by token, on both sides: a class defined here, or rebuilt
@@ -541,6 +587,7 @@ class _Pickler(pickle.Pickler):
 
     wrote_by_value = False
     _base_globals_by_id = None
+    namespace = None   # dumps(namespace=...): functions' globals shared across payloads
 
     def __init__(self, buffer: io.BytesIO, protocol: int):
         super().__init__(buffer, protocol)
@@ -550,6 +597,7 @@ class _Pickler(pickle.Pickler):
         """Forget what the last payload set, before this pickler is reused."""
         del self.wrote_by_value
         self._base_globals_by_id = None
+        self.namespace = None
 
     def reducer_override(self, obj: Any) -> Any:
         reducer = _REDUCER_BY_TYPE.get(type(obj))
@@ -569,8 +617,13 @@ class _Pickler(pickle.Pickler):
         if entry is None:
             # Keep source_globals alive with its entry so its id is not reused.
             # __package__ lets the function's relative imports resolve there.
-            entry = (source_globals, {"__name__": _name(source_globals.get("__name__")),
-                                      "__package__": _name(source_globals.get("__package__"))})
+            name = _name(source_globals.get("__name__"))
+            package = _name(source_globals.get("__package__"))
+            if self.namespace is not None and type(name) is str:
+                stand_in = _SharedNamespace(self.namespace, name, package)
+            else:
+                stand_in = {"__name__": name, "__package__": package}
+            entry = (source_globals, stand_in)
             self._base_globals_by_id[id(source_globals)] = entry
         return entry[1]
 
@@ -882,8 +935,12 @@ def _resolve_protocol(protocol: int | None) -> int:
     return protocol
 
 
-def dumps(obj: Any, protocol: int | None = None) -> bytes:
+def dumps(obj: Any, protocol: int | None = None, namespace: str | None = None) -> bytes:
     """Serialize ``obj``, sending dynamic functions and classes by value.
+
+    ``namespace``: the functions of one module sent under this token share one
+    globals dict in the receiving process, across payloads (else each payload
+    gets its own).
 
     Returns an ordinary pickle (``pickle.loads`` reads it wherever minicw is
     importable).  Raises :class:`SerializationError` naming the object and its
@@ -895,6 +952,8 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
     pickler = idle_picklers.pop(protocol, None)
     if pickler is None:
         pickler = _Pickler(io.BytesIO(), protocol)
+    if namespace is not None:
+        pickler.namespace = namespace
     try:
         pickler.dump(obj)
     except (TypeError, pickle.PicklingError) as exc:
@@ -916,6 +975,8 @@ def dumps(obj: Any, protocol: int | None = None) -> bytes:
         pickler.reset_payload_state()
         idle_picklers[protocol] = pickler
         return _header_for(protocol, body) + body
+    if namespace is not None:
+        pickler.namespace = None
     idle_picklers[protocol] = pickler
     return body
 

@@ -43,7 +43,7 @@ from collections import OrderedDict, deque
 from multiprocessing import connection, parent_process
 
 from minicw import broadcast, config, context, envir, output, protocol, serialize, transport
-from minicw.errors import EnvirError, ResultTooLargeError
+from minicw.errors import EnvirError, ResultTooLargeError, UnpicklableResultError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,24 @@ EXIT_STOPPED = 0       # drained or told to stop
 EXIT_NODE_UNKNOWN = 3  # the master no longer knows this node, or is closing
 EXIT_MASTER_LOST = 4   # the connection to the master broke
 EXIT_RECYCLED = 5      # reached its node's max jobs or memory per process: replace it
+EXIT_RETIRED = 6       # a job asked for a new process after it (a Pool's maxtasksperchild);
+                       # the leases it held and had not finished go back to the queue
+
+
+class RetireProcess(BaseException):
+    """Raised by a job's code (pool_task.py) to end this process after the job:
+    ``outcome`` is the job's own result, or ``failure`` the exception it raised.
+
+    The run loop reports the jobs run so far and leaves with EXIT_RETIRED; the
+    rest of the lease, and the leases it held, go back uncharged.  Raising it
+    costs the inner loop nothing (an ``except`` clause) where a flag would be
+    read after every job of every client.
+    """
+
+    def __init__(self, outcome=None, failure: BaseException | None = None):
+        super().__init__()
+        self.outcome = outcome
+        self.failure = failure
 
 
 def run_process(spec: dict) -> None:
@@ -140,6 +158,7 @@ class Runner:
         self.revoked = set()
         self.chunk_seconds = 0.0     # moving average of the time one chunk takes
         self.draining = False
+        self.retiring = False        # a job asked for a new process: give back what is held
         self.exit_when_drained = EXIT_STOPPED
         self.max_jobs, self.max_rss = spec.get("recycle") or (0, 0)
         self.jobs_run = 0
@@ -168,6 +187,9 @@ class Runner:
     def _loop(self) -> int:
         while True:
             self._check_control()
+            if self.retiring:
+                self._exchange(want=0, wait_s=0)   # the reports; the node gives back the rest
+                return EXIT_RETIRED
             if not self.leases:
                 if self.draining:
                     self._exchange(want=0, wait_s=0)
@@ -296,6 +318,10 @@ class Runner:
                 state[STATE_DEADLINE_NS] = time.monotonic_ns() + timeout_ns
             try:
                 append(call(items[index]))
+            except RetireProcess as retire:
+                self._retire_after(token, start, position, values, errors, retire,
+                                   perf_counter() - started)
+                return
             except BaseException as exc:
                 append(None)
                 if errors is None:
@@ -322,6 +348,21 @@ class Runner:
                 flush_at = now + config.RESULT_FLUSH_S
         self._finish_lease()
         self._report(token, start, values, errors, perf_counter() - started)
+
+    def _retire_after(self, token, start, position, values, errors, retire, seconds) -> None:
+        """A job raised RetireProcess: report it and the jobs before it in this
+        lease, and stop taking work (the loop then leaves with EXIT_RETIRED)."""
+        if retire.failure is None:
+            values.append(retire.outcome)
+        else:
+            values.append(None)
+            errors = errors or {}
+            # its traceback starts in the frame that caught it (pool_task's)
+            errors[position - start] = protocol.describe_exception(retire.failure,
+                                                                   skip_frames=1)
+        self._finish_lease()
+        self._report(token, start, values, errors, seconds)
+        self.retiring = True
 
     def _finish_lease(self) -> None:
         state = self.state
@@ -531,14 +572,24 @@ def _caller(kind: int, functions: list):
 
 
 def _picklable_results(values: list, errors: dict | None):
-    """Replace results that cannot be pickled by an error naming them."""
+    """Replace results that cannot be serialized by an error naming them."""
     errors = dict(errors or {})
     for position, value in enumerate(values):
         try:
-            pickle.dumps(value, protocol.PICKLE_PROTOCOL)
+            serialize.dumps(value, protocol.PICKLE_PROTOCOL)
         except Exception as exc:
-            problem = TypeError("the job's result of type %s cannot be pickled: %s"
-                                % (type(value).__name__, exc))
+            problem = UnpicklableResultError(type(value).__name__, repr(exc),
+                                             _short_repr(value))
             errors[position] = protocol.describe_exception(problem)
             values[position] = None
     return values, errors
+
+
+def _short_repr(value) -> str:
+    """The start of ``repr(value)`` (which may itself fail)."""
+    try:
+        text = repr(value)
+    except Exception as exc:
+        return "<%s object: repr() failed: %r>" % (type(value).__name__, exc)
+    limit = UnpicklableResultError.REPR_CHARS
+    return text if len(text) <= limit else text[:limit - 3] + "..."
