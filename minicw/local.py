@@ -67,6 +67,23 @@ class LocalCluster(MasterNode):
         return ClientThread(callback, host, port, self.authkey, **options)
 
 
+def found_or_started(processes: int | None = None, host: str | None = None,
+                     port: int | None = None, authkey=None, tls_ca: str | None = None,
+                     tls_fingerprint: str | None = None) -> tuple:
+    """``(address, authkey, cluster)``: the master named or found
+    (discover.found_master; ``cluster`` None), else a LocalCluster started here
+    with ``processes`` worker processes (any number, as multiprocessing starts
+    them; default one per CPU), which the caller stops.  minicw.Pool and the
+    joblib backend: the same program runs on a laptop and on the cluster."""
+    from minicw import discover, transport
+    address = discover.found_master(host, port)
+    if address is not None:
+        transport.choose_tls(address, tls_ca, tls_fingerprint)
+        return address, discover.authkey(authkey), None
+    cluster = LocalCluster(n_workers=processes, oversubscribe=processes is not None).start()
+    return cluster.address, cluster.authkey, cluster
+
+
 def allocate(n: int | None = None, **options):
     """``with allocate(n) as (host, port):`` a background master and ``n`` worker
     processes on this machine, recorded in the run directory, stopped at the end

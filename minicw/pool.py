@@ -45,7 +45,7 @@ from collections import deque
 from concurrent.futures import CancelledError, TimeoutError as FuturesTimeoutError
 from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE, MaybeEncodingError, RemoteTraceback
 
-from minicw import broadcast, discover, dispatch, protocol, transport
+from minicw import dispatch, local, protocol, transport
 from minicw.errors import RemoteError, SerializationError, UnpicklableResultError
 from minicw.pool_task import MapChunk, Setup, Task
 from minicw.progress import start_progress
@@ -90,13 +90,8 @@ class Pool:
         self._dispatcher = None
         self._functions = {}                   # (func, kind) -> what is sent for it
         self._cache = _Outstanding()           # results not settled yet
-        address = discover.found_master(host, port)
-        if address is None:
-            self._cluster = _start_cluster(processes)
-            address, key = self._cluster.address, self._cluster.authkey
-        else:
-            transport.choose_tls(address, tls_ca, tls_fingerprint)
-            key = discover.authkey(authkey)
+        address, key, self._cluster = local.found_or_started(processes, host, port, authkey,
+                                                             tls_ca, tls_fingerprint)
         try:
             self._dispatcher = dispatch.Dispatcher(address, key)
             self._dispatcher.label_output = False   # worker output as multiprocessing shows it
@@ -312,14 +307,6 @@ class Pool:
             stream.progress.finish()
             raise
         return IMapIterator(stream, failure)
-
-
-def _start_cluster(processes: int | None):
-    """The LocalCluster of a pool that found no master: ``processes`` worker
-    processes (any number, as multiprocessing starts), else one per CPU."""
-    from minicw.local import LocalCluster
-    cluster = LocalCluster(n_workers=processes, oversubscribe=processes is not None)
-    return cluster.start()
 
 
 def _teardown(dispatcher, cluster, cache) -> None:
