@@ -16,7 +16,8 @@ joblib cuts calls into batches itself (AutoBatchingMixin: batches of about
 cluster's worker processes as its effective n_jobs: that is how many batches
 joblib keeps in flight.  Connections are kept for the process's life and
 shared by every backend instance with the same settings (each Parallel call
-may make a new one), so a LocalCluster starts once; it stops at exit.
+may make a new one), so a LocalCluster starts once; it stops at exit, or at
+``minicw.joblib.shutdown()``.
 
 Nothing in minicw imports this module; joblib is not a dependency of minicw.
 """
@@ -101,10 +102,8 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
         return connection.processes()
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **backend_kwargs):
-        if require == "sharedmem":
-            raise ValueError("the minicw backend runs calls in other processes, on other "
-                             "machines: it cannot share this process's memory "
-                             "(require='sharedmem'); use joblib's threading backend for that")
+        # require="sharedmem" never reaches here: joblib gives such calls its
+        # threading backend (supports_sharedmem is False).
         n_jobs = self.effective_n_jobs(n_jobs)
         self.parallel = parallel
         return n_jobs
@@ -198,7 +197,9 @@ def _shared_connection(processes, host, port, authkey, tls_ca, tls_fingerprint) 
         return connection
 
 
-def _close_all() -> None:
+def shutdown() -> None:
+    """End the sessions the backend keeps, and stop the LocalClusters it started
+    (done at exit; a notebook may call it to free the processes sooner)."""
     with _connections_lock:
         connections = list(_connections.values())
         _connections.clear()
@@ -209,7 +210,7 @@ def _close_all() -> None:
             pass
 
 
-atexit.register(_close_all)
+atexit.register(shutdown)
 
 
 def register() -> None:
