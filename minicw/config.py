@@ -15,6 +15,11 @@ import re
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8888            # the minimalcluster ancestor's habit; 0 picks a free port
 ENV_MASTER = "MINICW_MASTER"   # "host:port" of the master, read by clients
+# The multiprocessing authkey (hex) a worker node takes for itself and its
+# processes: a LocalCluster's node gets its creator's, so that multiprocessing
+# objects the creator passes to jobs (a Manager's proxies) connect from there,
+# as from multiprocessing's own children.  Read once, then removed.
+ENV_PROCESS_AUTHKEY = "MINICW_PROCESS_AUTHKEY"
 ENV_AUTHKEY = "MINICW_AUTHKEY"  # the cluster's shared secret
 GENERATED_AUTHKEY_BYTES = 24   # secrets.token_urlsafe(24) gives 32 characters
 

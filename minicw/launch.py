@@ -322,7 +322,7 @@ def start_master(host: str, port: int, authkey: str | bytes,
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
                  start_method: str | None = None, oversubscribe: bool = False,
-                 tls_settings=None) -> ChildProcess:
+                 tls_settings=None, process_authkey: bytes | None = None) -> ChildProcess:
     """Start ``python -m minicw.worker`` and wait until it has registered.
 
     ``start_method`` None: $MINICW_START_METHOD, else spawn (config.start_method;
@@ -330,7 +330,9 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
     ``oversubscribe``: ``nprocs`` may exceed the CPU count.  ``tls_settings``
     (a tls.Settings): how the node reaches its master, on its command line
     (files by path, a fingerprint), instead of $MINICW_TLS_CA and
-    $MINICW_TLS_FINGERPRINT; None: the environment's.
+    $MINICW_TLS_FINGERPRINT; None: the environment's.  ``process_authkey``:
+    the node's ``multiprocessing.current_process().authkey``, which its
+    processes inherit (config.ENV_PROCESS_AUTHKEY).
     """
     host, port = address
     argv = ["minicw.worker", str(host), str(port), "-",
@@ -339,9 +341,11 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
         argv += ["-n", str(nprocs)]
     if oversubscribe:
         argv.append("--oversubscribe")
-    extra_env = None
+    extra_env = {}
+    if process_authkey is not None:
+        extra_env[config.ENV_PROCESS_AUTHKEY] = process_authkey.hex()
     if tls_settings is not None:
-        extra_env = {"MINICW_TLS_CA": "", "MINICW_TLS_FINGERPRINT": ""}
+        extra_env.update({"MINICW_TLS_CA": "", "MINICW_TLS_FINGERPRINT": ""})
         if tls_settings.ca:
             argv += ["--tls-ca", tls_settings.ca]
         if tls_settings.fingerprint:   # not a secret: it names the master's certificate

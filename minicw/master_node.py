@@ -18,6 +18,7 @@ stays responsive, and the master's work does not compete for the REPL's GIL.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import secrets
 import time
@@ -151,9 +152,12 @@ class MasterNode:
         capped at the CPU count unless ``oversubscribe``."""
         if self._worker_process is not None and self._worker_process.alive():
             return
-        self._worker_process = launch.start_worker(self.address, self.AUTHKEY, nprocs,
-                                                   oversubscribe=oversubscribe,
-                                                   tls_settings=transport.tls_for(self.address))
+        # Its processes share this process's multiprocessing authkey, as the
+        # children of a multiprocessing.Pool started here would.
+        self._worker_process = launch.start_worker(
+            self.address, self.AUTHKEY, nprocs, oversubscribe=oversubscribe,
+            tls_settings=transport.tls_for(self.address),
+            process_authkey=bytes(multiprocessing.current_process().authkey))
 
     def stop_as_worker(self) -> None:
         """Stop the local worker node started by join_as_worker()."""

@@ -16,6 +16,8 @@ that started this reads the ready file instead.
 from __future__ import annotations
 
 import argparse
+import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -23,6 +25,9 @@ import threading
 from minicw import config, discover, launch, tls, transport
 from minicw.errors import MasterConnectionError, MinicwError
 from minicw.node import WorkerNode
+
+log = logging.getLogger(__name__)
+
 
 def worker_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -85,10 +90,22 @@ def _worker_master(args) -> tuple:
     return args.host or env_host, args.port if args.port is not None else env_port
 
 
+def _take_process_authkey() -> None:
+    """A LocalCluster's node: its creator's multiprocessing authkey, for this
+    process and the worker processes it starts (config.ENV_PROCESS_AUTHKEY)."""
+    text = os.environ.pop(config.ENV_PROCESS_AUTHKEY, None)
+    if text:
+        try:
+            multiprocessing.current_process().authkey = bytes.fromhex(text)
+        except ValueError:
+            log.warning("ignoring %s: not a hex key", config.ENV_PROCESS_AUTHKEY)
+
+
 def worker_main(argv=None) -> int:
     """Run a worker node until SIGTERM (drained), EOF on stdin or the master's shutdown."""
     args = worker_parser().parse_args(argv)
     launch.start_logging(launch.log_level(args))
+    _take_process_authkey()
     try:
         host, port = _worker_master(args)
     except MinicwError as exc:

@@ -563,3 +563,19 @@ def test_pool_module_terminates_live_pools_at_exit(tmp_path):
     lines = done.stdout.split()
     assert lines[0] == "9.0"
     _assert_gone([int(lines[1]), int(lines[2])])
+
+
+def put_square(arguments):
+    shared, key = arguments
+    shared[key] = key * key
+
+
+def test_a_managers_proxies_reach_the_pools_own_workers(no_master):
+    """The pool's own worker processes share this process's multiprocessing
+    authkey, as multiprocessing's children do: a Manager's dict passed to
+    the tasks is written from there."""
+    with multiprocessing.Manager() as manager:
+        shared = manager.dict()
+        with Pool(2) as pool:
+            pool.map(put_square, [(shared, key) for key in range(6)])
+        assert dict(shared) == {key: key * key for key in range(6)}
