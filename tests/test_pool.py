@@ -574,7 +574,7 @@ def test_a_managers_proxies_reach_the_pools_own_workers(no_master):
     """The pool's own worker processes share this process's multiprocessing
     authkey, as multiprocessing's children do: a Manager's dict passed to
     the tasks is written from there."""
-    with multiprocessing.Manager() as manager:
+    with multiprocessing.get_context("spawn").Manager() as manager:
         shared = manager.dict()
         with Pool(2) as pool:
             pool.map(put_square, [(shared, key) for key in range(6)])
