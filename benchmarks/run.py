@@ -85,6 +85,11 @@ tls        two clusters side by side, one over TLS (a self-signed certificate
            the batched ``executor.map(chunksize=1000)`` of 1,000,000 [200,000]
            no-op jobs (>= 0.75x: TLS costs at most 25%) and the round trip of
            ``roundtrip`` (median <= 1.25x); n/a where openssl is missing.
+pool       ``minicw.Pool(2)`` (on the LocalCluster it starts itself) against
+           ``multiprocessing.Pool(2)``, the same calls: ``map`` of 1,000,000
+           [200,000] no-op jobs with the default chunks, ``imap`` of 100,000
+           [20,000] with its default chunksize of 1, and the
+           ``apply_async().get()`` round trip of ``roundtrip``; references.
 """
 from __future__ import annotations
 
@@ -128,11 +133,11 @@ SIZES = {
     "full": {"batched": 1_000_000, "submit": 20_000, "roundtrip": 500, "factorize_s": 4.0,
              "queued": 200_000, "stream": 10_000_000, "scale_nodes": 200,
              "scale_jobs": 100_000, "checkpoint": 100_000, "progress": 1_000_000,
-             "tls": 1_000_000},
+             "tls": 1_000_000, "pool": 1_000_000, "pool_imap": 100_000},
     "quick": {"batched": 200_000, "submit": 5_000, "roundtrip": 200, "factorize_s": 1.0,
               "queued": 50_000, "stream": 1_000_000, "scale_nodes": 50,
               "scale_jobs": 20_000, "checkpoint": 20_000, "progress": 200_000,
-              "tls": 200_000},
+              "tls": 200_000, "pool": 200_000, "pool_imap": 20_000},
 }
 SIM_PROCESSES = 4            # processes the simulated nodes are spread over (of 2, 3,
                              # 4 and 8 measured side by side, 4 went fastest)
@@ -816,6 +821,82 @@ def bench_tls(run: Run) -> list:
                  median(runs, "roundtrip tls", "median_us"), "us", "the same without",
                  median(runs, "roundtrip plain", "median_us"), Target("ratio", "<=", 1.25)),
     ]
+
+
+# --- workload: pool -----------------------------------------------------------------------
+
+def bench_pool(run: Run) -> list:
+    """minicw.Pool against multiprocessing.Pool, the same script on each: both of 2
+    processes, minicw's on the LocalCluster it starts when no master is named."""
+    import minicw
+    n = run.sizes["pool"]
+    n_imap = run.sizes["pool_imap"]
+    count = run.sizes["roundtrip"]
+    with contextlib.ExitStack() as stack:
+        _, stdlib_pool = start_pools(stack)
+        stack.enter_context(_no_master_named())
+        minicw_pool = stack.enter_context(minicw.Pool(WORKERS))
+        pools = {"minicw": minicw_pool, "stdlib": stdlib_pool}
+
+        def mapped(pool):
+            return lambda: throughput(n, lambda: sum(pool.map(inc, range(n))),
+                                      lambda s: expect("sum", s, n * (n + 1) // 2))
+
+        def imapped(pool):
+            return lambda: throughput(n_imap, lambda: sum(pool.imap(inc, range(n_imap))),
+                                      lambda s: expect("sum", s, n_imap * (n_imap + 1) // 2))
+
+        def applied(pool):
+            def measure():
+                samples = []
+                for i in range(count):
+                    started = time.perf_counter()
+                    result = pool.apply_async(inc, (i,)).get()
+                    samples.append((time.perf_counter() - started) * 1e6)
+                    if result != i + 1:
+                        raise BenchmarkError("apply %d: got %r" % (i, result))
+                return {"median_us": statistics.median(samples)}
+            return measure
+
+        contenders = {}
+        for name, pool in pools.items():
+            contenders["map " + name] = mapped(pool)
+            contenders["imap " + name] = imapped(pool)
+            contenders["apply " + name] = applied(pool)
+        with run.guard("pool warm-up"):
+            for pool in pools.values():
+                expect("warm-up", sum(pool.map(inc, range(10_000))), 50_005_000)
+                expect("warm-up", sum(pool.imap(inc, range(1_000))), 500_500)
+        runs = run.interleave("pool", contenders)
+    rate = lambda name: median(runs, name, "tasks_per_s")  # noqa: E731
+    return [
+        make_row("pool", "Pool.map(), %d jobs, default chunks" % n, rate("map minicw"),
+                 "tasks/s", "multiprocessing.Pool.map()", rate("map stdlib")),
+        make_row("pool", "Pool.imap(), %d jobs, chunksize 1" % n_imap, rate("imap minicw"),
+                 "tasks/s", "multiprocessing.Pool.imap()", rate("imap stdlib")),
+        make_row("pool", "Pool.apply_async().get(), median",
+                 median(runs, "apply minicw", "median_us"), "us",
+                 "multiprocessing.Pool.apply_async().get()",
+                 median(runs, "apply stdlib", "median_us")),
+    ]
+
+
+@contextlib.contextmanager
+def _no_master_named():
+    """No $MINICW_MASTER and an empty run directory, while a block runs: a
+    minicw.Pool started there starts its own LocalCluster, as on a laptop."""
+    saved = {name: os.environ.get(name) for name in ("MINICW_MASTER", "MINICW_RUN_DIR")}
+    with tempfile.TemporaryDirectory(prefix="minicw-bench-run-") as run_dir:
+        os.environ.pop("MINICW_MASTER", None)
+        os.environ["MINICW_RUN_DIR"] = run_dir
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 # --- workload: progress -------------------------------------------------------------------
@@ -1593,6 +1674,7 @@ WORKLOADS = {
     "progress": bench_progress,
     "output": bench_output,
     "tls": bench_tls,
+    "pool": bench_pool,
 }
 
 
