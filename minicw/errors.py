@@ -9,10 +9,10 @@ it by type.  The hierarchy::
      |    +-- MasterNotListeningError     nothing listens at host:port
      |    +-- AuthkeyMismatchError        the peer rejected our key, or we its
      |    +-- HandshakeTimeoutError       the peer accepted but never answered
- |    +-- TlsError                    TLS expected and not spoken, or a certificate refused
+     |    +-- TlsError                    TLS expected and not spoken, or a certificate refused
      |    +-- MasterLostError             an established connection went away
      +-- TlsSetupError (also ValueError)   TLS settings that cannot be used (a file, a fingerprint)
- +-- ClusterShutdownError             the master was shut down on purpose
+     +-- ClusterShutdownError             the master was shut down on purpose
      +-- SessionExpiredError              the master forgot this client (silent too long)
      +-- ProtocolVersionError             peers speak different minicw protocols
      +-- InvalidCallError (also ValueError)  a call the master refuses (names the field)
@@ -21,7 +21,8 @@ it by type.  The hierarchy::
      |    +-- WorkerCrashedError          the job took its process down, retries used up
      |    +-- JobTimeoutError (also TimeoutError)   over its per-job time limit
      |    +-- NoMatchingPythonError       no worker node runs the Python its bytecode needs
- |    +-- ResultTooLargeError         its pickled result is over the message size limit
+     |    +-- ResultTooLargeError         its pickled result is over the message size limit
+     |    +-- UnpicklableResultError (also TypeError)   its result cannot be serialized
      +-- SerializationError               a payload could not be written or read
      |    +-- IncompatiblePythonError     payload written by another Python version
      +-- EnvirError                       the environment source failed or lacks a name
@@ -32,6 +33,9 @@ it by type.  The hierarchy::
      +-- SlurmError                       SLURM missing, or the master job not usable
           +-- SlurmCommandError           sbatch, squeue or scancel failed (quotes its stderr)
           +-- SlurmMasterNotFoundError    the user has no minicw master job in the queue
+
+Not an error: ``RetireProcess`` (a BaseException, as SystemExit is), raised
+by a job's code to have its worker process replaced after it.
 
 Errors that cross the wire (raised in the master and re-raised in a client by
 the manager's '#ERROR' reply) must stay picklable: every class here keeps its
@@ -234,6 +238,23 @@ class UnpicklableResultError(JobError, TypeError):
     def __str__(self) -> str:
         return "the job's result of type %s cannot be pickled: %s" % (self.type_name,
                                                                       self.reason)
+
+
+class RetireProcess(BaseException):
+    """Not an error: raised by a job's code to have its worker process replaced
+    after the job (minicw.Pool's maxtasksperchild, pool_task.py).  ``outcome``
+    is the job's own result, or ``failure`` the exception it raised.
+
+    The process reports the jobs it ran and leaves (EXIT_RETIRED); the rest of
+    its lease and the leases it held go back to the queue uncharged.  An
+    exception rather than a flag: the run loop pays for an ``except`` clause
+    only when one is raised, where a flag would be read after every job.
+    """
+
+    def __init__(self, outcome=None, failure: BaseException | None = None):
+        super().__init__()
+        self.outcome = outcome
+        self.failure = failure
 
 
 # --- data -------------------------------------------------------------------

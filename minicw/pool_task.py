@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import itertools
 
+from minicw.errors import RetireProcess
+
 _initialized = set()   # ids of the pools whose initializer ran in this process
 _tasks_run = {}        # pool id -> tasks of that pool run in this process (maxtasksperchild)
 
@@ -65,7 +67,6 @@ def _count(setup: Setup, outcome, failure) -> None:
     done = _tasks_run.get(setup.pool_id, 0) + 1
     _tasks_run[setup.pool_id] = done
     if done >= limit:
-        from minicw.worker_process import RetireProcess
         raise RetireProcess(outcome, failure)
 
 

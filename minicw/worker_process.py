@@ -43,7 +43,7 @@ from collections import OrderedDict, deque
 from multiprocessing import connection, parent_process
 
 from minicw import broadcast, config, context, envir, output, protocol, serialize, transport
-from minicw.errors import EnvirError, ResultTooLargeError, UnpicklableResultError
+from minicw.errors import EnvirError, ResultTooLargeError, RetireProcess, UnpicklableResultError
 
 log = logging.getLogger(__name__)
 
@@ -75,22 +75,6 @@ EXIT_MASTER_LOST = 4   # the connection to the master broke
 EXIT_RECYCLED = 5      # reached its node's max jobs or memory per process: replace it
 EXIT_RETIRED = 6       # a job asked for a new process after it (a Pool's maxtasksperchild);
                        # the leases it held and had not finished go back to the queue
-
-
-class RetireProcess(BaseException):
-    """Raised by a job's code (pool_task.py) to end this process after the job:
-    ``outcome`` is the job's own result, or ``failure`` the exception it raised.
-
-    The run loop reports the jobs run so far and leaves with EXIT_RETIRED; the
-    rest of the lease, and the leases it held, go back uncharged.  Raising it
-    costs the inner loop nothing (an ``except`` clause) where a flag would be
-    read after every job of every client.
-    """
-
-    def __init__(self, outcome=None, failure: BaseException | None = None):
-        super().__init__()
-        self.outcome = outcome
-        self.failure = failure
 
 
 def run_process(spec: dict) -> None:
