@@ -57,6 +57,7 @@ OUTPUT_LINES_KEPT = 5     # a ChildProcess's last output lines, quoted if it fai
 WILDCARD_HOSTS = ("0.0.0.0", "", "::")
 STDIN_FD = 0              # the lifeline of --exit-with-stdin
 LIFELINE_READ_BYTES = 4096
+DRAIN_REQUEST = b"drain\n"   # on a worker node's lifeline: finish, then leave
 
 
 # --- the child's environment -----------------------------------------------------------
@@ -278,6 +279,22 @@ class ChildProcess:
                 self.popen.kill()
         return self._wait(None)
 
+    def drain(self, timeout_s: float) -> bool:
+        """Ask a worker node to let its processes finish what they hold and
+        leave (a line on its lifeline); True if it ended within ``timeout_s``."""
+        if self.popen.poll() is not None:
+            return True
+        try:
+            self.popen.stdin.write(DRAIN_REQUEST.decode())
+            self.popen.stdin.flush()
+        except (OSError, ValueError):
+            return False
+        try:
+            self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def _wait(self, timeout_s: float | None) -> int:
         code = self.popen.wait(timeout_s)
         # What it wrote last is still in the pipes: let the readers pass it on
@@ -322,7 +339,8 @@ def start_master(host: str, port: int, authkey: str | bytes,
 
 def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
                  start_method: str | None = None, oversubscribe: bool = False,
-                 tls_settings=None, process_authkey: bytes | None = None) -> ChildProcess:
+                 tls_settings=None, process_authkey: bytes | None = None,
+                 process_setup: tuple | None = None) -> ChildProcess:
     """Start ``python -m minicw.worker`` and wait until it has registered.
 
     ``start_method`` None: $MINICW_START_METHOD, else spawn (config.start_method;
@@ -332,7 +350,8 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
     (files by path, a fingerprint), instead of $MINICW_TLS_CA and
     $MINICW_TLS_FINGERPRINT; None: the environment's.  ``process_authkey``:
     the node's ``multiprocessing.current_process().authkey``, which its
-    processes inherit (config.ENV_PROCESS_AUTHKEY).
+    processes inherit (config.ENV_PROCESS_AUTHKEY).  ``process_setup``: (blob
+    key, context key) of a callable each worker process calls first.
     """
     host, port = address
     argv = ["minicw.worker", str(host), str(port), "-",
@@ -341,6 +360,8 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
         argv += ["-n", str(nprocs)]
     if oversubscribe:
         argv.append("--oversubscribe")
+    if process_setup is not None:
+        argv += ["--process-setup", "%s,%s" % (process_setup[0], process_setup[1] or "")]
     extra_env = {}
     if process_authkey is not None:
         extra_env[config.ENV_PROCESS_AUTHKEY] = process_authkey.hex()
@@ -357,7 +378,8 @@ def start_worker(address, authkey: str | bytes, nprocs: int | None = None,
     return child
 
 
-def exit_with_stdin(on_eof: Callable[[], None]) -> None:
+def exit_with_stdin(on_eof: Callable[[], None],
+                    on_drain: Callable[[], None] | None = None) -> None:
     """In a child: call ``on_eof()`` when the parent closes our stdin or dies.
 
     The watcher reads file descriptor 0 itself and never touches ``sys.stdin``:
@@ -368,8 +390,12 @@ def exit_with_stdin(on_eof: Callable[[], None]) -> None:
     """
     def watch():
         try:
-            while os.read(STDIN_FD, LIFELINE_READ_BYTES):
-                pass
+            while True:
+                data = os.read(STDIN_FD, LIFELINE_READ_BYTES)
+                if not data:
+                    break
+                if on_drain is not None and DRAIN_REQUEST in data:
+                    on_drain()
         except OSError:
             pass
         on_eof()

@@ -40,8 +40,10 @@ class LocalCluster(MasterNode):
         self.oversubscribe = oversubscribe    # n_workers may exceed the CPU count
         self.heartbeat_timeout_s = heartbeat_timeout_s
 
-    def start(self) -> "LocalCluster":
-        self.start_master_server(if_join_as_worker=True, nprocs=self.n_workers,
+    def start(self, join: bool = True) -> "LocalCluster":
+        """Start the master, and its worker node unless ``join`` is False (then
+        ``join_as_worker(...)`` starts it)."""
+        self.start_master_server(if_join_as_worker=join, nprocs=self.n_workers,
                                  oversubscribe=self.oversubscribe)
         return self
 
@@ -69,18 +71,20 @@ class LocalCluster(MasterNode):
 
 def found_or_started(processes: int | None = None, host: str | None = None,
                      port: int | None = None, authkey=None, tls_ca: str | None = None,
-                     tls_fingerprint: str | None = None) -> tuple:
+                     tls_fingerprint: str | None = None, join: bool = True) -> tuple:
     """``(address, authkey, cluster)``: the master named or found
     (discover.found_master; ``cluster`` None), else a LocalCluster started here
     with ``processes`` worker processes (any number, as multiprocessing starts
-    them; default one per CPU), which the caller stops.  minicw.Pool and the
-    joblib backend: the same program runs on a laptop and on the cluster."""
+    them; default one per CPU), which the caller stops; ``join`` False: its
+    master only (the caller starts the node).  minicw.Pool and the joblib
+    backend: the same program runs on a laptop and on the cluster."""
     from minicw import discover, transport
     address = discover.found_master(host, port)
     if address is not None:
         transport.choose_tls(address, tls_ca, tls_fingerprint)
         return address, discover.authkey(authkey), None
-    cluster = LocalCluster(n_workers=processes, oversubscribe=processes is not None).start()
+    cluster = LocalCluster(n_workers=processes, oversubscribe=processes is not None)
+    cluster.start(join)
     return cluster.address, cluster.authkey, cluster
 
 

@@ -147,9 +147,11 @@ class MasterNode:
         self.server_status = "Connected"
         return self
 
-    def join_as_worker(self, nprocs: int | None = None, oversubscribe: bool = False) -> None:
+    def join_as_worker(self, nprocs: int | None = None, oversubscribe: bool = False,
+                       process_setup: tuple | None = None) -> None:
         """Run a worker node on this machine (in its own process); ``nprocs`` is
-        capped at the CPU count unless ``oversubscribe``."""
+        capped at the CPU count unless ``oversubscribe``.  ``process_setup``: (blob
+        key, context key) of a callable each of its processes calls first."""
         if self._worker_process is not None and self._worker_process.alive():
             return
         # Its processes share this process's multiprocessing authkey, as the
@@ -157,11 +159,15 @@ class MasterNode:
         self._worker_process = launch.start_worker(
             self.address, self.AUTHKEY, nprocs, oversubscribe=oversubscribe,
             tls_settings=transport.tls_for(self.address),
-            process_authkey=bytes(multiprocessing.current_process().authkey))
+            process_authkey=bytes(multiprocessing.current_process().authkey),
+            process_setup=process_setup)
 
-    def stop_as_worker(self) -> None:
-        """Stop the local worker node started by join_as_worker()."""
+    def stop_as_worker(self, drain_s: float | None = None) -> None:
+        """Stop the local worker node started by join_as_worker(); with ``drain_s``,
+        first let its processes finish what they hold, for up to that long."""
         if self._worker_process is not None:
+            if drain_s:
+                self._worker_process.drain(drain_s)
             self._worker_process.stop()
             self._worker_process = None
 

@@ -217,7 +217,8 @@ class WorkerNode:
                  reconnect: bool = True, oversubscribe: bool = False,
                  connect_timeout_s: float | None = 0.0, allow_oversubscribe: bool = False,
                  max_jobs_per_process: int | None = None,
-                 max_memory_per_process: int | str | None = None, tls=None):
+                 max_memory_per_process: int | str | None = None, tls=None,
+                 process_setup: tuple | None = None):
         self.address = (IP, int(PORT))
         self.connect_timeout_s = connect_timeout_s  # how long join_cluster waits for a
                                                     # master not started yet (None: ever)
@@ -233,6 +234,9 @@ class WorkerNode:
         # much memory, is replaced after the chunk it is running (a leaking job
         # then holds its memory for a while, not for the node's lifetime).
         self.recycle = _recycle_limits(max_jobs_per_process, max_memory_per_process)
+        # (blob key, context key): a broadcast callable every process it starts
+        # calls first, in that client's context (a minicw.Pool's initializer).
+        self.process_setup = process_setup
         self.node_id = None
         self.master_shut_down = False
         self._slots = {}
@@ -616,7 +620,7 @@ class WorkerNode:
         spec = {"node_id": self.node_id, "slot": index, "control": process_end,
                 "slot_state": state, "address": self.address, "authkey": self.authkey,
                 "output_file": self._output_file(index), "recycle": self.recycle,
-                "tls": self.tls}
+                "tls": self.tls, "setup": self.process_setup}
         process = self.context.Process(target=worker_process.run_process, args=(spec,),
                                        name="minicw-worker-%d" % index, daemon=True)
         with _main_hidden():

@@ -23,9 +23,10 @@ What multiprocessing does, this does: a job's exception is re-raised by
 pickler's own exception; a pool not running raises ValueError; ``get(timeout)``
 raises ``multiprocessing.TimeoutError``; leaving a ``with`` block terminates.
 Where a cluster differs: ``processes`` sizes only a LocalCluster the pool
-starts (a running cluster's size is its nodes'); the initializer runs in a
-worker process before its first task of this pool (pool_task.py), since the
-processes are shared with other clients; what jobs print comes back to this
+starts (a running cluster's size is its nodes'); on a running cluster, whose
+processes serve other clients too, the initializer runs in a worker process
+before its first task of this pool (pool_task.py), where the pool's own
+cluster's processes run it when they start; what jobs print comes back to this
 process's stdout and stderr as they wrote it.  ``terminate()`` never leaves a
 result hanging: whatever had not finished raises CancelledError.
 """
@@ -55,6 +56,8 @@ log = logging.getLogger(__name__)
 FUNCTIONS_KEPT = 64      # a pool's wrapped functions remembered (each is sent once)
 _NO_KEYWORDS = {}        # a map chunk's keyword arguments (never changed)
 TERMINATED = "the pool was terminated before this task finished"
+JOIN_DRAIN_S = 60.0      # join(): how long the own cluster's processes may take to finish
+                         # starting (their initializer) before they are stopped
 
 _live_pools = weakref.WeakSet()
 
@@ -65,9 +68,9 @@ class Pool:
     ``processes``: the worker processes of the LocalCluster the pool starts
     when no master is named or found (default: the CPU count); a running
     cluster is used whole.  ``initializer(*initargs)`` runs in each worker
-    process before its first task of this pool (again in a replacement
-    process); after ``maxtasksperchild`` tasks of this pool a process is
-    replaced.  ``context`` is accepted for compatibility (the cluster's nodes
+    process when it starts (on a running cluster: before its first task of
+    this pool), again in a replacement process; after ``maxtasksperchild``
+    tasks of this pool a process is replaced.  ``context`` is accepted for compatibility (the cluster's nodes
     choose how their processes start).  ``host``, ``port``, ``authkey``,
     ``tls_ca`` and ``tls_fingerprint`` name the master as ClusterExecutor's do.
     """
@@ -85,13 +88,15 @@ class Pool:
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
         self._processes = processes
+        self._initializer_set = initializer is not None
         self._cluster_size = 0                 # a running cluster's processes, last counted
         self._cluster = None
         self._dispatcher = None
         self._functions = {}                   # (func, kind) -> what is sent for it
         self._cache = _Outstanding()           # results not settled yet
         address, key, self._cluster = local.found_or_started(processes, host, port, authkey,
-                                                             tls_ca, tls_fingerprint)
+                                                             tls_ca, tls_fingerprint,
+                                                             join=False)
         try:
             self._dispatcher = dispatch.Dispatcher(address, key)
             self._dispatcher.label_output = False   # worker output as multiprocessing shows it
@@ -104,6 +109,14 @@ class Pool:
             if initializer is not None or maxtasksperchild is not None:
                 setup = Setup(self._pool_id, initializer, initargs, maxtasksperchild)
                 self._setup = self._dispatcher.broadcast(setup)
+            if self._cluster is not None:
+                # Its own processes run the initializer when they start, as
+                # multiprocessing's do (a shared cluster's, at their first task).
+                process_setup = None
+                if initializer is not None:
+                    process_setup = (self._setup.key, self._dispatcher.session.context_key())
+                self._cluster.join_as_worker(self._cluster.n_workers, self._cluster.oversubscribe,
+                                             process_setup)
         except BaseException:
             _teardown(self._dispatcher, self._cluster, self._cache)
             raise
@@ -183,6 +196,10 @@ class Pool:
                 stream.wait_delivered()   # their results stay theirs to iterate
             self._cache.wait_empty()
             self._finalizer.detach()
+            if self._cluster is not None and self._initializer_set:
+                # As multiprocessing's join, only once each process has run the
+                # initializer (one that has just started runs it, then leaves).
+                self._cluster.stop_as_worker(drain_s=JOIN_DRAIN_S)
             _end_session(self._dispatcher, self._cluster)
         self._finalizer()
 

@@ -17,7 +17,9 @@
 A Pool's worker processes are shared with every other client of the
 cluster, so "once per worker process" is kept here, per process, by the
 pool's id: a replacement process (a crash, a recycle) starts with nothing
-and runs the initializer again before its first task of that pool.  A task
+and runs the initializer again before its first task of that pool.  On the
+LocalCluster a pool starts for itself, every process calls the Setup when it
+starts (its node's ``process_setup``), as multiprocessing's processes do.  A task
 counts as one whatever it holds: an ``apply`` call, or one chunk of a map
 (``chunksize`` items), as in ``multiprocessing.pool``.
 
@@ -47,6 +49,11 @@ class Setup:
 
     def __reduce__(self):
         return Setup, (self.pool_id, self.initializer, self.initargs, self.maxtasksperchild)
+
+    def __call__(self) -> None:
+        """Run the initializer now: a worker process of the pool's own cluster,
+        when it starts (its node's process setup), as multiprocessing's do."""
+        _prepare(self)
 
 
 def _prepare(setup: Setup) -> None:

@@ -65,11 +65,22 @@ def worker_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-no-check-hostname", dest="tls_check_hostname",
                         action="store_false", default=None,
                         help="with --tls-ca: do not check the master's host name")
+    parser.add_argument("--process-setup", type=_process_setup, default=None,
+                        metavar="KEY,CONTEXT", help="each worker process first calls the "
+                        "callable broadcast under blob KEY, in the client context of blob "
+                        "CONTEXT (minicw.Pool's own cluster: its initializer)")
     parser.add_argument("--connect-timeout", type=float, default=None, metavar="SECONDS",
                         help="give up when no master listens at HOST:PORT within this long "
                         "(default: wait for it; a wrong key or host fails at once)")
     launch.add_child_options(parser)
     return parser
+
+
+def _process_setup(text: str) -> tuple:
+    key, _, context_key = text.partition(",")
+    if not key:
+        raise argparse.ArgumentTypeError("expected KEY,CONTEXT (blob keys), got %r" % text)
+    return key, context_key or None
 
 
 def _size(text: str) -> int:
@@ -125,13 +136,14 @@ def worker_main(argv=None) -> int:
                           oversubscribe=args.oversubscribe,
                           connect_timeout_s=args.connect_timeout,
                           max_jobs_per_process=args.max_jobs_per_process,
-                          max_memory_per_process=args.max_memory_per_process)
+                          max_memory_per_process=args.max_memory_per_process,
+                          process_setup=args.process_setup)
     except ValueError as exc:
         return launch.command_error("minicw-worker", exc)
     threading.Thread(target=_announce_joined, args=(node, args.ready_file),
                      daemon=True).start()
     if args.exit_with_stdin:
-        launch.exit_with_stdin(node.stop)
+        launch.exit_with_stdin(node.stop, on_drain=lambda: node.stop(drain=True))
     launch.on_signals(lambda signum, frame: node.stop(drain=True))
     try:
         node.join_cluster()

@@ -145,6 +145,7 @@ class Runner:
         self.retiring = False        # a job asked for a new process: give back what is held
         self.exit_when_drained = EXIT_STOPPED
         self.max_jobs, self.max_rss = spec.get("recycle") or (0, 0)
+        self.setup = spec.get("setup")   # (blob key, context key): called first, or None
         self.jobs_run = 0
         # What jobs print, for clients that want it back (output.py); the node
         # reads the slot's file when this process dies under a job.
@@ -163,6 +164,8 @@ class Runner:
                       self.node_id, self.slot, exc)
             return EXIT_MASTER_LOST
         try:
+            if self.setup is not None:
+                self._run_setup()
             return self._loop()
         except (EOFError, ConnectionError, OSError) as exc:
             log.warning("worker process %s/%d lost the master: %s", self.node_id, self.slot, exc)
@@ -182,6 +185,21 @@ class Runner:
                     return EXIT_NODE_UNKNOWN
                 continue
             self.run_next_lease()
+
+    def _run_setup(self) -> None:
+        """Call the node's process setup, a broadcast callable (a Pool's
+        initializer), in its client's context, before any lease.  A failure is
+        logged; the pool tries again before its first task here, and that
+        task fails with the initializer's error."""
+        key, context_key = self.setup
+        try:
+            self._switch_context(self._context(context_key))
+            broadcast.resolve(key)()
+        except (EOFError, ConnectionError):
+            raise
+        except BaseException:
+            log.warning("worker process %s/%d: its setup (a pool's initializer) failed",
+                        self.node_id, self.slot, exc_info=True)
 
     # The steps of the loop, which benchmarks/workloads.py also drives itself
     # for many simulated nodes in one thread.

@@ -405,6 +405,32 @@ def test_the_initializer_runs_once_per_process_and_again_in_a_replacement(no_mas
         assert after - pids, "a replacement process ran tasks"
 
 
+def test_the_own_clusters_processes_run_the_initializer_when_they_start(no_master, tmp_path):
+    """As multiprocessing's: no task needed, and join() returns after it ran."""
+    log = tmp_path / "initialized"
+    pool = Pool(2, initializer=count_initializer, initargs=(str(log),))
+    processes = _pool_processes(pool)
+    pool.close()
+    pool.join()
+    ran = [int(line) for line in log.read_text().split()]
+    assert len(ran) == 2 and len(set(ran)) == 2
+    assert set(ran) <= processes
+    _assert_gone(processes)
+
+
+def broken_initializer():
+    raise OSError("the initializer cannot open its data")
+
+
+def test_an_initializer_that_fails_fails_the_tasks_with_its_error(no_master):
+    with Pool(1, initializer=broken_initializer) as pool:
+        with pytest.raises(OSError, match="cannot open its data") as caught:
+            pool.apply(square, (2,))
+        assert "broken_initializer" in caught.value.__cause__.tb
+        with pytest.raises(OSError):
+            pool.map(square, range(3))
+
+
 def test_maxtasksperchild_replaces_a_process_after_that_many_tasks(no_master):
     with Pool(2, maxtasksperchild=3) as pool:
         pids = collections.Counter(r.get(20) for r in [pool.apply_async(pid_after, (0.01,))
