@@ -403,13 +403,42 @@ class Dispatcher:
         with self._lock:
             running = [job for route in self._routes.values() for job in route.jobs
                        if not job.settled]
-        for job in running:
+        self.kill_jobs(running)
+        for stream in self.active_streams():
+            stream.close()
+
+    def kill_jobs(self, jobs) -> None:
+        """End ``jobs`` wherever they are: those still queued are cancelled in one
+        call (settled, their ``on_done`` not called), running ones killed (their
+        ``on_done`` gets CancelledError when the master confirms)."""
+        with self._send_lock:   # so a job being sent has its chunk id
+            with self._lock:
+                live = [job for job in jobs if not job.settled]
+                sent = {}
+                for job in live:
+                    if job.chunk_id is None:   # still pending here: the sender skips it
+                        self._settle_locked(job)
+                    else:
+                        sent.setdefault(job.chunk_id, []).append(job.index)
+            if not sent:
+                return
+            try:
+                outcome = self.session.cancel(list(sent.items()))
+            except MinicwError:
+                return   # the session is gone: nothing of it runs on
+        cancelled = {(chunk_id, index) for chunk_id, indices in outcome for index in indices}
+        for job in live:
+            if job.chunk_id is None or job.settled:
+                continue
+            if (job.chunk_id, job.index) in cancelled:
+                with self._lock:
+                    if not job.settled:
+                        self._settle_locked(job)
+                continue
             try:
                 self.kill_job(job)
             except MinicwError:
-                return   # the session is gone: nothing of it runs on
-        for stream in self.active_streams():
-            stream.close()
+                return
 
     # --- results ---------------------------------------------------------------------
 

@@ -129,7 +129,7 @@ class Pool:
 
     def apply(self, func, args=(), kwds={}):
         """``func(*args, **kwds)`` on a worker; blocks until the result is ready."""
-        return self.apply_async(func, args, kwds).get()
+        return self._wait_for(self.apply_async(func, args, kwds))
 
     def apply_async(self, func, args=(), kwds={}, callback=None, error_callback=None):
         """``func(*args, **kwds)`` on a worker: an ApplyResult at once; ``callback``
@@ -137,18 +137,19 @@ class Pool:
         self._check_running()
         result = ApplyResult(self._cache, callback, error_callback)
         try:
-            self._dispatcher.submit_job(self._wrapped(func, Task), args, kwds, result._on_done)
+            result._jobs.append(self._dispatcher.submit_job(self._wrapped(func, Task), args,
+                                                            kwds, result._on_done))
         except Exception as exc:
             result._on_done(False, exc)
         return result
 
     def map(self, func, iterable, chunksize: int | None = None) -> list:
         """``list(map(func, iterable))`` run in chunks on the workers."""
-        return self._map_async(func, iterable, False, chunksize).get()
+        return self._wait_for(self._map_async(func, iterable, False, chunksize))
 
     def starmap(self, func, iterable, chunksize: int | None = None) -> list:
         """``map``, each item a tuple of arguments: ``func(*item)``."""
-        return self._map_async(func, iterable, True, chunksize).get()
+        return self._wait_for(self._map_async(func, iterable, True, chunksize))
 
     def map_async(self, func, iterable, chunksize: int | None = None, callback=None,
                   error_callback=None):
@@ -238,6 +239,17 @@ class Pool:
 
     # --- the pieces ------------------------------------------------------------------------
 
+    def _wait_for(self, result: "ApplyResult"):
+        """``result.get()`` for the blocking calls; interrupted (Ctrl-C), their
+        tasks are ended, since nobody can take their results any more."""
+        try:
+            return result.get()
+        except BaseException:
+            if not result.ready():
+                self._dispatcher.kill_jobs(result._jobs)
+                result._cancel()   # join() does not wait for it
+            raise
+
     def _check_running(self) -> None:
         if self._state != RUN:
             raise ValueError("Pool not running")
@@ -297,8 +309,8 @@ class Pool:
                 result._fail_from(index, exc)
                 break
             try:
-                self._dispatcher.submit_job(wrapped, (chunk,), _NO_KEYWORDS,
-                                            functools.partial(result._on_chunk, index))
+                result._jobs.append(self._dispatcher.submit_job(
+                    wrapped, (chunk,), _NO_KEYWORDS, functools.partial(result._on_chunk, index)))
             except Exception as exc:
                 result._fail_from(index, exc)
                 break
@@ -438,6 +450,7 @@ class ApplyResult:
         self._error_callback = error_callback
         self._success = None
         self._value = None
+        self._jobs = []          # its dispatch.Jobs (settled ones have dropped their arguments)
         cache.add(self)
 
     def ready(self) -> bool:

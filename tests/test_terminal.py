@@ -126,6 +126,28 @@ def test_ctrl_c_at_the_terminal_cancels_the_run_and_the_cluster_lives_on(termina
     assert terminal.descendants() == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the cluster's processes in /proc")
+def test_ctrl_c_during_a_pools_map_ends_its_tasks_and_the_pool_goes_on(terminal, tmp_path):
+    """A multiprocessing user's session: Pool(2) starts its own cluster; Ctrl-C
+    during a map of long tasks returns the prompt, and the next call runs at
+    once (the interrupted map's tasks were ended, not left to finish)."""
+    terminal.run("import os, time; os.environ['MINICW_RUN_DIR'] = %r" % str(tmp_path))
+    terminal.run("from minicw import Pool; p = Pool(2)")
+    assert b"[5, 4, 3" in terminal.run("p.map(abs, range(-5, 5))")
+    terminal.type("p.map(time.sleep, [30] * 4)")
+    time.sleep(1.5)
+    os.write(terminal.fd, b"\x03")
+    assert b"KeyboardInterrupt" in terminal.read_until(PROMPT)
+    printed = terminal.run("t = time.time(); print('GOT', p.apply(abs, (-42,)), "
+                           "time.time() - t < 10)")
+    assert b"GOT 42 True" in printed, printed
+    terminal.run("p.close(); p.join()")
+    deadline = time.monotonic() + STEP_TIMEOUT_S
+    while _workers(terminal.descendants()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _workers(terminal.descendants()) == []
+
+
 def _workers(pids: list) -> list:
     """``(pid, command line)`` of the processes among ``pids`` that are not
     multiprocessing's helpers: the resource tracker and the fork server live
