@@ -87,9 +87,10 @@ class Pool:
             raise ValueError("maxtasksperchild must be a positive int or None")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be a callable")
-        self._processes = processes
+        # The worker processes (multiprocessing's attribute): a running cluster's
+        # are counted again as tasks are cut (_pool_size).
+        self._processes = processes or os.cpu_count() or 1
         self._initializer_set = initializer is not None
-        self._cluster_size = 0                 # a running cluster's processes, last counted
         self._cluster = None
         self._dispatcher = None
         self._functions = {}                   # (func, kind) -> what is sent for it
@@ -105,6 +106,7 @@ class Pool:
             # initializer sets there, the tasks see.
             self._pool_id = uuid.uuid4().hex
             self._dispatcher.namespace = self._pool_id
+            self._pool_size()
             self._setup = None
             if initializer is not None or maxtasksperchild is not None:
                 setup = Setup(self._pool_id, initializer, initargs, maxtasksperchild)
@@ -219,7 +221,7 @@ class Pool:
             self._dispatcher.session.address)
         return "<%s.%s state=%s pool_size=%s%s>" % (
             type(self).__module__, type(self).__qualname__, self._state,
-            self._cluster_size or self._processes or os.cpu_count(), where)
+            self._processes, where)
 
     def __del__(self, _warn=warnings.warn, RUN=RUN):
         if getattr(self, "_state", None) == RUN:
@@ -255,15 +257,14 @@ class Pool:
             raise ValueError("Pool not running")
 
     def _pool_size(self) -> int:
-        """The worker processes the pool's tasks are spread over."""
+        """The worker processes the pool's tasks are spread over: a running
+        cluster's as its master counts them now (when it has any)."""
         if self._cluster is None and self._dispatcher is not None and self._state == RUN:
             try:
-                self._cluster_size = self._dispatcher.worker_processes()
+                self._processes = self._dispatcher.worker_processes() or self._processes
             except Exception:
                 pass
-            if self._cluster_size:
-                return self._cluster_size
-        return self._processes or os.cpu_count() or 1
+        return self._processes
 
     def _wrapped(self, func, kind, star: bool = False):
         """What is sent for ``func``: the function itself for ``apply`` when the pool
@@ -439,8 +440,11 @@ class _Outstanding:
             result._cancel()
 
 
-class ApplyResult:
-    """The result of ``apply_async``: ``get``, ``wait``, ``ready``, ``successful``."""
+class ApplyResult(multiprocessing.pool.ApplyResult):
+    """The result of ``apply_async``: ``get``, ``wait``, ``ready``, ``successful``.
+
+    A multiprocessing.pool.AsyncResult for ``isinstance``; its methods are all
+    its own (the base class's work on a multiprocessing pool's internals)."""
 
     def __init__(self, cache: _Outstanding, callback=None, error_callback=None):
         self._event = threading.Event()
@@ -543,9 +547,10 @@ class MapResult(ApplyResult):
             self._on_chunk(missing, False, exc)
 
 
-class IMapIterator:
+class IMapIterator(multiprocessing.pool.IMapIterator):
     """The iterator of ``imap`` and ``imap_unordered``; ``next(timeout)`` raises
-    ``multiprocessing.TimeoutError`` when no result came within ``timeout`` seconds."""
+    ``multiprocessing.TimeoutError`` when no result came within ``timeout`` seconds.
+    A multiprocessing.pool.IMapIterator for ``isinstance``, with methods of its own."""
 
     def __init__(self, stream: dispatch.MapStream, failure: list):
         self._stream = stream
