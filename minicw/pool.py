@@ -70,9 +70,10 @@ class Pool:
     cluster is used whole.  ``initializer(*initargs)`` runs in each worker
     process when it starts (on a running cluster: before its first task of
     this pool), again in a replacement process; after ``maxtasksperchild``
-    tasks of this pool a process is replaced.  ``context`` is accepted for compatibility (the cluster's nodes
-    choose how their processes start).  ``host``, ``port``, ``authkey``,
-    ``tls_ca`` and ``tls_fingerprint`` name the master as ClusterExecutor's do.
+    tasks of this pool a process is replaced.  ``context`` is accepted for
+    compatibility (the cluster's nodes choose how their processes start).
+    ``host``, ``port``, ``authkey``, ``tls_ca`` and ``tls_fingerprint`` name the
+    master as ClusterExecutor's do.
     """
 
     def __init__(self, processes: int | None = None, initializer=None, initargs=(),
@@ -259,7 +260,8 @@ class Pool:
     def _pool_size(self) -> int:
         """The worker processes the pool's tasks are spread over: a running
         cluster's as its master counts them now (when it has any)."""
-        if self._cluster is None and self._dispatcher is not None and self._state == RUN:
+        dispatcher = self._dispatcher
+        if self._cluster is None and dispatcher is not None and not dispatcher.closed:
             try:
                 self._processes = self._dispatcher.worker_processes() or self._processes
             except Exception:
