@@ -16,8 +16,10 @@ joblib cuts calls into batches itself (AutoBatchingMixin: batches of about
 cluster's worker processes as its effective n_jobs: that is how many batches
 joblib keeps in flight.  Connections are kept for the process's life and
 shared by every backend instance with the same settings (each Parallel call
-may make a new one), so a LocalCluster starts once; it stops at exit, or at
-``minicw.joblib.shutdown()``.
+may make a new one), so a LocalCluster starts once, with the first call's
+n_jobs, and serves the later calls as it is; it stops at exit, or at
+``minicw.joblib.shutdown()`` (the next call then connects again).  n_jobs=1
+connects to nothing: joblib runs those calls here, one after another.
 
 Nothing in minicw imports this module; joblib is not a dependency of minicw.
 """
@@ -45,6 +47,7 @@ class _Connection:
     def __init__(self, processes, host, port, authkey, tls_ca, tls_fingerprint):
         address, key, self.cluster = local.found_or_started(processes, host, port, authkey,
                                                             tls_ca, tls_fingerprint)
+        self.closed = False
         try:
             self.executor = ClusterExecutor(address[0], address[1], key)
         except BaseException:
@@ -52,11 +55,16 @@ class _Connection:
                 self.cluster.shutdown()
             raise
 
-    def processes(self) -> int:
-        """The worker processes connected now (at least 1: joblib divides by it)."""
-        return max(1, self.executor._dispatcher.worker_processes())
+    def processes(self, n_jobs: int) -> int:
+        """The worker processes connected now; none yet (nodes still starting):
+        as many as ``n_jobs`` asks of this machine, so that the batches still
+        go to the cluster (1 would make joblib run them here)."""
+        if self.cluster is not None:
+            return self.cluster.n_workers or _local_processes(-1)
+        return self.executor._dispatcher.worker_processes() or max(2, _local_processes(n_jobs))
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.executor.shutdown(wait=False, cancel_futures=True)
         finally:
@@ -96,10 +104,9 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
         if n_jobs is None:
             n_jobs = self.default_n_jobs
-        connection = self._connect(_local_processes(n_jobs))
-        if connection.cluster is not None:   # started here, with the processes asked for
-            return _local_processes(n_jobs)
-        return connection.processes()
+        if n_jobs == 1:
+            return 1   # joblib runs these here, in order: no cluster needed
+        return self._connect(_local_processes(n_jobs)).processes(n_jobs)
 
     def configure(self, n_jobs=1, parallel=None, prefer=None, require=None, **backend_kwargs):
         # require="sharedmem" never reaches here: joblib gives such calls its
@@ -156,12 +163,9 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def _connect(self, processes: int) -> _Connection:
         """The shared connection for this backend's settings (a LocalCluster of
-        ``processes`` when no master is found; another size restarts it)."""
-        if self._connection is not None and (
-                self._connection.cluster is None
-                or self._connection.cluster.n_workers == processes):
-            return self._connection
-        self._connection = _shared_connection(processes, *self._where)
+        ``processes`` when no master is found and none was started yet)."""
+        if self._connection is None or self._connection.closed:
+            self._connection = _shared_connection(processes, *self._where)
         return self._connection
 
 
@@ -187,12 +191,7 @@ def _shared_connection(processes, host, port, authkey, tls_ca, tls_fingerprint) 
     settings = (host, port, authkey, tls_ca, tls_fingerprint)
     with _connections_lock:
         connection = _connections.get(settings)
-        if connection is not None and connection.cluster is not None \
-                and connection.cluster.n_workers != processes:
-            del _connections[settings]
-            connection.close()
-            connection = None
-        if connection is None:
+        if connection is None or connection.closed:
             connection = _connections[settings] = _Connection(processes, *settings)
         return connection
 

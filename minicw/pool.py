@@ -46,7 +46,7 @@ from collections import deque
 from concurrent.futures import CancelledError, TimeoutError as FuturesTimeoutError
 from multiprocessing.pool import CLOSE, INIT, RUN, TERMINATE, MaybeEncodingError, RemoteTraceback
 
-from minicw import dispatch, local, protocol, transport
+from minicw import config, dispatch, local, protocol, transport
 from minicw.errors import RemoteError, SerializationError, UnpicklableResultError
 from minicw.pool_task import MapChunk, Setup, Task
 from minicw.progress import start_progress
@@ -96,6 +96,7 @@ class Pool:
         self._dispatcher = None
         self._functions = {}                   # (func, kind) -> what is sent for it
         self._cache = _Outstanding()           # results not settled yet
+        self._iterators = weakref.WeakSet()    # imap iterators (terminate() ends them)
         address, key, self._cluster = local.found_or_started(processes, host, port, authkey,
                                                              tls_ca, tls_fingerprint,
                                                              join=False)
@@ -121,10 +122,10 @@ class Pool:
                 self._cluster.join_as_worker(self._cluster.n_workers, self._cluster.oversubscribe,
                                              process_setup)
         except BaseException:
-            _teardown(self._dispatcher, self._cluster, self._cache)
+            _teardown(self._dispatcher, self._cluster, self._cache, self._iterators)
             raise
         self._finalizer = weakref.finalize(self, _teardown, self._dispatcher, self._cluster,
-                                           self._cache)
+                                           self._cache, self._iterators)
         self._state = RUN
         _live_pools.add(self)
 
@@ -138,7 +139,7 @@ class Pool:
         """``func(*args, **kwds)`` on a worker: an ApplyResult at once; ``callback``
         (or ``error_callback``) is called with its outcome when it is ready."""
         self._check_running()
-        result = ApplyResult(self._cache, callback, error_callback)
+        result = ApplyResult(self._cache, callback, error_callback, self)
         try:
             result._jobs.append(self._dispatcher.submit_job(self._wrapped(func, Task), args,
                                                             kwds, result._on_done))
@@ -199,12 +200,15 @@ class Pool:
             for stream in dispatcher.active_streams():
                 stream.wait_delivered()   # their results stay theirs to iterate
             self._cache.wait_empty()
-            self._finalizer.detach()
-            if self._cluster is not None and self._initializer_set:
-                # As multiprocessing's join, only once each process has run the
-                # initializer (one that has just started runs it, then leaves).
-                self._cluster.stop_as_worker(drain_s=JOIN_DRAIN_S)
-            _end_session(self._dispatcher, self._cluster)
+            if self._finalizer.detach() is None:
+                return   # terminated meanwhile (another thread)
+            try:
+                if self._cluster is not None and self._initializer_set:
+                    # As multiprocessing's join, only once each process has run the
+                    # initializer (one that has just started runs it, then leaves).
+                    self._cluster.stop_as_worker(drain_s=JOIN_DRAIN_S)
+            finally:
+                _end_session(self._dispatcher, self._cluster)
         self._finalizer()
 
     def __enter__(self) -> "Pool":
@@ -300,23 +304,29 @@ class Pool:
                 chunksize += 1
         if length == 0:
             chunksize = 0
-        result = MapResult(self._cache, chunksize, length, callback, error_callback)
+        result = MapResult(self._cache, chunksize, length, callback, error_callback, self)
         if not chunksize:
             return result
         wrapped = self._wrapped(func, MapChunk, star)
         items = iter(iterable)
-        for index in range(result._chunks_left):
-            try:
-                chunk = list(itertools.islice(items, chunksize))
-            except Exception as exc:   # the iterable raised: it is this map's error
-                result._fail_from(index, exc)
-                break
-            try:
-                result._jobs.append(self._dispatcher.submit_job(
-                    wrapped, (chunk,), _NO_KEYWORDS, functools.partial(result._on_chunk, index)))
-            except Exception as exc:
-                result._fail_from(index, exc)
-                break
+        try:
+            for index in range(result._chunks_left):
+                try:
+                    chunk = list(itertools.islice(items, chunksize))
+                except Exception as exc:   # the iterable raised: it is this map's error
+                    result._fail_from(index, exc)
+                    break
+                try:
+                    result._jobs.append(self._dispatcher.submit_job(
+                        wrapped, (chunk,), _NO_KEYWORDS,
+                        functools.partial(result._on_chunk, index)))
+                except Exception as exc:
+                    result._fail_from(index, exc)
+                    break
+        except BaseException:   # interrupted while submitting: nobody will take it
+            self._dispatcher.kill_jobs(result._jobs)
+            result._cancel()
+            raise
         return result
 
     def _imap(self, func, iterable, chunksize: int, ordered: bool):
@@ -328,24 +338,31 @@ class Pool:
         except TypeError:
             length = None
         failure = []
+        # No progress line unless $MINICW_PROGRESS=1: multiprocessing draws none.
         stream = dispatch.MapStream(
             self._dispatcher, self._wrapped(func, MapChunk), _chunks(iterable, chunksize, failure),
             protocol.CALL_ONE, None, None, ordered, None, length=length,
-            progress=start_progress(length, None, "imap"))
+            progress=start_progress(length, config.progress_setting() or False, "imap"))
         try:
             stream.top_up()   # the first chunks go now, as multiprocessing's do
-        except BaseException:
+        except BaseException as exc:
             stream.close()
             stream.progress.finish()
+            if isinstance(exc, SerializationError):
+                raise pool_error(exc) from None
             raise
-        return IMapIterator(stream, failure)
+        iterator = (IMapIterator if ordered else IMapUnorderedIterator)(stream, failure, self)
+        self._iterators.add(iterator)
+        return iterator
 
 
-def _teardown(dispatcher, cluster, cache) -> None:
+def _teardown(dispatcher, cluster, cache, iterators) -> None:
     """Terminate a pool (terminate(), garbage collection, or interpreter exit):
-    results not ready raise CancelledError, its jobs stop, its session ends,
-    and the LocalCluster it started stops."""
+    results not ready and imap iterators not at their end raise CancelledError,
+    its jobs stop, its session ends, and the LocalCluster it started stops."""
     cache.cancel_all()
+    for iterator in list(iterators):
+        iterator._terminated = True
     if dispatcher is not None and cluster is None and not dispatcher.closed \
             and dispatcher.broken is None:
         try:
@@ -388,9 +405,10 @@ def pool_error(error: BaseException) -> BaseException:
             return _encoding_error(original)
         original.__cause__ = RemoteTraceback('\n"""\n%s"""' % error.remote_traceback)
         return original
-    if isinstance(error, SerializationError) and isinstance(error.__cause__, Exception):
-        return error.__cause__   # the pickler's own exception, unchanged
-    return error
+    cause = error
+    while isinstance(cause, SerializationError) and isinstance(cause.__cause__, Exception):
+        cause = cause.__cause__   # the pickler's own exception, unchanged
+    return cause
 
 
 class _Repr:
@@ -448,8 +466,9 @@ class ApplyResult(multiprocessing.pool.ApplyResult):
     A multiprocessing.pool.AsyncResult for ``isinstance``; its methods are all
     its own (the base class's work on a multiprocessing pool's internals)."""
 
-    def __init__(self, cache: _Outstanding, callback=None, error_callback=None):
+    def __init__(self, cache: _Outstanding, callback=None, error_callback=None, pool=None):
         self._event = threading.Event()
+        self._pool = pool        # kept alive until this is settled, as multiprocessing's
         self._lock = threading.Lock()
         self._cache = cache
         self._callback = callback
@@ -492,10 +511,11 @@ class ApplyResult(multiprocessing.pool.ApplyResult):
         if callback is not None and run_callback:
             try:
                 callback(value)
-            except Exception:
+            except BaseException:   # SystemExit too: the receiver thread must go on
                 log.exception("a pool result's %s raised", "callback" if ok else "error_callback")
         self._event.set()
         self._cache.discard(self)
+        self._pool = None
 
     def _cancel(self) -> None:
         self._settle(False, CancelledError(TERMINATED), run_callback=False)
@@ -509,8 +529,8 @@ class MapResult(ApplyResult):
     failure to arrive (once every chunk has come back, as multiprocessing)."""
 
     def __init__(self, cache: _Outstanding, chunksize: int, length: int, callback=None,
-                 error_callback=None):
-        super().__init__(cache, callback, error_callback)
+                 error_callback=None, pool=None):
+        super().__init__(cache, callback, error_callback, pool)
         self._values = [None] * length
         self._chunksize = chunksize
         self._failure = None
@@ -519,6 +539,7 @@ class MapResult(ApplyResult):
             self._success, self._value = True, self._values
             self._event.set()
             cache.discard(self)
+            self._pool = None
         else:
             self._chunks_left = -(-length // chunksize)
         self._chunks_total = self._chunks_left
@@ -554,11 +575,13 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
     ``multiprocessing.TimeoutError`` when no result came within ``timeout`` seconds.
     A multiprocessing.pool.IMapIterator for ``isinstance``, with methods of its own."""
 
-    def __init__(self, stream: dispatch.MapStream, failure: list):
+    def __init__(self, stream: dispatch.MapStream, failure: list, pool=None):
         self._stream = stream
         self._failure = failure      # the exception the input iterable raised, if any
         self._values = deque()       # results taken from the stream, not yet returned
         self._done = False
+        self._terminated = False     # its pool was terminated
+        self._pool = pool            # kept alive until the end, as multiprocessing's
         self._closer = weakref.finalize(self, _close_stream, stream)
 
     def __iter__(self) -> "IMapIterator":
@@ -569,13 +592,15 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
         while not values:
             if self._done:
                 raise StopIteration
+            if self._terminated:
+                self._end()
+                raise CancelledError(TERMINATED)
             try:
                 segment = self._stream.next_segment(timeout)
             except FuturesTimeoutError:
                 raise multiprocessing.TimeoutError from None
-            except BaseException:
-                self._end()
-                raise
+            except SerializationError as exc:   # an item that cannot be sent
+                raise pool_error(exc) from None
             if segment is None:
                 self._end()
                 if self._failure:
@@ -596,7 +621,12 @@ class IMapIterator(multiprocessing.pool.IMapIterator):
 
     def _end(self) -> None:
         self._done = True
+        self._pool = None
         self._closer()
+
+
+class IMapUnorderedIterator(IMapIterator, multiprocessing.pool.IMapUnorderedIterator):
+    """The iterator of ``imap_unordered``: results as they finish."""
 
 
 class _Failed:

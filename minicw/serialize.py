@@ -312,7 +312,7 @@ def _set_function_state(func: types.FunctionType, state: tuple) -> None:
 # brought them, as they share their module in the sender.  minicw.Pool sends
 # under its own id, so that what its initializer sets in the worker is seen by
 # its tasks.  The last NAMESPACES_KEPT are kept.
-NAMESPACES_KEPT = 32
+NAMESPACES_KEPT = 64
 _shared_namespaces: collections.OrderedDict = collections.OrderedDict()  # (token, name) -> dict
 _shared_namespace_ids: set = set()
 

@@ -68,6 +68,14 @@ def test_effective_n_jobs_is_the_clusters_process_count(on_cluster):
         joblib.effective_n_jobs(0)
 
 
+def test_n_jobs_1_needs_no_cluster_and_shutdown_lets_the_next_call_connect(on_cluster):
+    backend = minicw.joblib.MinicwBackend(host="127.0.0.1", port=1)   # nothing listens
+    assert backend.effective_n_jobs(1) == 1
+    assert joblib.Parallel(n_jobs=2)(joblib.delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+    minicw.joblib.shutdown()
+    assert joblib.Parallel(n_jobs=2)(joblib.delayed(abs)(-i) for i in range(3)) == [0, 1, 2]
+
+
 def test_the_older_parallel_backend_works_too(cluster):
     host, port = cluster.address
     with joblib.parallel_backend("minicw", host=host, port=port, authkey=cluster.authkey):

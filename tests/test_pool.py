@@ -178,6 +178,45 @@ def test_a_callback_that_raises_does_not_hang_the_result(pool, caplog):
     assert "callback raised" in caplog.text
 
 
+def test_a_result_keeps_its_pool_alive(tmp_path):
+    """As multiprocessing's: a pool nobody holds lives until its results are in
+    (in a script: pytest's own warning capture would keep the pool alive)."""
+    script = tmp_path / "temporary_pool.py"
+    script.write_text(textwrap.dedent("""\
+        import time
+        from minicw import Pool
+        def slow_square(x):
+            time.sleep(0.3)
+            return x * x
+        print(Pool(1).apply_async(slow_square, (3,)).get(timeout=20))
+        print(list(Pool(1).imap(slow_square, range(4))))
+        """))
+    env = dict(os.environ, MINICW_RUN_DIR=str(tmp_path / "run"), PYTHONPATH=ROOT)
+    env.pop("MINICW_MASTER", None)
+    done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", str(script)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[:2] == ["9", "[0, 1, 4, 9]"]
+
+
+def raise_system_exit(_):
+    raise SystemExit("a callback that exits")
+
+
+def test_a_callback_that_raises_system_exit_does_not_stop_the_results(pool):
+    first = pool.apply_async(square, (2,), callback=raise_system_exit)
+    assert first.get(10) == 4
+    assert pool.apply(square, (5,)) == 25   # the receiver thread went on
+
+
+def test_iterators_are_multiprocessings_kinds(pool):
+    assert isinstance(pool.imap(square, [1]), multiprocessing.pool.IMapIterator)
+    assert isinstance(pool.imap_unordered(square, [1]),
+                      multiprocessing.pool.IMapUnorderedIterator)
+    assert isinstance(pool.apply_async(square, (1,)), multiprocessing.pool.AsyncResult)
+
+
 # --- errors, as multiprocessing raises them ----------------------------------------------------
 
 def test_a_jobs_exception_comes_back_with_its_remote_traceback(pool):
@@ -220,6 +259,12 @@ def test_an_argument_that_cannot_be_pickled_raises_the_picklers_own_error(pool):
         pool.apply(square, (Unpicklable(),))
     with pytest.raises(RuntimeError, match="cannot pickle Unpicklable"):
         list(pool.imap(square, [Unpicklable()]))
+    # what the C pickler refuses: its TypeError, not minicw's SerializationError
+    with pytest.raises(TypeError, match="cannot pickle '_thread.lock' object") as caught:
+        pool.apply(square, (threading.Lock(),))
+    assert type(caught.value) is TypeError
+    with pytest.raises(TypeError, match="_thread.lock"):
+        pool.map(square, [threading.Lock()])
     assert pool.apply(square, (6,)) == 36
 
 
@@ -493,6 +538,18 @@ def test_terminate_on_a_shared_cluster_kills_only_this_pools_tasks(running_clust
     assert other.submit(square, 7).result(timeout=20) == 49
     assert time.monotonic() - started < 20
     other.shutdown()
+
+
+def test_terminate_on_a_shared_cluster_ends_imap_iterators(running_cluster):
+    host, port = running_cluster.address
+    pool = Pool(host=host, port=port, authkey=running_cluster.authkey)
+    it = pool.imap(slow_square, range(40))
+    assert next(it) == 0
+    pool.terminate()
+    with pytest.raises(CancelledError, match="terminated"):
+        for _ in it:
+            pass
+    pool.join()
 
 
 def test_two_pools_share_a_cluster(running_cluster):
