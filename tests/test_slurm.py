@@ -467,6 +467,25 @@ def test_cluster_executor_runs_1000_jobs(cluster):
         assert sum(executor.map(abs, range(-500, 500))) == 250000
 
 
+def _cube_plus(x, extra=0):
+    return x ** 3 + extra
+
+
+@pytest.mark.slurm
+def test_a_pool_given_nothing_finds_the_slurm_master(cluster):
+    """multiprocessing code moved by its import: Pool() uses the SLURM cluster
+    (its two worker processes), not a LocalCluster of its own."""
+    address, key = slurm.master_address(), rundir.read_authkey(cluster[0])
+    wait_for_worker_nodes(address, key, 2)
+    with minicw.Pool() as pool:
+        assert pool._cluster is None and pool.address == address
+        assert pool._processes == 2
+        assert pool.map(_cube_plus, range(1000)) == [x ** 3 for x in range(1000)]
+        assert pool.starmap(_cube_plus, [(2, 1), (3, 1)]) == [9, 28]
+        assert sorted(pool.imap_unordered(abs, range(-50, 50), 7)) == sorted(
+            abs(x) for x in range(-50, 50))
+
+
 @pytest.mark.slurm
 def test_workers_restart_alone(cluster):
     run_dir = cluster[0]
