@@ -430,9 +430,11 @@ def test_the_initializer_sets_globals_the_tasks_read(no_master):
         assert all(state is not None and state.startswith("ready-") for state in states)
         pids = {int(state.split("-")[1]) for state in states}
         assert pids <= _pool_processes(pool)
-        assert pool.apply(read_state) is not None
+        assert pool.apply(read_state).startswith("ready-")
         # a function sent later still sees what the initializer set
-        assert set(pool.map(read_state, [None] * 4)) <= set(states)
+        later = pool.map(read_state, [None] * 4)
+        assert all(state is not None and state.startswith("ready-") for state in later)
+        assert {int(state.split("-")[1]) for state in later} <= _pool_processes(pool)
 
 
 def test_the_initializer_runs_once_per_process_and_again_in_a_replacement(no_master,
