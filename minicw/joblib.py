@@ -127,11 +127,10 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
         return future
 
     def apply_async(self, func, callback=None):
-        """joblib before 1.3: ``callback(result)`` and ``out.get()``."""
-        future = self.submit(func)
-        if callback is not None:
-            future.add_done_callback(lambda done: callback(_Outcome(done)))
-        return _Outcome(future)
+        """What joblib before 1.5 calls instead of ``submit``: the callback is
+        given the future (1.3 and 1.4 pass it to ``retrieve_result_callback``;
+        before 1.3 it is ignored), and what this returns has ``get(timeout)``."""
+        return _Outcome(self.submit(func, callback))
 
     def retrieve_result_callback(self, future):
         return future.result()
@@ -170,12 +169,15 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
 
 
 class _Outcome:
-    """A future as joblib before 1.3 expects a result: ``get(timeout)``."""
+    """A future as joblib before 1.5 expects a job: ``get(timeout)``."""
 
     def __init__(self, future):
         self._future = future
 
     def get(self, timeout=None):
+        return self._future.result(timeout)
+
+    def result(self, timeout=None):
         return self._future.result(timeout)
 
 

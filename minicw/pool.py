@@ -515,6 +515,9 @@ class ApplyResult(multiprocessing.pool.ApplyResult):
                 log.exception("a pool result's %s raised", "callback" if ok else "error_callback")
         self._event.set()
         self._cache.discard(self)
+        # Its jobs' completion handlers refer to it: without this cycle it is
+        # freed, with the results it holds, as soon as nobody else holds it.
+        self._jobs.clear()
         self._pool = None
 
     def _cancel(self) -> None:
