@@ -95,6 +95,27 @@ def start_worker(port, nprocs=1, key=KEY, extra_args=(), wait=True):
     return proc
 
 
+def path_without_slurm(path=None):
+    """$PATH without the directories that hold SLURM's sbatch.  Clients given no
+    master ask SLURM for one when sbatch is there, and a SLURM installed but
+    not running makes squeue take seconds to fail: tests of "no master
+    anywhere" leave SLURM out, as on a laptop."""
+    path = os.environ.get("PATH", "") if path is None else path
+    return os.pathsep.join(entry for entry in path.split(os.pathsep)
+                           if entry and not os.path.exists(os.path.join(entry, "sbatch")))
+
+
+def no_master_env(run_dir, **extra):
+    """os.environ for a child that finds no master: no $MINICW_MASTER, an empty
+    run directory, no SLURM on its PATH, and this checkout first on its path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MINICW_RUN_DIR=str(run_dir), PATH=path_without_slurm(),
+               PYTHONPATH=root)
+    env.pop("MINICW_MASTER", None)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def pyenv_python(version):
     """The newest pyenv CPython ``version`` ("3.12") on this machine, or None."""
     import glob

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from tests import helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -16,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_example_runs_and_checks_its_answer(script, expected, tmp_path):
     env = dict(os.environ)
     env.pop("MINICW_MASTER", None)
-    env["MINICW_RUN_DIR"] = str(tmp_path)   # no launcher's master is found either
+    env["MINICW_RUN_DIR"] = str(tmp_path)   # no launcher's master is found either,
+    env["PATH"] = helpers.path_without_slurm()   # nor a SLURM one
     env["PYTHONPATH"] = ROOT
     completed = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -14,6 +14,7 @@ joblib = pytest.importorskip("joblib", reason="joblib is not installed (pip inst
 
 import minicw.joblib  # noqa: E402  (registers the backend)
 from minicw import LocalCluster  # noqa: E402
+from tests import helpers  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,8 +137,7 @@ def test_a_script_with_no_master_starts_its_own_cluster(tmp_path):
         "with joblib.parallel_config(backend='minicw'):\n"
         "    parents = joblib.Parallel(n_jobs=2)(joblib.delayed(where)(i) for i in range(8))\n"
         "print(len(set(parents)), os.getpid() in parents)\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, MINICW_RUN_DIR=str(tmp_path / "run"))
-    env.pop("MINICW_MASTER", None)
+    env = helpers.no_master_env(tmp_path / "run")
     done = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -20,6 +20,7 @@ from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 import pytest
 
 from minicw import LocalCluster, Pool, WorkerCrashedError
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,6 +89,7 @@ def no_master(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MINICW_MASTER", raising=False)
         patch.setenv("MINICW_RUN_DIR", str(tmp_path_factory.mktemp("run")))
+        patch.setenv("PATH", helpers.path_without_slurm())
         yield
 
 
@@ -191,8 +193,7 @@ def test_a_result_keeps_its_pool_alive(tmp_path):
         print(Pool(1).apply_async(slow_square, (3,)).get(timeout=20))
         print(list(Pool(1).imap(slow_square, range(4))))
         """))
-    env = dict(os.environ, MINICW_RUN_DIR=str(tmp_path / "run"), PYTHONPATH=ROOT)
-    env.pop("MINICW_MASTER", None)
+    env = helpers.no_master_env(tmp_path / "run")
     done = subprocess.run([sys.executable, "-W", "ignore::ResourceWarning", str(script)],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, env=env, timeout=60)
@@ -600,8 +601,7 @@ def test_a_script_without_a_main_guard_gives_multiprocessings_output(tmp_path):
     changed: the standard library's (under fork: spawn and forkserver would
     run the unguarded top level again in each child) and minicw's print the
     same lines."""
-    env = dict(os.environ, PYTHONPATH=ROOT, MINICW_RUN_DIR=str(tmp_path / "run"))
-    env.pop("MINICW_MASTER", None)
+    env = helpers.no_master_env(tmp_path / "run")
     outputs = {}
     for name, line in (("with_stdlib", "from multiprocessing import Pool\nimport multiprocessing\n"
                                   "multiprocessing.set_start_method('fork')"),
@@ -640,8 +640,7 @@ def test_pool_module_terminates_live_pools_at_exit(tmp_path):
         cluster = holder.pool._cluster
         print(cluster._master_process.pid, cluster._worker_process.pid, flush=True)
         """))
-    env = dict(os.environ, MINICW_RUN_DIR=str(tmp_path / "run"), PYTHONPATH=ROOT)
-    env.pop("MINICW_MASTER", None)
+    env = helpers.no_master_env(tmp_path / "run")
     done = subprocess.run([sys.executable, str(script)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -15,6 +15,7 @@ from unittest import mock
 import pytest
 
 import minicw
+from tests import helpers
 
 try:
     from test import _test_multiprocessing as stdlib_tests
@@ -41,6 +42,7 @@ def no_master(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MINICW_MASTER", raising=False)
         patch.setenv("MINICW_RUN_DIR", str(tmp_path_factory.mktemp("run")))
+        patch.setenv("PATH", helpers.path_without_slurm())
         yield
 
 

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from conftest import descendants
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = b">>> "
@@ -131,7 +132,8 @@ def test_ctrl_c_during_a_pools_map_ends_its_tasks_and_the_pool_goes_on(terminal,
     """A multiprocessing user's session: Pool(2) starts its own cluster; Ctrl-C
     during a map of long tasks returns the prompt, and the next call runs at
     once (the interrupted map's tasks were ended, not left to finish)."""
-    terminal.run("import os, time; os.environ['MINICW_RUN_DIR'] = %r" % str(tmp_path))
+    terminal.run("import os, time; os.environ['MINICW_RUN_DIR'] = %r; os.environ['PATH'] = %r"
+                 % (str(tmp_path), helpers.path_without_slurm()))
     terminal.run("from minicw import Pool; p = Pool(2)")
     assert b"[5, 4, 3" in terminal.run("p.map(abs, range(-5, 5))")
     terminal.type("p.map(time.sleep, [30] * 4)")
