@@ -399,11 +399,9 @@ class Dispatcher:
     def kill_all(self) -> None:
         """End every submitted job now: the queued ones are cancelled, the running
         ones killed (their processes are replaced); minicw.Pool.terminate()."""
-        self.cancel_all_queued()
         with self._lock:
-            running = [job for route in self._routes.values() for job in route.jobs
-                       if not job.settled]
-        self.kill_jobs(running)
+            jobs = self._pending + [job for route in self._routes.values() for job in route.jobs]
+        self.kill_jobs(jobs)
         for stream in self.active_streams():
             stream.close()
 

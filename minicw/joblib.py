@@ -82,8 +82,6 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
     """
 
     supports_retrieve_callback = True   # joblib >= 1.3: submit() and a done-callback
-    supports_timeout = True
-    supports_return_generator = True
     uses_threads = False
     supports_sharedmem = False
     default_n_jobs = -1                 # parallel_config(backend="minicw"): the whole cluster
@@ -134,9 +132,6 @@ class MinicwBackend(AutoBatchingMixin, ParallelBackendBase):
 
     def retrieve_result_callback(self, future):
         return future.result()
-
-    def retrieve_result(self, out, timeout=None):
-        return out.result(timeout) if hasattr(out, "result") else out.get(timeout)
 
     def abort_everything(self, ensure_ready=True):
         """A batch failed: the batches still queued or running are ended (a running

@@ -170,6 +170,18 @@ def master():
 
 
 @pytest.fixture(scope="module")
+def no_master(tmp_path_factory):
+    """Nothing names a master (no $MINICW_MASTER, an empty run directory, no
+    SLURM on the PATH): each Pool starts a LocalCluster of its own."""
+    from tests.helpers import path_without_slurm
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MINICW_MASTER", raising=False)
+        patch.setenv("MINICW_RUN_DIR", str(tmp_path_factory.mktemp("run")))
+        patch.setenv("PATH", path_without_slurm())
+        yield
+
+
+@pytest.fixture(scope="module")
 def cluster():
     """A LocalCluster of 2 worker processes, shared by the tests of a module (a
     module that needs another cluster defines its own ``cluster``)."""

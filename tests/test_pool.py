@@ -84,16 +84,6 @@ class Unpicklable:
 # --- fixtures -------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def no_master(tmp_path_factory):
-    """Nothing names a master: each Pool starts a LocalCluster of its own."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MINICW_MASTER", raising=False)
-        patch.setenv("MINICW_RUN_DIR", str(tmp_path_factory.mktemp("run")))
-        patch.setenv("PATH", helpers.path_without_slurm())
-        yield
-
-
-@pytest.fixture(scope="module")
 def pool(no_master):
     with Pool(2) as running:
         yield running
@@ -531,7 +521,7 @@ def test_terminate_on_a_shared_cluster_kills_only_this_pools_tasks(running_clust
     other = running_cluster.executor()
     pool = Pool(host=host, port=port, authkey=key)
     sleeping = pool.map_async(time.sleep, [300] * 4, chunksize=1)
-    time.sleep(1.0)
+    _wait_until_busy(running_cluster, 2)   # both processes hold a sleeping task
     started = time.monotonic()
     pool.terminate()
     pool.join()
@@ -553,6 +543,13 @@ def test_terminate_on_a_shared_cluster_ends_imap_iterators(running_cluster):
         for _ in it:
             pass
     pool.join()
+
+
+def _wait_until_busy(cluster, processes, timeout=20):
+    deadline = time.monotonic() + timeout
+    while sum(node.busy_processes for node in cluster.list_workers()) < processes:
+        assert time.monotonic() < deadline, "the tasks never started"
+        time.sleep(0.05)
 
 
 def test_two_pools_share_a_cluster(running_cluster):

@@ -15,7 +15,6 @@ from unittest import mock
 import pytest
 
 import minicw
-from tests import helpers
 
 try:
     from test import _test_multiprocessing as stdlib_tests
@@ -38,12 +37,8 @@ SKIPPED = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def no_master(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MINICW_MASTER", raising=False)
-        patch.setenv("MINICW_RUN_DIR", str(tmp_path_factory.mktemp("run")))
-        patch.setenv("PATH", helpers.path_without_slurm())
-        yield
+def every_pool_starts_its_own(no_master):
+    yield
 
 
 class MinicwPoolMixin(stdlib_tests.BaseMixin):
