@@ -535,24 +535,33 @@ class WorkerNode:
             if slot.state[worker_process.STATE_TOKEN] != token:
                 continue  # not started yet (or finished: then the TTL forgets it)
             running = slot.state[worker_process.STATE_POSITION]
+            # a batch of fast jobs holds the first position and its end
+            batch_end = max(running + 1, slot.state[worker_process.STATE_BATCH_END])
             if running > position:
                 del self._kill_requests[(slot_index, token)]  # it finished first
-            elif running == position:
+            elif position < batch_end:
                 del self._kill_requests[(slot_index, token)]
-                self._end_slot(api, slot, protocol.END_KILLED)
+                self._end_slot(api, slot, protocol.END_KILLED, position)
 
-    def _end_slot(self, api, slot: _Slot, reason: str) -> None:
-        """Kill a slot's process on purpose and report why."""
+    def _end_slot(self, api, slot: _Slot, reason: str, position: int | None = None) -> None:
+        """Kill a slot's process on purpose and report why (and which job: by
+        default the one it was running)."""
         _kill_group(slot.process)
         slot.process.join()
-        self._process_ended(api, slot, reason, draining=False)
+        self._process_ended(api, slot, reason, draining=False, position=position)
 
-    def _process_ended(self, api, slot: _Slot, reason: str, draining: bool) -> None:
+    def _process_ended(self, api, slot: _Slot, reason: str, draining: bool,
+                       position: int | None = None) -> None:
         process = slot.process
         process.join()
         _kill_group(process)   # what its job started dies with it
         token = slot.state[worker_process.STATE_TOKEN]
-        position = slot.state[worker_process.STATE_POSITION]
+        if position is None:
+            position = slot.state[worker_process.STATE_POSITION]
+            if slot.state[worker_process.STATE_BATCH_END] > position + 1:
+                # It died in a batch of several jobs: which one is unknown
+                # (the master runs them again, one at a time, uncharged).
+                position = None
         exit_description = describe_exit(process.exitcode)
         del self._slots[slot.index]
         slot.control.close()
@@ -590,7 +599,8 @@ class WorkerNode:
                 return
         if reason == protocol.END_DIED:
             log.warning("worker process %d (pid %s) ended: %s (running job %s of lease %s)",
-                        slot.index, process.pid, exit_description, position, token)
+                        slot.index, process.pid, exit_description,
+                        "?" if position is None else position, token)
         elif reason == protocol.END_TIMED_OUT:
             log.info("worker process %d (pid %s) killed: job %s of lease %s ran over its "
                      "time limit", slot.index, process.pid, position, token)
@@ -598,7 +608,7 @@ class WorkerNode:
             log.info("worker process %d (pid %s) killed: job %s of lease %s was cancelled "
                      "while it ran", slot.index, process.pid, position, token)
         printed = None
-        if reason != protocol.END_KILLED and token:
+        if reason != protocol.END_KILLED and token and position is not None:
             printed = output.crashed_output(self._output_file(slot.index), position) or None
             if printed is not None:
                 printed = ("%s:%s" % (socket.gethostname(), process.pid), printed)

@@ -83,6 +83,9 @@ class Capture:
         self._entries = {}                 # position -> [(stream, text)]
         self._sizes = {}                   # position -> characters kept (and cut)
         self._saved = None
+        # (first position, results list) while the worker process runs a batch of
+        # jobs: the running job's position is the first plus the results so far
+        self.batch = None
 
     # --- a lease ---
     def install(self, limit: int) -> None:
@@ -105,7 +108,11 @@ class Capture:
 
     # --- writes ---
     def write(self, stream: str, text: str) -> None:
-        position = self._state[self._position_field]
+        batch = self.batch
+        if batch is None:
+            position = self._state[self._position_field]
+        else:
+            position = batch[0] + len(batch[1])
         with self._lock:
             size = self._sizes.get(position, 0)
             room = self.limit - size

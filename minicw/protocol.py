@@ -62,8 +62,9 @@ import pickle
 import traceback
 from typing import NamedTuple, Optional
 
-PROTOCOL_VERSION = 3    # 2: named records, no missing_blobs, leased(); 3: Report.failures,
-                        # NodeRecord.jobs_failed and seen_s_ago
+PROTOCOL_VERSION = 4    # 2: named records, no missing_blobs, leased(); 3: Report.failures,
+                        # NodeRecord.jobs_failed and seen_s_ago; 4: process_ended's
+                        # position None (a process died in a batch of jobs)
 PICKLE_PROTOCOL = 5  # every supported Python (3.8+) reads it
 
 # --- records ---------------------------------------------------------------------------

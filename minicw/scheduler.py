@@ -469,8 +469,10 @@ class Scheduler:
                       reason: str, exit_description: str, output=None) -> None:
         """A node's worker process ended; settle every lease it held.
 
-        ``token``/``position`` say which job it was running (0/-1: none known);
-        ``output`` is what that job printed before (output.py), or None.
+        ``token``/``position`` say which job it was running (0/-1: none known;
+        a token with position None: one of a batch of that lease's jobs, which
+        one is unknown); ``output`` is what that job printed before (output.py),
+        or None.
         """
         with self._changing:
             node = self._nodes.get(node_id)
@@ -483,7 +485,9 @@ class Scheduler:
                 chunk = self._leases.get(held_token)
                 if chunk is None:
                     continue
-                if held_token == token:
+                if held_token == token and position is None:
+                    self._end_lease(chunk, None, reason, exit_description, one_at_a_time=True)
+                elif held_token == token:
                     self._end_lease(chunk, max(position, chunk.done), reason, exit_description,
                                     output)
                 else:
@@ -710,11 +714,14 @@ class Scheduler:
             del client.chunks[chunk.chunk_id]
 
     def _end_lease(self, chunk: Chunk, culprit_position, reason: str, exit_description: str,
-                   output=None):
+                   output=None, one_at_a_time: bool = False):
         """LEASED -> QUEUED / RETRIED / FAILED for a lease whose process ended.
 
         ``culprit_position`` is the position that was running, or None when
-        the process never started this chunk (its jobs go back uncharged).
+        the process never started this chunk, or when it is not known
+        (``one_at_a_time``: it died in a batch of jobs): its jobs go back
+        uncharged, in the second case as a retry, a tuple of indices, which
+        a worker process runs one job at a time (worker_process._batchable).
         """
         chunk_node = chunk.holder[0] if chunk.holder is not None else None
         self._release(chunk)
@@ -722,7 +729,7 @@ class Scheduler:
         remaining = chunk.selection[chunk.done:]
         client.running_jobs -= len(remaining)
         if culprit_position is None or culprit_position >= len(chunk.selection):
-            self._requeue(chunk, remaining)
+            self._requeue(chunk, tuple(remaining) if one_at_a_time else remaining)
             return
         culprit = chunk.selection[culprit_position]
         others = tuple(i for i in remaining if i != culprit)

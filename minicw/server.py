@@ -131,7 +131,8 @@ class NodeAPI(_RoleAPI):
             validate.text("node_id", node_id),
             validate.integer("process_ended's slot", slot, 0, config.MAX_NODE_PROCESSES),
             validate.integer("process_ended's token", token, 0, 2 ** 63 - 1),
-            validate.integer("process_ended's position", position, -1, config.MAX_JOBS_PER_CHUNK),
+            None if position is None else validate.integer(
+                "process_ended's position", position, -1, config.MAX_JOBS_PER_CHUNK),
             validate.end_reason(reason),
             validate.text("process_ended's exit_description", exit_description),
             validate.process_output(output))

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from concurrent.futures import CancelledError
+from itertools import repeat
 
 import pytest
 
@@ -45,6 +47,24 @@ def crash_first_time(marker):
         open(marker, "w").close()
         os._exit(1)
     return "second attempt"
+
+
+def exit_at(x, crash_x, marker=None):
+    """x, except at ``crash_x``, where the process exits (the first time only, when
+    ``marker`` names a file to leave behind)."""
+    if x == crash_x and not (marker and os.path.exists(marker)):
+        if marker:
+            open(marker, "w").close()
+        os._exit(3)
+    return x
+
+
+def nap_at(x, nap_x, marker):
+    """x, except at ``nap_x``, which says so in ``marker`` and sleeps."""
+    if x == nap_x:
+        open(marker, "w").close()
+        time.sleep(600)
+    return x
 
 
 def sleep_for(seconds):
@@ -168,6 +188,55 @@ def test_a_crash_is_retried_and_the_rerun_succeeds(cluster, tmp_path):
             "second attempt"
         with pytest.raises(WorkerCrashedError, match="1 attempt"):
             executor.with_options(max_retries=0).submit(crash_with, "exit").result(60)
+
+
+# A chunk of fast jobs runs in batches, each one C-level map over its jobs
+# (worker_process._run_batched); these check that crashes and kills are still
+# charged to exactly the job they belong to.
+
+def _warm_up(executor):
+    """exit_at loaded in both processes and timed as fast: chunks then run in batches."""
+    for _ in range(2):
+        assert sum(executor.map(exit_at, range(200), repeat(-1), chunksize=100)) == 19900
+
+
+def test_a_crash_among_fast_jobs_is_charged_to_the_job_that_crashed(cluster, tmp_path):
+    with cluster.executor() as executor:
+        _warm_up(executor)
+        got = []
+        with pytest.raises(WorkerCrashedError, match="1 attempt") as caught:
+            for value in executor.map(exit_at, range(100), repeat(37), chunksize=100,
+                                      max_retries=0):
+                got.append(value)
+        assert got == list(range(37))   # the jobs before it ran, the culprit alone failed
+        assert "item 37" in str(caught.value)
+        # again, in a process that has run the function in batches before
+        _warm_up(executor)
+        with pytest.raises(WorkerCrashedError, match="item 37 .* on 1 attempt"):
+            list(executor.map(exit_at, range(100), repeat(37), chunksize=100, max_retries=0))
+        [node] = executor.list_workers()
+        assert node["nprocs"] == 2
+
+
+def test_a_job_killed_while_its_batch_runs_ends_at_once(cluster, tmp_path):
+    marker = str(tmp_path / "napping")
+    with cluster.executor() as executor:
+        _warm_up(executor)
+        # timeout: had the kill not reached the napping job, TimeoutError, not a hang
+        results = executor.map(nap_at, range(40), repeat(20), repeat(marker), chunksize=40,
+                               timeout=60)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(marker):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        # map has no per-job kill of its own: the session's, as kill() uses for a future
+        [stream] = executor._dispatcher.active_streams()
+        [chunk_id] = list(stream._in_flight)
+        assert executor._dispatcher.session.kill(chunk_id, 20) == "killing"
+        assert [next(results) for _ in range(20)] == list(range(20))   # run again
+        with pytest.raises(CancelledError, match="killed on request while running"):
+            next(results)
+        assert sum(executor.map(exit_at, range(100), repeat(-1), chunksize=100)) == 4950
 
 
 def test_a_job_over_its_time_limit_is_killed_and_fails_with_timeout_error(cluster):

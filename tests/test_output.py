@@ -100,6 +100,23 @@ def test_execute_and_client_thread_name_their_jobs():
     assert lines_of(out, "job mine") == ["line one of 5", "written in parts 5"]
 
 
+def test_jobs_run_in_one_batch_each_have_their_own_output():
+    # a chunk of fast jobs runs in batches (worker_process._run_batched): the
+    # output of each job is still labelled with its own item
+    out, _ = run_case("""
+        def sometimes(x):
+            if x % 7 == 3:
+                print("seven of", x)
+            return x
+        for _ in range(3):
+            print(sum(executor.map(sometimes, range(100), chunksize=100)))
+    """)
+    for x in range(100):
+        expected = ["seven of %d" % x] * 3 if x % 7 == 3 else []
+        assert lines_of(out, "item %d" % x) == expected
+    assert out.count("4950") == 3
+
+
 def test_output_beyond_the_limit_is_cut_with_a_note():
     out, err = run_case("print(executor.submit(loud, 1).result())", "{'forward_output': 100}")
     assert lines_of(out, "job 1") == ["y" * 100]
