@@ -43,6 +43,14 @@ Four limits decide, the smallest wins:
   has reported a few chunks (the decayed count is then about three chunks);
 * MAX_JOBS_PER_CHUNK, which bounds the memory of one message.
 
+One floor: the master serves every chunk of every process (a lease, a
+report, a delivery: about MASTER_CHUNK_S of its CPU), so with many worker
+processes a chunk holds at least ``processes x MASTER_CHUNK_S / MASTER_LOAD``
+of work (master_floor_s), which keeps the master's share of a CPU near
+MASTER_LOAD however many processes there are.  Under about 50 processes the
+floor is below CHUNK_TARGET_S and changes nothing; at 1,000 a chunk of 20 ms
+jobs holds ten of them.  It raises the work and tail limits, not the spread.
+
 A function never timed goes one job per chunk until a result reports its
 time: slow jobs must not queue behind each other in one process.
 
@@ -73,6 +81,9 @@ OUTLIER_FACTOR = 4.0        # ... counts as at most 4 times the estimate
 UNKNOWN_JOBS_PER_CHUNK = 32  # calls of an untimed function sharing a chunk in a large backlog
 LARGE_BACKLOG = 64          # ... a backlog of at least this many calls
 MIN_WINDOW_CHUNKS = 16      # chunks a client keeps in flight, at least
+MASTER_CHUNK_S = 50e-6      # the master's CPU per chunk (lease, report, delivery) ...
+MASTER_LOAD = 0.25          # ... and the share of a CPU its chunks may take with every
+                            # process busy (see master_floor_s)
 
 
 class JobTimes:
@@ -138,17 +149,25 @@ def jobs_per_chunk(seconds: float | None, run_jobs: int | None = None,
     """
     if seconds is None:
         return 1
-    size = MAX_JOBS_PER_CHUNK if seconds <= 0 else int(CHUNK_TARGET_S / seconds)
+    floor_s = master_floor_s(processes)
+    size = MAX_JOBS_PER_CHUNK if seconds <= 0 else int(max(CHUNK_TARGET_S, floor_s) / seconds)
     if run_jobs is not None and processes > 0:
         if seconds > 0:   # jobs too fast to time have no work or tail limit
             left = run_jobs if jobs_left is None else jobs_left
             tail = max(size, math.ceil(left / (TAIL_SHARES * processes)))
-            size = min(int(CHUNK_WORK_S / seconds), tail)
+            size = min(int(max(CHUNK_WORK_S, floor_s) / seconds), tail)
         share_s = max(seconds, 0.0) * run_jobs / processes
         size = min(size, math.ceil(run_jobs / spread_chunks(processes, share_s)))
     if timed_jobs is not None:
         size = min(size, math.ceil(CONFIDENCE_FACTOR * timed_jobs))
     return max(1, min(MAX_JOBS_PER_CHUNK, size))
+
+
+def master_floor_s(processes: int) -> float:
+    """The least work in one chunk when ``processes`` worker processes share a
+    master: at one chunk per process every this many seconds, its chunks
+    cost the master MASTER_LOAD of a CPU."""
+    return processes * MASTER_CHUNK_S / MASTER_LOAD
 
 
 def spread_chunks(processes: int, share_s: float | None = None) -> int:

@@ -185,8 +185,10 @@ FIRST_SUBMIT_S = 0.005          # a stream sends its first chunks after packing 
 SUBMIT_BYTES_PER_CALL = 1 << 20  # ... and later ones about this many payload bytes per call
                                 # (under load every call waits milliseconds for its reply)
 PREFETCH_WORK_S = 0.02          # a worker process leases about this much work ahead
-RESULT_FLUSH_S = 0.02           # a worker process holds finished results about this long at most
-                                # (see worker_process.MAX_CLOCK_STRIDE)
+RESULT_FLUSH_S = 0.25           # a worker process holds finished results about this long at most
+                                # (see worker_process.MAX_CLOCK_STRIDE); each flush of a running
+                                # chunk is one more call on the master: chunks are sized to
+                                # end before it (chunking.py)
 IN_FLIGHT_CHUNKS_PER_PROCESS = 32  # client window: chunks submitted but not yet answered, per worker process
 NODE_COUNT_TTL_S = 2.0          # how long a client trusts its count of worker processes
 DEFAULT_MAX_RETRIES = 2         # reruns of a job whose process died under it

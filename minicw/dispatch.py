@@ -158,8 +158,8 @@ class Dispatcher:
                        jobs_left: int | None = None) -> int:
         """Jobs for the next chunk of ``func_key`` in a run of ``run_jobs`` (None: unknown)
         of which ``jobs_left`` are not cut yet."""
-        processes = self.worker_processes() if run_jobs is not None else 0
-        return self._job_times.jobs_per_chunk(func_key, run_jobs, processes, jobs_left)
+        return self._job_times.jobs_per_chunk(func_key, run_jobs, self.worker_processes(),
+                                              jobs_left)
 
     def worker_processes(self) -> int:
         """Worker processes connected now (counted at most every NODE_COUNT_TTL_S)."""

@@ -556,12 +556,12 @@ def test_unpicklable_argument_fails_only_its_job(executor):
 
 
 def _fast_then_slow(x, marker):
-    # Jobs 0-1999 take no time, 2000-2029 take 2 ms each, job 2030 waits (up
+    # Jobs 0-1999 take no time, 2000-2199 take 2 ms each, job 2200 waits (up
     # to 10 s) for the client to have seen a result: it can only if the
     # results of the chunk's first jobs were sent before the chunk ended.
-    if 2000 <= x < 2030:
+    if 2000 <= x < 2200:
         time.sleep(0.002)
-    if x == 2030:
+    if x == 2200:
         deadline = time.monotonic() + 10
         while not os.path.exists(marker) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -570,11 +570,11 @@ def _fast_then_slow(x, marker):
 
 
 def test_a_long_chunk_sends_its_first_results_before_it_ends(solo, tmp_path):
-    # One chunk of 2031 jobs on one process.  The fast start makes the
-    # process read its clock rarely; the slow jobs after it must still make
-    # it flush within a few jobs, as RESULT_FLUSH_S promises.
+    # One chunk of 2201 jobs on one process.  The fast start makes the
+    # process read its clock rarely; the slow jobs after it (0.4 s, more than
+    # RESULT_FLUSH_S) must still make it flush within a few jobs.
     marker = str(tmp_path / "seen")
-    jobs = 2031
+    jobs = 2201
     with solo.executor() as executor:
         # Warm-up: the function is loaded before the chunk that is watched.
         assert list(executor.map(_fast_then_slow, range(3), [marker] * 3)) == [0, 1, 2]
@@ -583,7 +583,7 @@ def test_a_long_chunk_sends_its_first_results_before_it_ends(solo, tmp_path):
         open(marker, "w").close()
         rest = list(results)
     assert first == 0
-    assert rest == list(range(1, 2030)) + [True]
+    assert rest == list(range(1, 2200)) + [True]
 
 
 def _nap(x):
