@@ -45,9 +45,11 @@ in a role that must not share an interpreter with the benchmark itself:
 """
 from __future__ import annotations
 
+import heapq
 import inspect
 import json
 import logging
+import math
 import os
 import platform
 import pickle
@@ -64,7 +66,7 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)  # this checkout's minicw, installed or not
 
-from minicw import config, context, protocol, worker_process  # noqa: E402
+from minicw import config, context, protocol, serialize, worker_process  # noqa: E402
 from minicw.node import python_version  # noqa: E402
 from minicw.transport import connect_master as connect  # noqa: E402
 
@@ -76,12 +78,27 @@ def inc(x):
     return x + 1
 
 
+NAP_S = 0.02   # how long a nap job sleeps
+
+
+def nap(x):
+    """A job that sleeps NAP_S and returns its argument (what the simulated worker
+    processes of ``simprocs`` do without a process or a sleep of their own)."""
+    time.sleep(NAP_S)
+    return x
+
+
 def spin(x, seconds=0.0001):
     """A job of ``seconds`` of CPU (100 us by default), returning something checkable."""
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
     return x + 1
+
+
+def spin_1us(x):
+    """A job of 1 us of CPU."""
+    return spin(x, 1e-6)
 
 
 def factorize_naive(n):
@@ -223,21 +240,27 @@ class SimNode:
     """One simulated worker node with one process slot: a heartbeat thread, the
     slot's Runner (driven by run_slots) and the pipe between them."""
 
-    def __init__(self, address, authkey: bytes):
+    def __init__(self, address, authkey: bytes, nprocs: int = 1):
         self.api = connect(address, authkey).node()
         info = {"protocol": protocol.PROTOCOL_VERSION, "hostname": socket.gethostname(),
-                "pid": os.getpid(), "nprocs": 1, "python": python_version(),
+                "pid": os.getpid(), "nprocs": nprocs, "python": python_version(),
                 "platform": platform.platform(terse=True), "start_method": "simulated"}
         self.node_id, heartbeat_timeout_s = self.api.register(info)
         self.period_s = heartbeat_timeout_s / config.HEARTBEATS_PER_TIMEOUT
         self.blobs = {}     # what this node fetched, as a node's cache holds it
         self.control, process_end = Pipe(duplex=True)
+        self.slots = [self._runner(address, authkey, index, process_end)
+                      for index in range(nprocs)]
+        self.slot = self.slots[0]
+
+    def _runner(self, address, authkey: bytes, index: int, control):
         state = bytearray(8 * worker_process.STATE_FIELDS)
         memoryview(state).cast("q")[worker_process.STATE_POSITION] = -1
-        self.slot = worker_process.Runner({"node_id": self.node_id, "slot": 0, "control": process_end,
-                                   "slot_state": state, "address": tuple(address),
-                                   "authkey": authkey})
-        self.slot.api = connect(address, authkey).process()
+        runner = worker_process.Runner({"node_id": self.node_id, "slot": index,
+                                        "control": control, "slot_state": state,
+                                        "address": tuple(address), "authkey": authkey})
+        runner.api = connect(address, authkey).process()
+        return runner
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the heartbeat; return once the first heartbeat is through, so that
@@ -327,6 +350,149 @@ def serve_sim_nodes(host: str, port: int, count: int) -> int:
     threading.Thread(target=_run_slots_or_exit, args=(nodes,), daemon=True).start()
     print("READY " + " ".join(node.node_id for node in nodes), flush=True)
     sys.stdin.read()   # until the benchmark closes our stdin (or ends)
+    os._exit(0)
+
+
+# --- many simulated worker processes that sleep their jobs --------------------------------
+
+class Sleeper:
+    """A simulated worker process whose jobs are ``nap``: it leases, "sleeps" each
+    job's NAP_S on a timer instead of running it, and reports its argument, with
+    the real process's Runner doing the rest (what to ask for, holding leases
+    and reports, packing results).  As the real loop, it reads the clock after
+    every job this long, flushes the results so far once RESULT_FLUSH_S has
+    passed (an exchange that waits for its reply), and asks for work when it
+    holds none.  Jobs that all take NAP_S need no timer each: one timer takes
+    it to the job after which the real loop would next flush, or to the end
+    of the lease."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.lease = None        # the lease running: (token, values of its jobs, position)
+        self.pending = None      # worker_process._Pending of the running lease
+        self.jobs_done = 0
+
+    def ask(self) -> None:
+        runner = self.runner
+        runner.api.send_call("exchange", runner.exchange_args(
+            0 if self.lease is not None else runner.want(),
+            0 if self.lease is not None else worker_process.IDLE_WAIT_S))
+
+    def take_reply(self, now: float):
+        """The reply of the call out; the time of this sleeper's next timer, or None
+        when it asked again (or the master forgot its node: then False)."""
+        runner = self.runner
+        if not runner.take_reply(runner.api.receive_reply()):
+            return False
+        if self.lease is not None:      # after a flush
+            token = self.lease[0]
+            if token in runner.revoked:
+                runner.revoked.discard(token)
+                self.lease = None
+            else:
+                return self._next_stop(now)
+        return self._start(now)
+
+    def _start(self, now: float):
+        runner = self.runner
+        while runner.leases:
+            lease = protocol.view(protocol.Lease, runner.leases.popleft())
+            if lease.token in runner.revoked:
+                runner.revoked.discard(lease.token)
+                continue
+            kind, items = serialize.loads(lease.payload)
+            if kind != protocol.CALL_ONE:
+                raise ValueError("simulated processes run nap(x) jobs only")
+            self.lease = (lease.token, [items[index] for index in lease.selection], 0)
+            self.pending = worker_process._Pending(now)
+            self.lease_started = now
+            return self._next_stop(now)
+        self.ask()
+        return None
+
+    def _next_stop(self, now: float) -> float:
+        """When the running lease next flushes or ends (jobs run back to back from now)."""
+        _, values, position = self.lease
+        left = len(values) - position
+        # (a real sleep overshoots: the job that reaches flush_at ends after it)
+        jobs = max(1, min(left, math.ceil((self.pending.flush_at - now) / NAP_S - 1e-9)))
+        self.segment = jobs
+        return now + jobs * NAP_S
+
+    def on_timer(self, now: float):
+        """The jobs up to the next stop are done: flush or finish; the next timer or None."""
+        runner = self.runner
+        token, values, position = self.lease
+        end = position + self.segment
+        self.jobs_done += self.segment
+        pending = self.pending
+        if end < len(values):   # a flush: report, wait for the reply, go on
+            runner._report(token, pending.start, values[pending.start:end], None,
+                           now - pending.started)
+            pending.start, pending.started = end, now
+            pending.flush_at = now + config.RESULT_FLUSH_S
+            self.lease = (token, values, end)
+            self.ask()
+            return None
+        runner._report(token, pending.start, values[pending.start:], None,
+                       now - pending.started)
+        elapsed = now - self.lease_started
+        runner.chunk_seconds = elapsed if not runner.chunk_seconds else (
+            0.7 * runner.chunk_seconds + 0.3 * elapsed)
+        self.lease = None
+        return self._start(now)
+
+
+def run_sleepers(sleepers) -> None:
+    """Drive every sleeper from this thread: a selector for replies, a heap of timers."""
+    selector = selectors.DefaultSelector()
+    timers = []   # (due, sequence, sleeper)
+    sequence = 0
+    for sleeper in sleepers:
+        sleeper.ask()
+        selector.register(sleeper.runner.api.connection(), selectors.EVENT_READ, sleeper)
+    clock = time.perf_counter
+    while selector.get_map():
+        timeout = max(0.0, timers[0][0] - clock()) if timers else None
+        events = selector.select(timeout)
+        now = clock()
+        for key, _ in events:
+            due = key.data.take_reply(now)
+            if due is False:
+                selector.unregister(key.fileobj)
+            elif due is not None:
+                sequence += 1
+                heapq.heappush(timers, (due, sequence, key.data))
+        while timers and timers[0][0] <= now:
+            _, _, sleeper = heapq.heappop(timers)
+            due = sleeper.on_timer(now)
+            if due is not None:
+                sequence += 1
+                heapq.heappush(timers, (due, sequence, sleeper))
+
+
+def serve_sim_processes(host: str, port: int, nodes: int, per_node: int) -> int:
+    """``nodes`` simulated nodes of ``per_node`` sleepers each; "counts" on stdin
+    prints ``COUNTS`` and the jobs each sleeper has done."""
+    logging.basicConfig(level=logging.ERROR)
+    authkey = os.environ["MINICW_AUTHKEY"].encode()
+    sim_nodes = []
+    for _ in range(nodes):
+        sim_nodes.append(SimNode((host, port), authkey, per_node))
+        sim_nodes[-1].start()
+    sleepers = [Sleeper(runner) for node in sim_nodes for runner in node.slots]
+
+    def drive():
+        try:
+            run_sleepers(sleepers)
+        except BaseException:
+            logging.exception("simulated processes: the loop stopped")
+            os._exit(1)
+    threading.Thread(target=drive, daemon=True).start()
+    print("READY %d" % len(sleepers), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "counts":
+            print("COUNTS " + " ".join(str(s.jobs_done) for s in sleepers), flush=True)
     os._exit(0)
 
 
@@ -484,11 +650,14 @@ def main(argv) -> int:
         return serve_minimalcluster()
     if argv[:1] == ["simnodes"] and len(argv) == 4:
         return serve_sim_nodes(argv[1], int(argv[2]), int(argv[3]))
+    if argv[:1] == ["simprocs"] and len(argv) == 5:
+        return serve_sim_processes(argv[1], int(argv[2]), int(argv[3]), int(argv[4]))
     if argv == ["floorhub"]:
         return serve_floor_hub()
     if argv[:1] == ["floorworkers"] and len(argv) == 3:
         return serve_floor_workers(int(argv[1]), int(argv[2]))
-    print("usage: workloads.py minimalcluster | simnodes HOST PORT COUNT | floorhub"
+    print("usage: workloads.py minimalcluster | simnodes HOST PORT COUNT"
+          " | simprocs HOST PORT NODES PER_NODE | floorhub"
           " | floorworkers PORT CONNECTIONS", file=sys.stderr)
     return 2
 

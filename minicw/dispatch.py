@@ -591,6 +591,30 @@ class JobsRoute:
             self.dispatcher._settle(job, False, exc)
 
 
+class MapResults(itertools.chain):
+    """What ``executor.map`` returns: the results of a MapStream, one segment's
+    iterator after another (``itertools.chain``, so that taking the next result
+    runs no Python code), with a generator's ``close()``: the stream's jobs
+    still queued or running are cancelled."""
+
+    @classmethod
+    def of(cls, segments, stream: MapStream) -> "MapResults":
+        results = cls.from_iterable(segments)
+        results._segments = segments
+        results._stream = stream
+        return results
+
+    def close(self) -> None:
+        self._segments.close()
+        self._stream.close()
+
+
+def _taking(values: deque, count: int):
+    """An iterator that pops ``count`` results off ``values``: once the caller drops
+    a result, nothing here holds it."""
+    return itertools.starmap(values.popleft, itertools.repeat((), count))
+
+
 _MORE = object()   # MapStream._take: nothing in flight, submit more first
 _IDLE = object()   # MapStream._take: nothing arrived for a while, the progress line may tick
 
@@ -852,8 +876,15 @@ class MapStream:
 
     # --- consuming (consumer's thread) ----------------------------------------------------------
 
-    def results(self):
-        """Yield results in order (or as they arrive); raise at the first failed job."""
+    def results(self) -> "MapResults":
+        """The results in order (or as they arrive), raising at the first failed job."""
+        return MapResults.of(self._segments(), self)
+
+    def _segments(self):
+        """Iterators over the segments' results, in the stream's order: the
+        caller's iteration (a chain of them) moves from one result to the next
+        in C, and comes here once per segment.  At a failure, the results
+        before it, then its exception."""
         progress = self.progress
         try:
             while True:
@@ -870,17 +901,12 @@ class MapStream:
                 del segment
                 if errors is None:
                     progress.add(len(values))   # a segment at a time: per result, nothing
-                    while values:
-                        # No local names the result: once the caller drops it, it is freed.
-                        yield values.popleft()
+                    yield _taking(values, len(values))
                     continue
-                progress.add(min(errors) + 1, 1)   # up to the failure that will raise
-                offset = 0
-                while values:
-                    if offset in errors:
-                        raise client.job_exception(errors[offset])
-                    offset += 1
-                    yield values.popleft()
+                failed = min(errors)
+                progress.add(failed + 1, 1)   # up to the failure that will raise
+                yield _taking(values, failed)
+                raise client.job_exception(errors[failed])
         finally:
             self.close()
             if self.checkpointed is None:   # else its Results, which counts stored ones too

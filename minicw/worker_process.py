@@ -309,8 +309,12 @@ class Runner:
         pending = _Pending(started)
         position = 0
         if self._batchable(selection, items, lease):
-            position = self._run_batched(token, selection, items, kind, functions, lease,
-                                         job_context, pending)
+            try:
+                position = self._run_batched(token, selection, items, kind, functions, lease,
+                                             job_context, pending)
+            finally:   # however it ended (a flush that found the lease cancelled, ...)
+                self.capture.batch = None
+                self.state[STATE_BATCH_END] = 0
             if position is None:
                 return
         touched = self._run_singly(token, selection, items, call, lease.timeout_s, job_context,
@@ -381,7 +385,6 @@ class Runner:
             try:
                 values.extend(mapper(call, items[first + position:first + end]))
             except RetireProcess as retire:
-                state[STATE_BATCH_END] = 0
                 self._retire_after(token, start, start + len(values), values, errors, retire,
                                    perf_counter() - pending.started)
                 return None
@@ -398,9 +401,6 @@ class Runner:
                 for key in lease.func_keys:
                     self.clean_jobs[key] = -1   # never batched again
                 pending.start, pending.values, pending.errors = start, values, errors
-                state[STATE_BATCH_END] = 0
-                if capture is not None:
-                    capture.batch = None
                 return position
             if position == last:
                 break
@@ -411,9 +411,6 @@ class Runner:
                 if self._flush(token, start, values, errors, now, pending):
                     return None
                 start, values, errors = position, [], None
-        state[STATE_BATCH_END] = 0
-        if capture is not None:
-            capture.batch = None
         self._finish_lease()
         self._report(token, start, values, errors, perf_counter() - pending.started)
         return None
