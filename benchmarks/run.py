@@ -14,7 +14,9 @@ Method
 * Each workload starts its contenders, warms each one up (processes started,
   functions imported and cached), then measures them in turns, interleaved:
   A, B, C, A, B, C, ... ``--repeat`` times (default 3).  A slow moment of the
-  machine therefore hits every contender alike.
+  machine therefore hits every contender alike.  Short workloads with targets
+  on ratios near 1 measure more often whatever ``--repeat`` says: batched,
+  roundtrip and tls at least 5 times, progress, output and scale 15.
 * A row of the table compares minicw with one peer: the median of each
   side's repeats, and their ratio (minicw / peer).  A target is either on that
   ratio or on minicw's own value; rows without a target are references.
@@ -66,7 +68,7 @@ scale      200 [50] simulated worker nodes (in 4 processes, each driving
            master's CPU per chunk (a lease and its report) <= 1.5x the hub's
            per chunk, both read from /proc/PID/task/*/schedstat around each
            run; no node without jobs.  A run lasts tens of milliseconds, so
-           scale measures at least 7 times.  References: the throughput
+           scale measures at least 15 times.  References: the throughput
            against one real node of 2 processes, and how much more CPU each
            role (master or hub, node processes, client) spent per run for 200
            nodes than for 1.
@@ -86,11 +88,11 @@ progress   the batched ``executor.map(chunksize=1000)`` of no-op jobs, 1,000,000
            from the start instead of after 2 s, rewritten every 0.25 s on a
            stderr that says it is a terminal and writes to os.devnull) against
            the same map with ``progress=False``: >= 0.98x (the display costs at
-           most 2%); 5 repeats at least.
+           most 2%); 15 repeats at least.
 output     jobs that print nothing, with output forwarding on (the default)
            and off (``forward_output=False``), two executors on one cluster:
            the batched map of ``progress`` (>= 0.98x) and the round trip of
-           ``roundtrip`` (median <= 1.02x); 5 repeats at least.
+           ``roundtrip`` (median <= 1.02x); 15 repeats at least.
 tls        two clusters side by side, one over TLS (a self-signed certificate
            made by the openssl command, pinned by fingerprint) and one plain:
            the batched ``executor.map(chunksize=1000)`` of 1,000,000 [200,000]
@@ -158,8 +160,10 @@ SIM_PER_NODE = 10            # simulated worker processes per simulated node (pr
 SAMPLE_PERIOD_S = 0.5        # RSS sampling period while streaming
 RSS_RATIO_FLOOR = 1e6        # RSS figures under this are page noise: no ratio to them
 QUEUED_SETTLE_S = 1.0        # pause before reading the master's RSS after submitting
-SCALE_MIN_REPEAT = 7         # a scale run lasts tens of milliseconds: measure it more often
-PROGRESS_MIN_REPEAT = 5      # a 2% target: more than 3 runs of each side
+SCALE_MIN_REPEAT = 15        # a scale run lasts tens of milliseconds: measure it more often
+TARGET_MIN_REPEAT = 5        # short workloads with targets on ratios near 1 (batched,
+                             # roundtrip, tls): medians of more runs
+PROGRESS_MIN_REPEAT = 15     # a 2% target on runs that differ by 10% here: many runs a side
 FACTORIZE_MIN_REPEAT = 5     # serial runs here differ by up to 40% within a minute: a
                              # median of 3 efficiencies is mostly that drift (full mode)
 STEP_LIMIT_S = 300.0         # a measurement or warm-up taking longer is stuck: it fails and
@@ -720,7 +724,7 @@ def bench_batched(run: Run) -> list:
         }
         if minimal is not None:
             contenders["minimalcluster execute"] = lambda: _minimal_batched(minimal, n, total)
-        runs = run.interleave("batched", contenders)
+        runs = run.interleave("batched", contenders, min_repeat=TARGET_MIN_REPEAT)
 
     ppe_rate = median(runs, "PPE map", "tasks_per_s")
     default = median(runs, "minicw execute default", "tasks_per_s")
@@ -842,7 +846,7 @@ def bench_tls(run: Run) -> list:
             for executor in executors.values():
                 expect("warm-up", sum(executor.map(inc, range(10_000), chunksize=1000)),
                        50_005_000)
-        runs = run.interleave("tls", contenders)
+        runs = run.interleave("tls", contenders, min_repeat=TARGET_MIN_REPEAT)
     rate = lambda name: median(runs, name, "tasks_per_s")  # noqa: E731
     return [
         make_row("tls", "map(chunksize=1000) over TLS, %d jobs" % n, rate("map tls"),
@@ -1161,7 +1165,7 @@ def bench_roundtrip(run: Run) -> list:
         for name, measure in contenders.items():
             with run.guard("roundtrip warm-up: %s" % name):
                 measure()
-        runs = run.interleave("roundtrip", contenders)
+        runs = run.interleave("roundtrip", contenders, min_repeat=TARGET_MIN_REPEAT)
 
     ppe_us = median(runs, "PPE", "median_us")
     return [

@@ -91,7 +91,32 @@ def node_info(info) -> dict:
 def chunk_specs(specs) -> list:
     """The specs of a submit, each checked (as they travel: plain tuples)."""
     sequence("submit's specs", specs, config.MAX_CHUNKS_PER_SUBMIT)
-    return [chunk_spec(fields) for fields in specs]
+    max_bytes = config.max_message_bytes()
+    return [fields if _plain_spec(fields, max_bytes) else chunk_spec(fields)
+            for fields in specs]
+
+
+_SPEC_FIELDS = len(protocol.ChunkSpec._fields)
+
+
+def _plain_spec(fields, max_bytes: int) -> bool:
+    """The common spec, checked without naming anything: a tuple of the right
+    types and ranges, of one function (a submit's chunks come here by the
+    thousand; one that is not, chunk_spec checks field by field, naming the
+    field at fault)."""
+    if type(fields) is not tuple or len(fields) != _SPEC_FIELDS:
+        return False
+    chunk_id, func_keys, n_jobs, payload, timeout_s, max_retries, context_key, python = fields
+    return (type(chunk_id) is int and 0 <= chunk_id < 2 ** 63
+            and type(func_keys) is tuple and len(func_keys) == 1
+            and type(func_keys[0]) is str and len(func_keys[0]) <= config.MAX_NAME_CHARS
+            and type(n_jobs) is int and 1 <= n_jobs <= config.MAX_JOBS_PER_CHUNK
+            and type(payload) is bytes and len(payload) <= max_bytes
+            and timeout_s is None
+            and type(max_retries) is int and 0 <= max_retries <= config.MAX_RETRIES_ALLOWED
+            and (context_key is None or type(context_key) is str
+                 and len(context_key) <= config.MAX_NAME_CHARS)
+            and (python is None or type(python) is str and len(python) <= config.MAX_NAME_CHARS))
 
 
 def chunk_spec(fields) -> tuple:
@@ -161,7 +186,17 @@ def wait_s(name: str, value) -> float:
 
 def reports(reports_in) -> list:
     sequence("exchange's reports", reports_in, config.MAX_REPORTS_PER_CALL)
+    max_bytes = config.max_message_bytes()
     for fields in reports_in:
+        # the common report first, without naming anything: every field's type and
+        # range, no failures
+        if type(fields) is tuple and len(fields) == 5:
+            token, start, count, results, failures = fields
+            if (failures is None and type(token) is int and 0 <= token < 2 ** 63
+                    and type(start) is int and 0 <= start <= config.MAX_JOBS_PER_CHUNK
+                    and type(count) is int and 0 <= count <= config.MAX_JOBS_PER_CHUNK
+                    and type(results) is bytes and len(results) <= max_bytes):
+                continue
         if not isinstance(fields, (tuple, list)) or len(fields) != len(protocol.Report._fields):
             raise InvalidCallError("a report must be a tuple of %d fields, not %s"
                                    % (len(protocol.Report._fields), _shown(fields)))
@@ -169,7 +204,7 @@ def reports(reports_in) -> list:
         integer("a report's token", token, 0, 2 ** 63 - 1)
         integer("a report's start", start, 0, config.MAX_JOBS_PER_CHUNK)
         integer("a report's count", count, 0, config.MAX_JOBS_PER_CHUNK)
-        data("a report's results", results, config.max_message_bytes())
+        data("a report's results", results, max_bytes)
         if failures is not None:
             if not isinstance(failures, (tuple, list)) or len(failures) != 2:
                 raise InvalidCallError("a report's failures must be (count, described), not %s"
