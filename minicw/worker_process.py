@@ -62,7 +62,7 @@ IDLE_WAIT_S = 1.0      # a process waiting for work re-checks its node this ofte
 REPORT_ROOM_BYTES = 1 << 16  # a report's own fields besides its results, at most
 FUNCTIONS_PER_PROCESS = 256  # loaded functions and contexts a process keeps
 CLOCK_CHECKS_PER_FLUSH = 8   # a running chunk reads the clock this often per RESULT_FLUSH_S ...
-MAX_CLOCK_STRIDE = 16        # ... and at least every this many jobs (a fast start must
+MAX_CLOCK_STRIDE = 64        # ... and at least every this many jobs (a fast start must
                              # not hide later slow jobs for long); also the longest batch
 BATCH_AFTER_CLEAN_JOBS = 64  # a function runs in batches after this many jobs, one at a
                              # time, that left the cwd and sys.path as they were
@@ -376,12 +376,12 @@ class Runner:
         position = 0
         stride = 1             # the first job alone: its time sets the stride
         start, values, errors = pending.start, pending.values, pending.errors
+        if capture is not None:   # again after each flush, which starts a new list
+            capture.batch = (start, values)
         while position < last:
             end = min(last, position + stride)
             state[STATE_POSITION] = position
             state[STATE_BATCH_END] = end
-            if capture is not None:
-                capture.batch = (start, values)
             try:
                 values.extend(mapper(call, items[first + position:first + end]))
             except RetireProcess as retire:
@@ -411,6 +411,8 @@ class Runner:
                 if self._flush(token, start, values, errors, now, pending):
                     return None
                 start, values, errors = position, [], None
+                if capture is not None:
+                    capture.batch = (start, values)
         self._finish_lease()
         self._report(token, start, values, errors, perf_counter() - pending.started)
         return None
