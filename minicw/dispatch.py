@@ -605,6 +605,11 @@ class MapResults(itertools.chain):
         return results
 
     def close(self) -> None:
+        # the segment being taken first: the chain holds it, and a generator's
+        # close() ends its iteration at once
+        taking = self._stream.taking
+        if taking is not None:
+            deque(taking, maxlen=0)
         self._segments.close()
         self._stream.close()
 
@@ -714,6 +719,7 @@ class MapStream:
         self._timed_out = False              # its timeout ran out (close cancels in the background)
         self._caller = None                  # client.DeadlineCaller: submits with a timeout
         self.progress = progress             # progress.Progress: counts segments as taken
+        self.taking = None                   # the iterator over the segment being taken
 
     # --- feeding (consumer's thread) ---------------------------------------------------------
 
@@ -901,11 +907,13 @@ class MapStream:
                 del segment
                 if errors is None:
                     progress.add(len(values))   # a segment at a time: per result, nothing
-                    yield _taking(values, len(values))
+                    self.taking = _taking(values, len(values))
+                    yield self.taking
                     continue
                 failed = min(errors)
                 progress.add(failed + 1, 1)   # up to the failure that will raise
-                yield _taking(values, failed)
+                self.taking = _taking(values, failed)
+                yield self.taking
                 raise client.job_exception(errors[failed])
         finally:
             self.close()

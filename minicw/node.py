@@ -534,9 +534,12 @@ class WorkerNode:
                 continue
             if slot.state[worker_process.STATE_TOKEN] != token:
                 continue  # not started yet (or finished: then the TTL forgets it)
+            # A batch of fast jobs holds its first position and its end.  The end is
+            # read first: the process writes the position first, and positions only
+            # grow, so a stale end never covers jobs that have finished.
+            batch_end = slot.state[worker_process.STATE_BATCH_END]
             running = slot.state[worker_process.STATE_POSITION]
-            # a batch of fast jobs holds the first position and its end
-            batch_end = max(running + 1, slot.state[worker_process.STATE_BATCH_END])
+            batch_end = max(running + 1, batch_end)
             if running > position:
                 del self._kill_requests[(slot_index, token)]  # it finished first
             elif position < batch_end:

@@ -384,6 +384,14 @@ class Runner:
             state[STATE_BATCH_END] = end
             try:
                 values.extend(mapper(call, items[first + position:first + end]))
+                if start + len(values) < end:
+                    # A job raised StopIteration, which ends a map quietly: it is
+                    # the job's failure all the same (its traceback is lost here:
+                    # the function runs one job at a time from now on).
+                    for key in lease.func_keys:
+                        self.clean_jobs[key] = -1
+                    raise StopIteration("raised by the job (its traceback is not kept when "
+                                        "it runs in a batch of jobs)")
             except RetireProcess as retire:
                 self._retire_after(token, start, start + len(values), values, errors, retire,
                                    perf_counter() - pending.started)

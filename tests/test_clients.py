@@ -161,6 +161,13 @@ def test_ctrl_c_while_pickling_an_argument_loses_no_other_job(cluster):
         executor.shutdown(wait=False, cancel_futures=True)
 
 
+def test_a_closed_map_yields_nothing_more(executor):
+    results = executor.map(square, range(100_000), chunksize=10_000)
+    assert next(results) == 0
+    results.close()
+    assert list(results) == []
+
+
 def test_timeouts_raise_timeout_error(executor, tmp_path):
     never = str(tmp_path / "never")
     future = executor.submit(block_until_file, never, 5.0)

@@ -194,10 +194,11 @@ def test_a_crash_is_retried_and_the_rerun_succeeds(cluster, tmp_path):
 # (worker_process._run_batched); these check that crashes and kills are still
 # charged to exactly the job they belong to.
 
-def _warm_up(executor):
-    """exit_at loaded in both processes and timed as fast: chunks then run in batches."""
-    for _ in range(2):
-        assert sum(executor.map(exit_at, range(200), repeat(-1), chunksize=100)) == 19900
+def _warm_up(executor, fn=None):
+    """``fn`` (exit_at) run by both processes and timed as fast: chunks of it then run
+    in batches (10 chunks of 100 jobs: each process takes some)."""
+    fn = fn or exit_at
+    assert sum(executor.map(fn, range(1000), repeat(-1), chunksize=100)) == 499500
 
 
 def test_a_crash_among_fast_jobs_is_charged_to_the_job_that_crashed(cluster, tmp_path):
@@ -216,6 +217,27 @@ def test_a_crash_among_fast_jobs_is_charged_to_the_job_that_crashed(cluster, tmp
             list(executor.map(exit_at, range(100), repeat(37), chunksize=100, max_retries=0))
         [node] = executor.list_workers()
         assert node["nprocs"] == 2
+
+
+def stop_at(x, stop_x):
+    if x == stop_x:
+        raise StopIteration   # e.g. next() on an exhausted iterator, in the job
+    return x
+
+
+def test_a_job_raising_stop_iteration_in_a_batch_fails_in_its_place(cluster):
+    # map() inside a batch would end quietly at it, shifting every later result
+    with cluster.executor() as executor:
+        _warm_up(executor, stop_at)
+        for _ in range(2):   # in a batch, then one at a time
+            got = []
+            with pytest.raises(RuntimeError) as caught:   # a generator's StopIteration,
+                for value in executor.map(stop_at, range(200), repeat(70), chunksize=200,
+                                          timeout=30):
+                    got.append(value)                     # as concurrent.futures gives it
+            assert got == list(range(70))
+            assert isinstance(caught.value.__cause__, StopIteration)
+        assert sum(executor.map(exit_at, range(100), repeat(-1), chunksize=100)) == 4950
 
 
 def test_a_job_killed_while_its_batch_runs_ends_at_once(cluster, tmp_path):
