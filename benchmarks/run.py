@@ -1652,7 +1652,7 @@ def _sim_process_rows(run: Run, count: int, targets: bool) -> list:
                                 lambda s: expect("sum", s, total),
                                 {"master": [master.pid]})
             values["jobs_per_process"] = sorted(a - b for a, b in zip(counts(), before))
-            values["master_peak_rss"] = _peak_rss(master.pid)
+            values["master_peak_rss"] = workloads.rss_bytes(master.pid, "VmHWM")
             return values
 
         with run.guard("processes warm-up"):   # nap timed, every process connected
@@ -1679,16 +1679,6 @@ def _sim_process_rows(run: Run, count: int, targets: bool) -> list:
         make_row("processes", "master peak RSS, %d simulated processes" % count, peak, "MB",
                  target=Target("value", "<", 200e6) if targets else None),
     ]
-
-
-def _peak_rss(pid: int) -> int:
-    """A process's peak resident memory (VmHWM), in bytes; 0 where unreadable."""
-    with contextlib.suppress(OSError):
-        with open("/proc/%d/status" % pid) as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    return 0
 
 
 def _master_efficiency_row(runs: dict, nodes: int) -> dict:

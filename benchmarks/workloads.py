@@ -6,7 +6,7 @@ below are importable everywhere they run: in this process (serial runs), in
 client's ``sys.path`` with its jobs).  They therefore travel by reference,
 as a user's library functions would.
 
-Two child processes are started from here (``python workloads.py ...``), each
+Child processes are started from here (``python workloads.py ...``), each
 in a role that must not share an interpreter with the benchmark itself:
 
     python workloads.py minimalcluster
@@ -30,6 +30,13 @@ in a role that must not share an interpreter with the benchmark itself:
         contend for its GIL, which no real node does, and made every job of
         the simulation cost half as much again.  Broadcast data is not
         served.  Prints ``READY node_id ...``; ends at EOF on stdin.
+    python workloads.py simprocs HOST PORT NODES PER_NODE   (key in $MINICW_AUTHKEY)
+        NODES simulated nodes of PER_NODE worker processes each, every
+        process a Sleeper: a real Runner with its own connection that leases,
+        waits out each ``nap`` job (NAP_S) on a timer instead of sleeping,
+        flushes and reports as the real loop does; all driven from one thread
+        (a selector and a heap of timers).  Prints ``READY COUNT``; "counts" on
+        stdin prints ``COUNTS`` and the jobs each process has done; ends at EOF.
     python workloads.py floorhub
     python workloads.py floorworkers PORT CONNECTIONS
         The scale workload's message pattern with no minicw in it, to show
@@ -148,13 +155,14 @@ def make_nums(count: int) -> list:
     return list(range(FIRST_NUMBER, FIRST_NUMBER + 2 * count, 2))
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS in /proc/PID/status), in bytes."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident set size of a process (VmRSS in /proc/PID/status; VmHWM: its peak),
+    in bytes."""
     with open("/proc/%d/status" % pid) as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise ValueError("no VmRSS for pid %d" % pid)
+    raise ValueError("no %s for pid %d" % (field, pid))
 
 
 # --- minimalcluster, when installed -------------------------------------------------------
@@ -237,8 +245,9 @@ def _version():
 # --- simulated minicw worker nodes ---------------------------------------------------------
 
 class SimNode:
-    """One simulated worker node with one process slot: a heartbeat thread, the
-    slot's Runner (driven by run_slots) and the pipe between them."""
+    """One simulated worker node: a heartbeat thread, the Runners of its ``nprocs``
+    process slots (driven by run_slots or run_sleepers) and the pipe between
+    them and the node."""
 
     def __init__(self, address, authkey: bytes, nprocs: int = 1):
         self.api = connect(address, authkey).node()
@@ -368,15 +377,18 @@ class Sleeper:
 
     def __init__(self, runner):
         self.runner = runner
-        self.lease = None        # the lease running: (token, values of its jobs, position)
-        self.pending = None      # worker_process._Pending of the running lease
+        self.token = None        # the lease running, None when none
+        self.values = None       # what its jobs return (their arguments)
+        self.pending = None      # worker_process._Pending: from which job results are held
+        self.lease_started = 0.0
+        self.segment = 0         # jobs until the next stop (a flush or the lease's end)
         self.jobs_done = 0
 
     def ask(self) -> None:
         runner = self.runner
+        running = self.token is not None   # a flush: reports only, no wait
         runner.api.send_call("exchange", runner.exchange_args(
-            0 if self.lease is not None else runner.want(),
-            0 if self.lease is not None else worker_process.IDLE_WAIT_S))
+            0 if running else runner.want(), 0 if running else worker_process.IDLE_WAIT_S))
 
     def take_reply(self, now: float):
         """The reply of the call out; the time of this sleeper's next timer, or None
@@ -384,26 +396,24 @@ class Sleeper:
         runner = self.runner
         if not runner.take_reply(runner.api.receive_reply()):
             return False
-        if self.lease is not None:      # after a flush
-            token = self.lease[0]
-            if token in runner.revoked:
-                runner.revoked.discard(token)
-                self.lease = None
-            else:
+        if self.token is not None:      # after a flush
+            if self.token not in runner.revoked:
                 return self._next_stop(now)
+            runner.revoked.discard(self.token)
+            self.token = None
         return self._start(now)
 
     def _start(self, now: float):
         runner = self.runner
         while runner.leases:
-            lease = protocol.view(protocol.Lease, runner.leases.popleft())
-            if lease.token in runner.revoked:
-                runner.revoked.discard(lease.token)
+            lease = runner.next_lease()
+            if lease is None:
                 continue
             kind, items = serialize.loads(lease.payload)
             if kind != protocol.CALL_ONE:
                 raise ValueError("simulated processes run nap(x) jobs only")
-            self.lease = (lease.token, [items[index] for index in lease.selection], 0)
+            self.token = lease.token
+            self.values = [items[index] for index in lease.selection]
             self.pending = worker_process._Pending(now)
             self.lease_started = now
             return self._next_stop(now)
@@ -412,34 +422,25 @@ class Sleeper:
 
     def _next_stop(self, now: float) -> float:
         """When the running lease next flushes or ends (jobs run back to back from now)."""
-        _, values, position = self.lease
-        left = len(values) - position
+        left = len(self.values) - self.pending.start
         # (a real sleep overshoots: the job that reaches flush_at ends after it)
-        jobs = max(1, min(left, math.ceil((self.pending.flush_at - now) / NAP_S - 1e-9)))
-        self.segment = jobs
-        return now + jobs * NAP_S
+        self.segment = max(1, min(left, math.ceil((self.pending.flush_at - now) / NAP_S - 1e-9)))
+        return now + self.segment * NAP_S
 
     def on_timer(self, now: float):
         """The jobs up to the next stop are done: flush or finish; the next timer or None."""
-        runner = self.runner
-        token, values, position = self.lease
-        end = position + self.segment
+        runner, pending, values = self.runner, self.pending, self.values
+        end = pending.start + self.segment
         self.jobs_done += self.segment
-        pending = self.pending
-        if end < len(values):   # a flush: report, wait for the reply, go on
-            runner._report(token, pending.start, values[pending.start:end], None,
-                           now - pending.started)
+        runner._report(self.token, pending.start, values[pending.start:end], None,
+                       now - pending.started)
+        if end < len(values):   # a flush: wait for the reply, go on
             pending.start, pending.started = end, now
             pending.flush_at = now + config.RESULT_FLUSH_S
-            self.lease = (token, values, end)
             self.ask()
             return None
-        runner._report(token, pending.start, values[pending.start:], None,
-                       now - pending.started)
-        elapsed = now - self.lease_started
-        runner.chunk_seconds = elapsed if not runner.chunk_seconds else (
-            0.7 * runner.chunk_seconds + 0.3 * elapsed)
-        self.lease = None
+        runner.chunk_took(now - self.lease_started)
+        self.token = None
         return self._start(now)
 
 

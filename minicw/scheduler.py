@@ -485,17 +485,16 @@ class Scheduler:
                 chunk = self._leases.get(held_token)
                 if chunk is None:
                     continue
-                if held_token == token and position is None:
+                if held_token != token:
+                    self._end_lease(chunk, None, reason, exit_description)
+                elif position is None:
                     self._end_lease(chunk, None, reason, exit_description, one_at_a_time=True)
-                elif held_token == token and reason == protocol.END_KILLED and \
-                        position < chunk.done:
+                elif reason == protocol.END_KILLED and position < chunk.done:
                     # the job to kill had finished and reported: the rest goes back
                     self._end_lease(chunk, None, reason, exit_description)
-                elif held_token == token:
+                else:
                     self._end_lease(chunk, max(position, chunk.done), reason, exit_description,
                                     output)
-                else:
-                    self._end_lease(chunk, None, reason, exit_description)
 
     # --- worker processes -----------------------------------------------------------
 

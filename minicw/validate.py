@@ -188,15 +188,8 @@ def reports(reports_in) -> list:
     sequence("exchange's reports", reports_in, config.MAX_REPORTS_PER_CALL)
     max_bytes = config.max_message_bytes()
     for fields in reports_in:
-        # the common report first, without naming anything: every field's type and
-        # range, no failures
-        if type(fields) is tuple and len(fields) == 5:
-            token, start, count, results, failures = fields
-            if (failures is None and type(token) is int and 0 <= token < 2 ** 63
-                    and type(start) is int and 0 <= start <= config.MAX_JOBS_PER_CHUNK
-                    and type(count) is int and 0 <= count <= config.MAX_JOBS_PER_CHUNK
-                    and type(results) is bytes and len(results) <= max_bytes):
-                continue
+        if _plain_report(fields, max_bytes):
+            continue
         if not isinstance(fields, (tuple, list)) or len(fields) != len(protocol.Report._fields):
             raise InvalidCallError("a report must be a tuple of %d fields, not %s"
                                    % (len(protocol.Report._fields), _shown(fields)))
@@ -218,6 +211,21 @@ def reports(reports_in) -> list:
                     raise InvalidCallError("a described failure must be (offset, type, "
                                            "message, traceback), not %s" % _shown(described))
     return reports_in
+
+
+_REPORT_FIELDS = len(protocol.Report._fields)
+
+
+def _plain_report(fields, max_bytes: int) -> bool:
+    """The common report, checked without naming anything: every field's type and
+    range, no failures (one that is not, ``reports`` checks field by field)."""
+    if type(fields) is not tuple or len(fields) != _REPORT_FIELDS:
+        return False
+    token, start, count, results, failures = fields
+    return (failures is None and type(token) is int and 0 <= token < 2 ** 63
+            and type(start) is int and 0 <= start <= config.MAX_JOBS_PER_CHUNK
+            and type(count) is int and 0 <= count <= config.MAX_JOBS_PER_CHUNK
+            and type(results) is bytes and len(results) <= max_bytes)
 
 
 def process_output(printed):

@@ -214,17 +214,28 @@ class Runner:
 
     def run_next_lease(self) -> None:
         """Run the first lease held (unless its client cancelled it)."""
-        lease = protocol.view(protocol.Lease, self.leases.popleft())
-        if lease.token in self.revoked:
-            self.revoked.discard(lease.token)
+        lease = self.next_lease()
+        if lease is None:
             return
         started = time.perf_counter()
         self._run_lease(lease)
-        elapsed = time.perf_counter() - started
-        self.chunk_seconds = elapsed if not self.chunk_seconds else (
-            0.7 * self.chunk_seconds + 0.3 * elapsed)
+        self.chunk_took(time.perf_counter() - started)
         if self.max_jobs or self.max_rss:
             self._check_recycle(len(lease.selection))
+
+    def next_lease(self):
+        """The first lease held, taken off the queue; None when its client has
+        cancelled it."""
+        lease = protocol.view(protocol.Lease, self.leases.popleft())
+        if lease.token in self.revoked:
+            self.revoked.discard(lease.token)
+            return None
+        return lease
+
+    def chunk_took(self, seconds: float) -> None:
+        """A lease ran for ``seconds``: the moving average ``want`` goes by."""
+        self.chunk_seconds = seconds if not self.chunk_seconds else (
+            0.7 * self.chunk_seconds + 0.3 * seconds)
 
     def _check_recycle(self, jobs: int) -> None:
         """Past the node's max jobs or memory per process: finish the leases
@@ -304,8 +315,6 @@ class Runner:
                   started) -> None:
         """Run a lease's jobs in batches when it allows (see _run_batched), else one
         at a time; report their results at least every RESULT_FLUSH_S."""
-        call = _caller(kind, functions)
-        own_frames = 1 if kind == protocol.CALL_ONE else 2
         pending = _Pending(started)
         position = 0
         if self._batchable(selection, items, lease):
@@ -317,13 +326,22 @@ class Runner:
                 self.state[STATE_BATCH_END] = 0
             if position is None:
                 return
-        touched = self._run_singly(token, selection, items, call, lease.timeout_s, job_context,
-                                   own_frames, position, pending)
+        if self._run_singly(token, selection, items, _caller(kind, functions), lease.timeout_s,
+                            job_context, 1 if kind == protocol.CALL_ONE else 2, position,
+                            pending):
+            self._never_batch(lease.func_keys)
+            return
         clean_jobs = self.clean_jobs
         for key in lease.func_keys:
             jobs = clean_jobs.get(key, 0)
             if jobs >= 0:
-                clean_jobs[key] = -1 if touched else jobs + len(selection) - position
+                clean_jobs[key] = jobs + len(selection) - position
+
+    def _never_batch(self, func_keys) -> None:
+        """These functions changed the cwd or sys.path (or hid a failure from a
+        batch): they run one job at a time in this process from now on."""
+        for key in func_keys:
+            self.clean_jobs[key] = -1
 
     def _batchable(self, selection, items, lease) -> bool:
         """Whether a lease's jobs may run in batches: no time limit (its deadline is
@@ -388,8 +406,7 @@ class Runner:
                     # A job raised StopIteration, which ends a map quietly: it is
                     # the job's failure all the same (its traceback is lost here:
                     # the function runs one job at a time from now on).
-                    for key in lease.func_keys:
-                        self.clean_jobs[key] = -1
+                    self._never_batch(lease.func_keys)
                     raise StopIteration("raised by the job (its traceback is not kept when "
                                         "it runs in a batch of jobs)")
             except RetireProcess as retire:
@@ -406,8 +423,7 @@ class Runner:
             position = end
             if job_path is not None and (flags.touched or sys.path is not job_path):
                 job_context.after_job()
-                for key in lease.func_keys:
-                    self.clean_jobs[key] = -1   # never batched again
+                self._never_batch(lease.func_keys)
                 pending.start, pending.values, pending.errors = start, values, errors
                 return position
             if position == last:

@@ -16,11 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("pool_primes.py", "17984 primes below 200000, in 20 blocks"),
 ])
 def test_example_runs_and_checks_its_answer(script, expected, tmp_path):
-    env = dict(os.environ)
-    env.pop("MINICW_MASTER", None)
-    env["MINICW_RUN_DIR"] = str(tmp_path)   # no launcher's master is found either,
-    env["PATH"] = helpers.path_without_slurm()   # nor a SLURM one
-    env["PYTHONPATH"] = ROOT
+    env = helpers.no_master_env(tmp_path)   # no master named, nor a launcher's, nor SLURM's
     completed = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, env=env, timeout=120, cwd=ROOT)

@@ -49,12 +49,9 @@ def crash_first_time(marker):
     return "second attempt"
 
 
-def exit_at(x, crash_x, marker=None):
-    """x, except at ``crash_x``, where the process exits (the first time only, when
-    ``marker`` names a file to leave behind)."""
-    if x == crash_x and not (marker and os.path.exists(marker)):
-        if marker:
-            open(marker, "w").close()
+def exit_at(x, crash_x):
+    """x, except at ``crash_x``, where the process exits."""
+    if x == crash_x:
         os._exit(3)
     return x
 
@@ -201,7 +198,7 @@ def _warm_up(executor, fn=None):
     assert sum(executor.map(fn, range(1000), repeat(-1), chunksize=100)) == 499500
 
 
-def test_a_crash_among_fast_jobs_is_charged_to_the_job_that_crashed(cluster, tmp_path):
+def test_a_crash_among_fast_jobs_is_charged_to_the_job_that_crashed(cluster):
     with cluster.executor() as executor:
         _warm_up(executor)
         got = []
