@@ -19,7 +19,7 @@ from itertools import repeat
 import pytest
 
 from minicw import (
-    ClusterExecutor, ClusterShutdownError, WorkerCrashedError, chunking,
+    ClusterExecutor, ClusterShutdownError, WorkerCrashedError, chunking, config,
 )
 from tests.helpers import KEY, PY, Proc, start_master, start_worker
 
@@ -310,7 +310,9 @@ def test_a_killed_client_has_its_jobs_dropped_and_others_get_the_cluster(tmp_pat
                 time.sleep(0.1)
             [me] = executor.status()["clients"]
             assert executor.status()["queued_chunks"] == 0
-            time.sleep(0.2)   # a job of the dead client that was running ends
+            # the dead client's running chunk is abandoned at its process's next
+            # flush of results, at most RESULT_FLUSH_S after its last
+            time.sleep(config.RESULT_FLUSH_S + 0.2)
             with open(log) as handle:
                 ran = len(handle.read().split())
             assert [f.result(30) for f in [executor.submit(slow_square, i) for i in range(10)]] \
